@@ -1,0 +1,24 @@
+# Two entry points, both creating and reusing .venv:
+#   make demo   set up the lab and run `normlab demo` on built-in data
+#   make test   set up the dev extras and run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned to the CPU build of 2.13.0 so a fresh machine never pulls a multi-GB CUDA wheel.
+TORCH := torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+.PHONY: demo test bench
+demo: $(VENV)/.installed
+	$(VENV)/bin/normlab demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/normlab bench kernels --quick

@@ -1,0 +1,398 @@
+"""Normalization choices by name, so that every lab model takes ``norm="gn"`` (timm style).
+
+A :class:`NormSpec` says two things about a choice: which layer follows a conv/linear layer
+(``make(num_channels, kind)``) and whether the conv/linear weights themselves are reparametrized
+by weight normalization (``weight_norm``). Names:
+
+========== ===============================================================================
+name       meaning
+========== ===============================================================================
+``none``   no normalization (``nn.Identity``)
+``bn``     BatchNorm (statistics over the batch and every position, per channel)
+``gn``     GroupNorm with the default number of groups (:func:`default_groups`)
+``gn:G``   GroupNorm with ``G`` groups, e.g. ``gn:4``; ``C`` must be divisible by ``G``
+``ln``     LayerNorm. After a conv: ``GroupNorm(1, C)``, i.e. statistics over (C, *), as in
+           the Group Norm paper; after a linear layer: ``LayerNorm(C)``
+``in``     InstanceNorm with ``affine=True`` (conv only: a linear output has no positions)
+``rms``    RMSNorm over the channels. After a conv it is applied at each position over the
+           ``C`` channels (the conv analogue of RMSNorm on a feature vector)
+``mobn``   mean-only BatchNorm (subtract the batch mean, add a learned shift)
+``wn``     weight normalization of every conv/linear weight, no normalization layer
+``wn+mobn`` weight normalization + mean-only BatchNorm (Salimans & Kingma, 2016)
+``wn+X``   weight normalization + any other registered name ``X`` (e.g. ``wn+bn``)
+========== ===============================================================================
+
+Kinds of the tensor the layer receives (``kind`` argument of ``make``):
+
+* ``"conv1d"``: ``(N, C, L)``; ``"conv2d"``: ``(N, C, H, W)``; ``"linear"``: ``(N, C)``;
+* ``"sequence"``: ``(N, T, C)``, batch first, features last (the output of a recurrent or
+  per-step linear layer). Every time step is treated as a row of a ``"linear"`` input: LN, GN
+  and RMS normalize each step's feature vector on its own (so they stay causal), BN and mean-only
+  BN pool their statistics over ``N`` and ``T`` ("sequence-wise" BN). InstanceNorm is
+  rejected, as for ``"linear"``.
+
+Layers come from :mod:`normlab.nn` (see :data:`layers`): this module is the only place in the
+lab that says where normalization layers and weight normalization come from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+__all__ = [
+    "KINDS",
+    "NormSpec",
+    "default_groups",
+    "get_norm",
+    "is_norm_layer",
+    "layers",
+    "norm_names",
+    "register_norm",
+]
+
+KINDS: tuple[str, ...] = ("conv1d", "conv2d", "linear", "sequence")
+
+
+# --------------------------------------------------------------------------------------------
+# Where the layers come from: normlab.nn (torch.nn-identical signatures).
+# --------------------------------------------------------------------------------------------
+def _normlab_layers() -> SimpleNamespace:
+    """Collect the layer classes and weight-norm helpers the lab uses from ``normlab.nn``."""
+    import normlab.nn as src
+    from normlab.nn.utils import init_weight_norm_, weight_norm
+
+    return SimpleNamespace(
+        BatchNorm1d=src.BatchNorm1d,
+        BatchNorm2d=src.BatchNorm2d,
+        LayerNorm=src.LayerNorm,
+        GroupNorm=src.GroupNorm,
+        InstanceNorm1d=src.InstanceNorm1d,
+        InstanceNorm2d=src.InstanceNorm2d,
+        RMSNorm=src.RMSNorm,
+        MeanOnlyBatchNorm=src.MeanOnlyBatchNorm,
+        weight_norm=weight_norm,
+        init_weight_norm_=init_weight_norm_,
+    )
+
+
+def _torch_stand_ins() -> SimpleNamespace:
+    """torch.nn stand-ins, used only while normlab.nn is being written (same signatures)."""
+    import warnings
+
+    class MeanOnlyBatchNorm(nn.Module):
+        def __init__(self, num_features: int, momentum: float = 0.1) -> None:
+            super().__init__()
+            self.momentum = momentum
+            self.bias = nn.Parameter(torch.zeros(num_features))
+            self.register_buffer("running_mean", torch.zeros(num_features))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            if self.training:
+                mean = x.mean(dim=[d for d in range(x.dim()) if d != 1])
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean, self.momentum)
+            else:
+                mean = self.running_mean
+            return x - mean.view(shape) + self.bias.view(shape)
+
+    def weight_norm(module: nn.Module, name: str = "weight", dim: int = 0) -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.nn.utils.weight_norm(module, name, dim)
+
+    @torch.no_grad()
+    def init_weight_norm_(model: nn.Module, batch: torch.Tensor) -> nn.Module:
+        def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> torch.Tensor:
+            dims = [d for d in range(out.dim()) if d != 1]
+            mean, std = out.mean(dims), out.std(dims) + 1e-6
+            shape = (1, -1) + (1,) * (out.dim() - 2)
+            mod.weight_g.div_(std.view(mod.weight_g.shape))
+            if getattr(mod, "bias", None) is not None:
+                mod.bias.sub_(mean).div_(std)
+                return (out - mean.view(shape)) / std.view(shape)
+            return out / std.view(shape)
+
+        handles = [m.register_forward_hook(hook) for m in model.modules() if hasattr(m, "weight_g")]
+        try:
+            model(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        return model
+
+    return SimpleNamespace(
+        BatchNorm1d=nn.BatchNorm1d,
+        BatchNorm2d=nn.BatchNorm2d,
+        LayerNorm=nn.LayerNorm,
+        GroupNorm=nn.GroupNorm,
+        InstanceNorm1d=nn.InstanceNorm1d,
+        InstanceNorm2d=nn.InstanceNorm2d,
+        RMSNorm=nn.RMSNorm,
+        MeanOnlyBatchNorm=MeanOnlyBatchNorm,
+        weight_norm=weight_norm,
+        init_weight_norm_=init_weight_norm_,
+    )
+
+
+#: Namespace of the layers and weight-norm functions used by the lab models and trainer.
+layers: SimpleNamespace = _torch_stand_ins()  # TODO(lead): _normlab_layers() once normlab.nn lands
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters: apply a layer that normalizes dim 1 (or the last dim) to another layout.
+# --------------------------------------------------------------------------------------------
+class RowWise(nn.Module):
+    """Apply ``inner`` (made for ``(rows, C)``) to a ``(N, T, C)`` sequence, one row per step.
+
+    The reshape makes BN's statistics pool over ``N·T`` and LN/GN/RMS act on each step alone.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(
+                f"x: expected a (N, T, C) sequence for a 'sequence' norm, got shape {tuple(x.shape)}"
+            )
+        return self.inner(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+class ChannelsLast(nn.Module):
+    """Apply ``inner`` (which normalizes the last dim) to the channel dim of ``(N, C, *)``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.movedim(1, -1)).movedim(-1, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry.
+# --------------------------------------------------------------------------------------------
+LayerFactory = Callable[[int, str], nn.Module]
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """One normalization choice.
+
+    Attributes:
+        name: registry name (``"bn"``, ``"gn:4"``, ...).
+        factory: ``factory(num_channels, kind) -> nn.Module``; called by :meth:`make` after the
+            arguments were checked. May raise ``ValueError`` for a kind it does not support.
+        weight_norm: reparametrize the weights of the conv/linear layers (Salimans & Kingma).
+        has_shift: the layer adds a learned per-channel shift after removing the mean, which
+            makes a bias in the preceding conv/linear layer redundant (models then drop it).
+        description: one line for listings.
+    """
+
+    name: str
+    factory: LayerFactory
+    weight_norm: bool = False
+    has_shift: bool = False
+    description: str = ""
+
+    def make(self, num_channels: int, kind: str) -> nn.Module:
+        """Build the normalization layer for ``num_channels`` channels of a ``kind`` tensor.
+
+        Args:
+            num_channels: number of channels/features ``C`` (positive int).
+            kind: one of :data:`KINDS`.
+
+        Raises:
+            TypeError: ``num_channels`` is not an int.
+            ValueError: ``num_channels`` < 1, unknown ``kind``, or a combination that makes no
+                sense (e.g. InstanceNorm on a linear layer, ``gn:G`` with ``C % G != 0``).
+        """
+        if isinstance(num_channels, bool) or not isinstance(num_channels, int):
+            raise TypeError(
+                f"num_channels: expected an int, got {type(num_channels).__name__}"
+            )
+        if num_channels < 1:
+            raise ValueError(f"num_channels: expected >= 1, got {num_channels}")
+        if kind not in KINDS:
+            raise ValueError(f"kind: expected one of {list(KINDS)}, got {kind!r}")
+        return self.factory(num_channels, kind)
+
+
+def default_groups(num_channels: int) -> int:
+    """Default number of GroupNorm groups for ``num_channels`` channels.
+
+    The largest divisor ``G`` of ``C`` with ``G <= 8`` and at least two channels per group
+    (``G <= C / 2``), or 1 when there is none. E.g. C=16, 32, 64 -> 8; C=12 -> 6; C=4 -> 2;
+    C=3 -> 1. Eight groups is what the pilots used; the "two channels per group" rule keeps the
+    default from silently turning GroupNorm into InstanceNorm (G = C) for narrow layers.
+    """
+    for g in range(min(8, num_channels // 2), 1, -1):
+        if num_channels % g == 0:
+            return g
+    return 1
+
+
+def _for_kind(
+    kind: str,
+    num_channels: int,
+    per_channel: Callable[[int], nn.Module],
+) -> nn.Module:
+    """Wrap a layer built for ``(N, C, *)``/``(N, C)`` input so that it fits ``kind``."""
+    layer = per_channel(num_channels)
+    return RowWise(layer) if kind == "sequence" else layer
+
+
+def _make_none(c: int, kind: str) -> nn.Module:
+    return nn.Identity()
+
+
+def _make_bn(c: int, kind: str) -> nn.Module:
+    if kind == "conv2d":
+        return layers.BatchNorm2d(c)
+    return _for_kind(kind, c, layers.BatchNorm1d)
+
+
+def _make_gn(groups: int | None) -> LayerFactory:
+    def make(c: int, kind: str) -> nn.Module:
+        g = default_groups(c) if groups is None else groups
+        if c % g != 0:
+            raise ValueError(
+                f"norm 'gn:{g}': num_channels ({c}) must be divisible by the number of groups ({g})"
+            )
+        # GroupNorm accepts (N, C) and (N, C, *) alike.
+        return _for_kind(kind, c, lambda ch: layers.GroupNorm(g, ch))
+
+    return make
+
+
+def _make_ln(c: int, kind: str) -> nn.Module:
+    if kind in ("conv1d", "conv2d"):
+        # LN for conv nets as in the Group Norm paper: one (mean, var) per sample over (C, *).
+        return layers.GroupNorm(1, c)
+    return layers.LayerNorm(c)  # (N, C) and (N, T, C) alike: over the last dim
+
+
+def _make_in(c: int, kind: str) -> nn.Module:
+    if kind == "conv1d":
+        return layers.InstanceNorm1d(c, affine=True)
+    if kind == "conv2d":
+        return layers.InstanceNorm2d(c, affine=True)
+    raise ValueError(
+        f"norm 'in': InstanceNorm normalizes each channel over its positions, and a {kind!r} "
+        f"layer's features have none (one value per channel per sample); use 'ln', 'gn' or 'bn'"
+    )
+
+
+def _make_rms(c: int, kind: str) -> nn.Module:
+    if kind in ("conv1d", "conv2d"):
+        return ChannelsLast(layers.RMSNorm(c))
+    return layers.RMSNorm(c)  # over the last dim, per row (or per time step)
+
+
+def _make_mobn(c: int, kind: str) -> nn.Module:
+    return _for_kind(kind, c, layers.MeanOnlyBatchNorm)
+
+
+_REGISTRY: dict[str, NormSpec] = {}
+
+
+def register_norm(name: str, spec: NormSpec, *, overwrite: bool = False) -> None:
+    """Register ``spec`` under ``name`` so that models accept ``norm=name``.
+
+    Raises:
+        TypeError: ``spec`` is not a :class:`NormSpec`.
+        ValueError: empty name, a name with ``:`` (reserved for parameters such as ``gn:4``),
+            or an existing name without ``overwrite=True``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: expected a non-empty str, got {name!r}")
+    if ":" in name:
+        raise ValueError(f"name: ':' is reserved for parameters (as in 'gn:4'), got {name!r}")
+    if not isinstance(spec, NormSpec):
+        raise TypeError(f"spec: expected a NormSpec, got {type(spec).__name__}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"name: norm {name!r} is already registered (pass overwrite=True)")
+    _REGISTRY[name] = spec
+
+
+def norm_names() -> list[str]:
+    """Registered names (the parametrized forms ``gn:G`` and ``wn+X`` are accepted as well)."""
+    return sorted(_REGISTRY)
+
+
+def get_norm(name: str) -> NormSpec:
+    """Return the :class:`NormSpec` for ``name`` (a registered name, ``gn:G`` or ``wn+X``).
+
+    Raises:
+        TypeError: ``name`` is not a str.
+        ValueError: unknown name (the message lists the valid ones) or a bad ``gn:G``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"norm: expected a str such as 'bn', got {type(name).__name__}")
+    key = name.strip().lower()
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    if key.startswith("gn:"):
+        text = key[3:]
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"norm: 'gn:G' needs a positive integer G, got {name!r}")
+        g = int(text)
+        return NormSpec(key, _make_gn(g), has_shift=True, description=f"GroupNorm, {g} groups")
+    if key.startswith("wn+"):
+        inner = get_norm(key[3:])
+        if inner.weight_norm:
+            raise ValueError(f"norm: {name!r} applies weight normalization twice")
+        return NormSpec(
+            key,
+            inner.factory,
+            weight_norm=True,
+            has_shift=inner.has_shift,
+            description=f"weight norm + {inner.description or inner.name}",
+        )
+    raise ValueError(
+        f"norm: unknown name {name!r}; expected one of {norm_names()}, 'gn:G' (e.g. 'gn:4') "
+        f"or 'wn+NAME'"
+    )
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """True for a normalization layer (not for the adapters, whose child is the layer)."""
+    types = (
+        layers.BatchNorm1d,
+        layers.BatchNorm2d,
+        layers.LayerNorm,
+        layers.GroupNorm,
+        layers.InstanceNorm1d,
+        layers.InstanceNorm2d,
+        layers.RMSNorm,
+        layers.MeanOnlyBatchNorm,
+    )
+    return isinstance(module, types)
+
+
+for _spec in (
+    NormSpec("none", _make_none, description="no normalization"),
+    NormSpec("bn", _make_bn, has_shift=True, description="BatchNorm"),
+    NormSpec("gn", _make_gn(None), has_shift=True, description="GroupNorm, default groups"),
+    NormSpec("ln", _make_ln, has_shift=True, description="LayerNorm (GroupNorm(1, C) for convs)"),
+    NormSpec("in", _make_in, has_shift=True, description="InstanceNorm (affine)"),
+    NormSpec("rms", _make_rms, description="RMSNorm over channels"),
+    NormSpec("mobn", _make_mobn, has_shift=True, description="mean-only BatchNorm"),
+    NormSpec("wn", _make_none, weight_norm=True, description="weight norm, no layer"),
+    NormSpec(
+        "wn+mobn",
+        _make_mobn,
+        weight_norm=True,
+        has_shift=True,
+        description="weight norm + mean-only BatchNorm",
+    ),
+):
+    register_norm(_spec.name, _spec)
+del _spec

@@ -1,0 +1,119 @@
+"""Running-statistics machinery shared by BatchNorm, InstanceNorm and MeanOnlyBatchNorm."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from normlab.functional import check_eps, check_momentum
+
+
+def check_num_features(num_features: int, name: str = "num_features") -> None:
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {num_features!r}")
+
+
+class NormBase(nn.Module):
+    """Per-channel γ/β and running statistics, with the exact attribute and state_dict layout of
+    ``torch.nn.modules.batchnorm._NormBase`` so checkpoints move both ways.
+
+    ``backend`` (keyword-only) forces a backend for this layer ("reference", "cpu", ...).
+    """
+
+    _version = 2
+    #: MeanOnlyBatchNorm tracks only the mean and has only a bias
+    _tracks_var = True
+    _has_weight = True
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_num_features(num_features)
+        check_eps(eps)
+        check_momentum(momentum, allow_none=True)
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.backend = backend
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory)) if self._has_weight else None
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            if self._tracks_var:
+                self.register_buffer("running_var", torch.ones(num_features, **factory))
+            else:
+                self.register_buffer("running_var", None)
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory.items() if k != "dtype"}),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            if self.running_var is not None:
+                self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            if self.weight is not None:
+                nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        raise NotImplementedError
+
+    def _momentum_for_step(self) -> float:
+        """Counts the batch and returns this step's averaging factor (1/n when momentum is None)."""
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                return 1.0 / float(self.num_batches_tracked)
+        return 0.0 if self.momentum is None else self.momentum
+
+    def extra_repr(self) -> str:
+        return (
+            "{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
+            "track_running_stats={track_running_stats}".format(**self.__dict__)
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Checkpoints written before num_batches_tracked existed (torch's version < 2) lack it.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = self.num_batches_tracked if self.num_batches_tracked is not None else torch.tensor(0)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def check_dims(input: Tensor, allowed: tuple[int, ...], layer: str) -> None:
+    """A clear error when the input's rank is not one a layer accepts."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
+    if input.dim() not in allowed:
+        want = " or ".join(f"{d}-D" for d in allowed)
+        raise ValueError(f"input: {layer} expected {want} input, got {input.dim()}-D input of shape {tuple(input.shape)}")

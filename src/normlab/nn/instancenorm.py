@@ -1,0 +1,76 @@
+"""Instance normalization (Ulyanov, Vedaldi & Lempitsky 2016)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from normlab import functional as F
+from normlab.nn._base import NormBase, check_dims
+
+
+class _InstanceNorm(NormBase):
+    r"""Instance normalization: one (μ, σ²) per sample and channel, over the spatial positions.
+
+    .. math:: y_{nc} = \gamma_c \frac{x_{nc} - \mu_{nc}}{\sqrt{\sigma_{nc}^2 + \epsilon}} + \beta_c
+
+    As torch.nn: ``affine`` and ``track_running_stats`` default to False; with running statistics
+    the layer uses them in eval mode (the batch average of the per-instance statistics is
+    tracked), so it is usable at test time either way. Unbatched (C, \*) input is accepted.
+    Equal to GroupNorm with one group per channel.
+    """
+
+    _spatial = 0
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, backend=backend)
+
+    def forward(self, input: Tensor) -> Tensor:
+        batched = self._spatial + 2
+        check_dims(input, (batched - 1, batched), type(self).__name__)
+        unbatched = input.dim() == batched - 1
+        x = input.unsqueeze(0) if unbatched else input
+        F.check_channels(x, self.num_features)
+        # As torch.nn.InstanceNorm: batches are not counted and momentum=None means 0 (no update).
+        momentum = 0.0 if self.momentum is None else self.momentum
+        use_input_stats = self.training or not self.track_running_stats
+        y = F.instance_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            use_input_stats,
+            momentum,
+            self.eps,
+            backend=self.backend,
+        )
+        return y.squeeze(0) if unbatched else y
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """Instance normalization of (N, C, L) or (C, L) input."""
+
+    _spatial = 1
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """Instance normalization of (N, C, H, W) or (C, H, W) input."""
+
+    _spatial = 2
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """Instance normalization of (N, C, D, H, W) or (C, D, H, W) input."""
+
+    _spatial = 3
