@@ -80,68 +80,8 @@ def _normlab_layers() -> SimpleNamespace:
     )
 
 
-def _torch_stand_ins() -> SimpleNamespace:
-    """torch.nn stand-ins, used only while normlab.nn is being written (same signatures)."""
-    import warnings
-
-    class MeanOnlyBatchNorm(nn.Module):
-        def __init__(self, num_features: int, momentum: float = 0.1) -> None:
-            super().__init__()
-            self.momentum = momentum
-            self.bias = nn.Parameter(torch.zeros(num_features))
-            self.register_buffer("running_mean", torch.zeros(num_features))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            if self.training:
-                mean = x.mean(dim=[d for d in range(x.dim()) if d != 1])
-                with torch.no_grad():
-                    self.running_mean.lerp_(mean, self.momentum)
-            else:
-                mean = self.running_mean
-            return x - mean.view(shape) + self.bias.view(shape)
-
-    def weight_norm(module: nn.Module, name: str = "weight", dim: int = 0) -> nn.Module:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.nn.utils.weight_norm(module, name, dim)
-
-    @torch.no_grad()
-    def init_weight_norm_(model: nn.Module, batch: torch.Tensor) -> nn.Module:
-        def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> torch.Tensor:
-            dims = [d for d in range(out.dim()) if d != 1]
-            mean, std = out.mean(dims), out.std(dims) + 1e-6
-            shape = (1, -1) + (1,) * (out.dim() - 2)
-            mod.weight_g.div_(std.view(mod.weight_g.shape))
-            if getattr(mod, "bias", None) is not None:
-                mod.bias.sub_(mean).div_(std)
-                return (out - mean.view(shape)) / std.view(shape)
-            return out / std.view(shape)
-
-        handles = [m.register_forward_hook(hook) for m in model.modules() if hasattr(m, "weight_g")]
-        try:
-            model(batch)
-        finally:
-            for h in handles:
-                h.remove()
-        return model
-
-    return SimpleNamespace(
-        BatchNorm1d=nn.BatchNorm1d,
-        BatchNorm2d=nn.BatchNorm2d,
-        LayerNorm=nn.LayerNorm,
-        GroupNorm=nn.GroupNorm,
-        InstanceNorm1d=nn.InstanceNorm1d,
-        InstanceNorm2d=nn.InstanceNorm2d,
-        RMSNorm=nn.RMSNorm,
-        MeanOnlyBatchNorm=MeanOnlyBatchNorm,
-        weight_norm=weight_norm,
-        init_weight_norm_=init_weight_norm_,
-    )
-
-
 #: Namespace of the layers and weight-norm functions used by the lab models and trainer.
-layers: SimpleNamespace = _torch_stand_ins()  # TODO(lead): _normlab_layers() once normlab.nn lands
+layers: SimpleNamespace = _normlab_layers()
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,7 +276,7 @@ def get_norm(name: str) -> NormSpec:
     """
     if not isinstance(name, str):
         raise TypeError(f"norm: expected a str such as 'bn', got {type(name).__name__}")
-    key = name.strip().lower()
+    key = name.strip()
     if key in _REGISTRY:
         return _REGISTRY[key]
     if key.startswith("gn:"):
