@@ -501,3 +501,16 @@ def test_module_function_errors(user_module) -> None:
     with pytest.raises(ValueError, match=r"item 0 must be an \(x, y\) pair"):
         load_dataset(f"{name}:bad_items")
 
+
+
+def test_mnist1d_is_generated_once_and_cached(tmp_path, monkeypatch):
+    pytest.importorskip("mnist1d")
+    monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path))
+    first = load_dataset("mnist1d")
+    assert (tmp_path / "mnist1d-default.npz").is_file()
+    second = load_dataset("mnist1d")  # from the cache
+    assert first.input_shape == (40, 1) and first.kind == "sequence" and first.num_classes == 10
+    assert (first.n_train, first.n_val) == (4000, 1000)
+    assert torch.equal(first.train.tensors[0], second.train.tensors[0])
+    assert torch.equal(first.val.tensors[1], second.val.tensors[1])
+    assert set(first.train.tensors[1].unique().tolist()) == set(range(10))
