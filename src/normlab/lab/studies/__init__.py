@@ -1,0 +1,405 @@
+"""Studies: the protocol every study module follows, and the registry that finds them.
+
+A study answers some of the article's claims by experiment. It is **one module** in this package
+(adding a study = adding one file; the registry discovers it with :mod:`pkgutil`), defining:
+
+``NAME: str``
+    Short id used on the command line, e.g. ``"batch-size"``.
+``TITLE: str`` / ``SUMMARY: str``
+    Section title in the report / one-line description for ``normlab studies``.
+``ORDER: int``
+    Position of the study in the report (ascending, ties broken by name).
+``Config``
+    A dataclass whose defaults are the full grid, with a classmethod ``quick()`` returning a
+    small profile (used by ``--quick`` and ``normlab demo``, which must stay cheap). Field names
+    shared with the common CLI options (``norms``, ``batch_sizes``, ``seeds``, ``epochs``,
+    ``data``, ``model``) are settable from the command line (:func:`apply_overrides`).
+``runs(cfg) -> list[dict]``
+    The run configs: full, JSON-serializable, each with a ``"runner"`` key (see
+    :mod:`normlab.lab.runners`). A run's id is the hash of its config, so identical configs
+    across studies are computed once.
+``analyze(results: list[RunResult], cfg) -> list[Card]``
+    Answer cards from the finished runs (``status == "done"``; failures are listed by the report).
+``plot(results: list[RunResult], cfg, outdir: Path) -> list[Figure]``
+    Figures saved as PNG files under ``outdir`` (matplotlib is set to the Agg backend).
+
+Optional: ``HIDDEN = True`` keeps the study out of ``normlab demo`` and ``normlab studies``
+(without ``--all``); ``validate(cfg)`` raises ``ValueError`` with a clear message for bad
+settings, before anything runs.
+
+Helpers for analyses: :func:`select`, :func:`values`, :func:`group_values`, plus the statistics in
+:mod:`normlab.lab.stats`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import traceback
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from normlab.lab.stats import Interval
+from normlab.lab.store import RunResult, Store
+
+__all__ = [
+    "CARD_VERDICTS",
+    "Card",
+    "Figure",
+    "OVERRIDE_OPTIONS",
+    "Study",
+    "StudyError",
+    "all_studies",
+    "apply_overrides",
+    "broken_studies",
+    "config_from_dict",
+    "config_meta",
+    "get_study",
+    "group_values",
+    "load_all",
+    "load_study_config",
+    "save_study_config",
+    "select",
+    "values",
+]
+
+CARD_VERDICTS: tuple[str, ...] = ("supported", "not supported", "inconclusive", "answer")
+
+#: Common command-line options and the Config field each one sets.
+OVERRIDE_OPTIONS: dict[str, str] = {
+    "norms": "norms",
+    "batch_sizes": "batch_sizes",
+    "seeds": "seeds",
+    "epochs": "epochs",
+    "data": "data",
+    "model": "model",
+}
+
+
+class StudyError(ValueError):
+    """A user-facing error about a study (unknown name, option it does not have, bad setting)."""
+
+
+@dataclass
+class Card:
+    """One answer in the report: a claim (or question), what was measured, and the verdict.
+
+    Attributes:
+        study: the study's ``NAME``.
+        claim: the article's claim, as text.
+        measurement: what the data say, with numbers (means with 95% CIs).
+        verdict: ``"supported"``, ``"not supported"``, ``"inconclusive"`` (computed from the
+            intervals, see :func:`normlab.lab.stats.verdict`), or ``"answer"`` for a question
+            that has no true/false answer (e.g. "which norm for CNNs?").
+        question: the article's question this card answers, if any.
+        effect: the interval the verdict was computed from (shown in the summary table).
+        details: further explanation (method, caveats); plain text.
+    """
+
+    study: str
+    claim: str
+    measurement: str
+    verdict: str
+    question: str | None = None
+    effect: Interval | None = None
+    details: str = ""
+
+    def __post_init__(self) -> None:
+        if self.verdict not in CARD_VERDICTS:
+            raise ValueError(
+                f"Card.verdict must be one of {', '.join(map(repr, CARD_VERDICTS))}; "
+                f"got {self.verdict!r}"
+            )
+        if self.effect is not None and not isinstance(self.effect, Interval):
+            raise TypeError(f"Card.effect must be an Interval or None, got {type(self.effect)}")
+
+
+@dataclass
+class Figure:
+    """A figure of the report: a PNG file and its caption."""
+
+    title: str
+    path: Path
+    caption: str = ""
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+
+
+@dataclass(frozen=True)
+class Study:
+    """A loaded study module, with its protocol members as attributes."""
+
+    module: ModuleType
+
+    @property
+    def name(self) -> str:
+        return str(self.module.NAME)
+
+    @property
+    def title(self) -> str:
+        return str(self.module.TITLE)
+
+    @property
+    def summary(self) -> str:
+        return str(self.module.SUMMARY)
+
+    @property
+    def order(self) -> int:
+        return int(getattr(self.module, "ORDER", 1000))
+
+    @property
+    def hidden(self) -> bool:
+        return bool(getattr(self.module, "HIDDEN", False))
+
+    @property
+    def Config(self) -> type:  # noqa: N802 - mirrors the module attribute
+        return self.module.Config
+
+    def default_config(self, quick: bool = False) -> Any:
+        """The full-grid Config, or its ``quick()`` profile."""
+        return self.Config.quick() if quick else self.Config()
+
+    def validate(self, cfg: Any) -> None:
+        """Run the study's optional ``validate(cfg)``; its ``ValueError`` becomes a StudyError."""
+        fn = getattr(self.module, "validate", None)
+        if fn is None:
+            return
+        try:
+            fn(cfg)
+        except StudyError:
+            raise
+        except ValueError as exc:
+            raise StudyError(f"study {self.name!r}: {exc}") from exc
+
+    def runs(self, cfg: Any) -> list[dict[str, Any]]:
+        """The run configs of ``cfg`` (checked to be a non-empty list of dicts)."""
+        configs = list(self.module.runs(cfg))
+        for i, c in enumerate(configs):
+            if not isinstance(c, dict):
+                raise TypeError(
+                    f"study {self.name!r}: runs() item {i} is a {type(c).__name__}, not a dict"
+                )
+        return configs
+
+    def analyze(self, results: list[RunResult], cfg: Any) -> list[Card]:
+        return list(self.module.analyze(results, cfg))
+
+    def plot(self, results: list[RunResult], cfg: Any, outdir: Path) -> list[Figure]:
+        return list(self.module.plot(results, cfg, outdir))
+
+
+_REQUIRED = ("NAME", "TITLE", "SUMMARY", "Config", "runs", "analyze", "plot")
+_STUDIES: dict[str, Study] | None = None
+_BROKEN: dict[str, str] = {}  # module name -> error text
+
+
+def _check_module(mod: ModuleType) -> None:
+    missing = [a for a in _REQUIRED if not hasattr(mod, a)]
+    if missing:
+        raise TypeError(f"study module {mod.__name__} lacks {', '.join(missing)}")
+    if not dataclasses.is_dataclass(mod.Config):
+        raise TypeError(f"study module {mod.__name__}: Config must be a dataclass")
+    if not callable(getattr(mod.Config, "quick", None)):
+        raise TypeError(f"study module {mod.__name__}: Config must have a classmethod quick()")
+
+
+def load_all(*, strict: bool = False) -> dict[str, Study]:
+    """Import every study module of this package (once) and return them by name.
+
+    A module that fails to import or does not follow the protocol is skipped with a warning
+    (``strict=True`` raises instead), so that one broken study does not take the others down;
+    :func:`broken_studies` lists them and :func:`get_study` reports the error for that name.
+    """
+    global _STUDIES
+    if _STUDIES is not None and not strict:
+        return _STUDIES
+    found: dict[str, Study] = {}
+    _BROKEN.clear()
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        modname = f"{__name__}.{info.name}"
+        try:
+            mod = importlib.import_module(modname)
+            _check_module(mod)
+            name = str(mod.NAME)
+            if name in found:
+                raise TypeError(
+                    f"study NAME {name!r} is used by both {found[name].module.__name__} "
+                    f"and {modname}"
+                )
+        except Exception as exc:
+            if strict:
+                raise
+            _BROKEN[modname] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            warnings.warn(f"study module {modname} skipped: {_BROKEN[modname]}", stacklevel=2)
+            continue
+        found[name] = Study(mod)
+    _STUDIES = found
+    return found
+
+
+def broken_studies() -> dict[str, str]:
+    """Study modules that failed to load (module name -> error), after :func:`load_all`."""
+    load_all()
+    return dict(_BROKEN)
+
+
+def all_studies(include_hidden: bool = False) -> list[Study]:
+    """Every study, sorted by ``(ORDER, NAME)``; hidden ones only if ``include_hidden``."""
+    studies = load_all().values()
+    return sorted(
+        (s for s in studies if include_hidden or not s.hidden), key=lambda s: (s.order, s.name)
+    )
+
+
+def get_study(name: str) -> Study:
+    """The study called ``name``; :class:`StudyError` listing the valid names otherwise."""
+    studies = load_all()
+    if name in studies:
+        return studies[name]
+    broken = [m for m in _BROKEN if m.rsplit(".", 1)[-1].replace("_", "-") == name.replace("_", "-")]
+    if broken:
+        raise StudyError(f"study {name!r} failed to load: {_BROKEN[broken[0]]}")
+    valid = ", ".join(sorted(studies)) or "(none registered)"
+    raise StudyError(f"unknown study {name!r}; valid studies: {valid}")
+
+
+# -- configs -----------------------------------------------------------------------------------
+
+
+def _coerce_like(template: Any, value: Any) -> Any:
+    """Give ``value`` the container type of the field's default (tuple vs list)."""
+    if isinstance(template, tuple) and isinstance(value, list):
+        return tuple(value)
+    if isinstance(template, list) and isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def apply_overrides(cfg: Any, *, study: str | None = None, **options: Any) -> Any:
+    """Return a copy of ``cfg`` with the common CLI options set (``None`` = not given).
+
+    Options: ``norms`` (list of names), ``batch_sizes`` (list of ints), ``seeds`` (a count N:
+    seeds ``0..N-1``, or a list of seeds), ``epochs``, ``data``, ``model``. An option the study's
+    Config has no field for raises :class:`StudyError` naming the study and the option.
+    """
+    study_name = study or type(cfg).__module__.rsplit(".", 1)[-1]
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    changes: dict[str, Any] = {}
+    for opt, value in options.items():
+        if value is None:
+            continue
+        if opt not in OVERRIDE_OPTIONS:
+            raise StudyError(
+                f"unknown override {opt!r}; valid: {', '.join(sorted(OVERRIDE_OPTIONS))}"
+            )
+        fname = OVERRIDE_OPTIONS[opt]
+        if fname not in fields:
+            have = [o for o, f in OVERRIDE_OPTIONS.items() if f in fields]
+            flag = "--" + opt.replace("_", "-")
+            raise StudyError(
+                f"study {study_name!r} has no option {flag}; it accepts: "
+                + (", ".join("--" + o.replace("_", "-") for o in have) or "none of the common options")
+            )
+        current = getattr(cfg, fname, _field_default(fields[fname]))
+        if opt == "seeds" and isinstance(value, int) and not isinstance(current, int):
+            if value < 1:
+                raise StudyError(f"--seeds must be >= 1, got {value}")
+            value = list(range(value))
+        if isinstance(value, (list, tuple)) and len(value) == 0:
+            raise StudyError(f"--{opt.replace('_', '-')} needs at least one value")
+        changes[fname] = _coerce_like(current, value)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def config_from_dict(study: Study, data: dict[str, Any]) -> Any:
+    """Rebuild a study's Config from its stored dict (unknown keys ignored, tuples restored)."""
+    fields = {f.name: f for f in dataclasses.fields(study.Config)}
+    kwargs = {
+        k: _coerce_like(_field_default(fields[k]), v) for k, v in data.items() if k in fields
+    }
+    return study.Config(**kwargs)
+
+
+def _meta_key(study_name: str) -> str:
+    return f"study:{study_name}:config"
+
+
+def config_meta(study: Study, cfg: Any, *, quick: bool = False) -> tuple[str, dict[str, Any]]:
+    """The store meta entry (key, value) recording the Config a study is run with."""
+    return _meta_key(study.name), {"config": dataclasses.asdict(cfg), "quick": quick}
+
+
+def save_study_config(store: Store, study: Study, cfg: Any, *, quick: bool = False) -> None:
+    """Record the Config a study was run with (the report rebuilds it from there)."""
+    store.set_meta(*config_meta(study, cfg, quick=quick))
+
+
+def load_study_config(store: Store, study: Study) -> Any | None:
+    """The Config recorded by :func:`save_study_config`, or ``None`` if there is none."""
+    stored = store.get_meta(_meta_key(study.name))
+    if stored is None:
+        return None
+    return config_from_dict(study, stored.get("config", {}))
+
+
+# -- helpers for analyze() / plot() --------------------------------------------------------------
+
+
+def _matches(config: dict[str, Any], where: dict[str, Any]) -> bool:
+    return all(config.get(k) == v for k, v in where.items())
+
+
+def select(
+    results: Iterable[RunResult], *, done: bool = True, **where: Any
+) -> list[RunResult]:
+    """Runs whose config has every ``key == value`` in ``where`` (only finished runs by default)."""
+    return [r for r in results if (not done or r.done) and _matches(r.config, where)]
+
+
+def values(
+    results: Iterable[RunResult],
+    metric: str | Callable[[RunResult], Any],
+    **where: Any,
+) -> list[float]:
+    """The final ``metric`` (a name, or a function of the run) of the finished runs matching ``where``.
+
+    Runs lacking the metric are skipped.
+    """
+    out: list[float] = []
+    for r in select(results, **where):
+        v = metric(r) if callable(metric) else r.metric(metric)
+        if v is not None:
+            out.append(float(v))
+    return out
+
+
+def group_values(
+    results: Iterable[RunResult], key: str, metric: str | Callable[[RunResult], Any], **where: Any
+) -> dict[Any, list[float]]:
+    """``{config[key]: [metric of each finished run]}``, keys in first-seen order."""
+    groups: dict[Any, list[float]] = {}
+    for r in select(results, **where):
+        v = metric(r) if callable(metric) else r.metric(metric)
+        if v is None:
+            continue
+        k = r.config.get(key)
+        if isinstance(k, list):  # lists are unhashable; JSON gave us lists for tuples
+            k = tuple(k)
+        groups.setdefault(k, []).append(float(v))
+    return groups

@@ -1,0 +1,472 @@
+"""Execute a study's runs in worker processes, resumably.
+
+:func:`run_sweep` adds the runs to the store of a run directory, skips the finished ones and
+executes the rest in a process pool (``spawn`` context: no fork of a process that has torch
+threads running). Each worker opens its own SQLite connection, claims a run, logs every epoch as
+it comes (one commit each) and marks the run done or failed; a failing run records its traceback
+and the sweep goes on.
+
+Resuming: kill the sweep at any moment (even ``kill -9`` of the whole process group) and start
+it again: finished runs are kept and not repeated; runs that were in progress are reset to
+pending, their partial epochs deleted, and run again from scratch. A lock file in the run
+directory keeps two sweeps from working on the same directory at once, which is what makes
+resetting "running" rows safe.
+
+Threads: with ``W`` workers on ``C`` cores, each worker uses ``max(1, C // W)`` torch threads, so
+workers × threads ≤ cores (over-subscription makes everything slower).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import platform
+import sys
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, TextIO
+
+from normlab.lab.runners import get_runner, runner_module, runner_name
+from normlab.lab.store import DB_NAME, RunResult, StaleAttemptError, Store
+
+__all__ = ["SweepLockedError", "available_cores", "run_many", "run_sweep"]
+
+LOCK_NAME = ".sweep.lock"
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+class SweepLockedError(RuntimeError):
+    """Another sweep is running in the same run directory."""
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (affinity-aware where the OS tells; else ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _dir_lock(run_dir: Path) -> Iterator[None]:
+    """Exclusive, non-blocking lock on ``run_dir`` for the duration of a sweep.
+
+    ``flock`` is released by the kernel when the holder dies (even by SIGKILL), so a killed
+    sweep never leaves a stale lock behind.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock, documented limitation
+        yield
+        return
+    fh = open(run_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held for the whole block
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SweepLockedError(
+                f"another sweep is already running in {run_dir} (lock file {LOCK_NAME}); "
+                "wait for it to finish or use another --out directory"
+            ) from None
+        yield
+    finally:
+        fh.close()
+
+
+# -- worker side ------------------------------------------------------------------------------
+
+_WORKER_STORES: dict[str, Store] = {}
+_WORKER_THREADS: int | None = None
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when the process that spawned it dies.
+
+    Without it a ``kill -9`` of the sweep leaves workers running on as orphans (the attempt
+    guard in the store would keep them from corrupting anything, but they would waste cores).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() == 1:  # the parent died before prctl: do not linger
+            os._exit(1)
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
+def _apply_threads() -> None:
+    """Set torch's thread count to this worker's share, if torch is loaded."""
+    if _WORKER_THREADS is None:
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != _WORKER_THREADS:
+        torch.set_num_threads(_WORKER_THREADS)
+
+
+def _init_worker(threads: int, imports: Sequence[str]) -> None:
+    """Pool initializer: thread budget, parent-death signal, runner modules."""
+    global _WORKER_THREADS
+    _die_with_parent()
+    # Ctrl-C is the main process's business: it stops the pool (and the workers die with it);
+    # workers that handled SIGINT themselves would only print a traceback each.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER_THREADS = threads
+    # Environment first: torch (and numpy's BLAS) read these when they are first imported, so a
+    # runner that imports torch lazily also starts with the right pool size. torch.set_num_threads
+    # is applied as well when torch is already loaded (and re-checked before every run).
+    for var in _THREAD_ENV:
+        os.environ[var] = str(threads)
+    from normlab.lab.runners import import_modules
+
+    import_modules(list(imports))
+    _apply_threads()
+
+
+def _worker_store(db_path: str) -> Store:
+    store = _WORKER_STORES.get(db_path)
+    if store is None:
+        store = _WORKER_STORES[db_path] = Store(db_path)
+    return store
+
+
+def _execute(db_path: str, run_id: str) -> tuple[str, str, str | None]:
+    """Run one run (in a worker, or in-process): returns ``(run_id, status, error)``."""
+    store = _worker_store(db_path)
+    attempt = store.claim(run_id)
+    if attempt is None:  # done, or taken by someone else in the meantime
+        return run_id, store.status(run_id), None
+    try:
+        config = store.config(run_id)
+        runner = get_runner(runner_name(config))
+        _apply_threads()
+
+        def log(epoch: int, metrics: dict[str, Any]) -> None:
+            store.log_epoch(run_id, epoch, metrics, attempt=attempt)
+
+        final = runner(config, log)
+        if final is None:
+            final = {}
+        if not isinstance(final, dict):
+            raise TypeError(f"runner returned {type(final).__name__}, expected a dict")
+        store.finish_run(run_id, final, attempt=attempt)
+        return run_id, "done", None
+    except StaleAttemptError:
+        # Our attempt was superseded (the run was reset by a newer sweep): leave its row alone.
+        return run_id, "stale", None
+    except Exception:
+        err = traceback.format_exc()
+        try:
+            store.fail_run(run_id, err, attempt=attempt)
+        except StaleAttemptError:
+            return run_id, "stale", None
+        return run_id, "failed", err
+
+
+# -- main side --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    study: str
+    config: dict[str, Any]
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("normlab", "torch", "numpy"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _runner_imports(configs: Sequence[dict[str, Any]]) -> list[str]:
+    """Check every config's runner exists; return the modules workers must import for them."""
+    mods: list[str] = []
+    for i, cfg in enumerate(configs):
+        try:
+            mod = runner_module(runner_name(cfg))
+        except KeyError as exc:  # UnknownRunnerError
+            raise ValueError(f"run config {i}: {exc}") from None
+        if mod is not None and mod not in mods:
+            mods.append(mod)
+    return mods
+
+
+class _Progress:
+    """A rich progress bar (runs done / total with ETA, and the epochs of running runs)."""
+
+    def __init__(self, total: int, done: int, enabled: bool, label: str, stream: TextIO | None):
+        self.enabled = enabled and total > 0
+        self._bar: Any = None
+        if not self.enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[running]}"),
+            console=Console(file=stream or sys.stderr),
+            transient=False,
+        )
+        from rich.markup import escape
+
+        self._task = self._bar.add_task(escape(label), total=total, completed=done, running="")
+        self._bar.start()
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def running(self, store: Store) -> None:
+        if self._bar is None:
+            return
+        parts = []
+        for _rid, cfg, n in store.progress()[:4]:
+            total = cfg.get("epochs")
+            parts.append(f"{n}/{total}" if isinstance(total, int) else f"{n}")
+        self._bar.update(self._task, running=("epochs " + " ".join(parts)) if parts else "")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def run_sweep(
+    study_name: str,
+    configs: list[dict[str, Any]],
+    run_dir: str | os.PathLike[str],
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+    retry_failed: bool = True,
+    imports: Sequence[str] = (),
+) -> list[RunResult]:
+    """Run every config of ``study_name`` that is not finished yet; return all their results.
+
+    Args:
+        study_name: the study the runs belong to (recorded in the store).
+        configs: full run configs (JSON-serializable dicts, runner under ``"runner"``).
+        run_dir: the run directory (created); the store is ``run_dir/results.sqlite``.
+        workers: worker processes (default: the number of cores); ``1`` runs in this process.
+        progress: show a rich progress bar on stderr (``False`` for quiet runs and tests).
+        retry_failed: run again the runs that failed in an earlier sweep.
+        imports: extra modules each worker imports first (to register runners defined outside
+            the study modules, e.g. in tests).
+
+    Returns:
+        The :class:`RunResult` of every config, in ``configs`` order (failed runs have
+        ``status == "failed"`` and their traceback in ``error``).
+    """
+    return run_many(
+        [(study_name, c) for c in configs],
+        run_dir,
+        workers=workers,
+        progress=progress,
+        retry_failed=retry_failed,
+        imports=imports,
+    )
+
+
+def run_many(
+    jobs: Sequence[tuple[str, dict[str, Any]]],
+    run_dir: str | os.PathLike[str],
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+    retry_failed: bool = True,
+    imports: Sequence[str] = (),
+    stream: TextIO | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> list[RunResult]:
+    """:func:`run_sweep` for runs of several studies at once, in one worker pool.
+
+    ``jobs`` is a list of ``(study_name, config)``. ``normlab demo`` uses it so that all studies
+    share one pool (worker start-up is paid once). ``meta`` entries (e.g. the study configs) are
+    written to the store once the run directory is locked; ``stream`` receives the progress bar
+    and the failure summary (default: stderr).
+    """
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job_list = [_Job(s, c) for s, c in jobs]
+    for i, job in enumerate(job_list):
+        if not isinstance(job.config, dict):
+            raise TypeError(f"jobs[{i}]: config must be a dict, got {type(job.config).__name__}")
+    from normlab.lab.runners import import_modules
+
+    import_modules(list(imports))  # so that runners defined there are found here too
+    modules = list(imports) + [m for m in _runner_imports([j.config for j in job_list])
+                               if m not in imports]
+
+    with _dir_lock(run_dir):
+        store = Store(run_dir / DB_NAME)
+        try:
+            store.set_meta("versions", _versions())
+            for key, value in (meta or {}).items():
+                store.set_meta(key, value)
+            # One add_runs call (one transaction) per study; ids back in the jobs' order.
+            by_study: dict[str, list[int]] = {}
+            for i, job in enumerate(job_list):
+                by_study.setdefault(job.study, []).append(i)
+            ids = [""] * len(job_list)
+            for study, idx in by_study.items():
+                for i, rid in zip(idx, store.add_runs(study, [job_list[i].config for i in idx])):
+                    ids[i] = rid
+            todo_set = set(store.pending(include_failed=retry_failed))
+            # Keep the caller's order, without duplicates (identical configs are one run).
+            todo = list(dict.fromkeys(r for r in ids if r in todo_set))
+            unique = list(dict.fromkeys(ids))
+            n_workers = min(workers or available_cores(), max(1, len(todo)))
+            bar = _Progress(
+                total=len(unique),
+                done=len(unique) - len(todo),
+                enabled=progress,
+                label=", ".join(by_study)[:40] or "sweep",
+                stream=stream,
+            )
+            try:
+                if n_workers == 1:
+                    _run_inline(store, todo, bar)
+                else:
+                    _run_pool(store, todo, n_workers, modules, bar)
+            finally:
+                bar.close()
+            results = store.results(run_ids=unique)
+        finally:
+            store.close()
+    by_id = {r.run_id: r for r in results}
+    out = [by_id[r] for r in ids]
+    failed = [r for r in results if r.status == "failed"]
+    if progress and failed:
+        _report_failures(failed, stream or sys.stderr)
+    return out
+
+
+def _run_inline(store: Store, todo: list[str], bar: _Progress) -> None:
+    """Execute the runs one after the other in this process (``workers=1``)."""
+    db_path = str(store.path)
+    _WORKER_STORES[db_path] = store  # reuse the open connection
+    try:
+        for rid in todo:
+            _execute(db_path, rid)
+            bar.advance()
+    finally:
+        _WORKER_STORES.pop(db_path, None)
+
+
+def _run_pool(
+    store: Store, todo: list[str], n_workers: int, modules: list[str], bar: _Progress
+) -> None:
+    """Execute the runs in a pool of ``n_workers`` spawned processes.
+
+    A worker that dies (segfault, out of memory, killed) breaks the whole pool, and Python does
+    not say which run was the culprit: a run alone in flight is marked failed; when several were
+    in flight they are reset and retried in a new pool, and one in flight during two crashes is
+    marked failed.
+    """
+    threads = max(1, available_cores() // n_workers)
+    db_path = str(store.path)
+    remaining = list(todo)
+    crashes: dict[str, int] = {}
+    while remaining:
+        pool = ProcessPoolExecutor(
+            max_workers=min(n_workers, len(remaining)),
+            mp_context=get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(threads, tuple(modules)),
+        )
+        broken = False
+        before = len(remaining)
+        try:
+            futures: dict[Future[tuple[str, str, str | None]], str] = {
+                pool.submit(_execute, db_path, rid): rid for rid in remaining
+            }
+            pending_f = set(futures)
+            while pending_f and not broken:
+                done_f, pending_f = wait(pending_f, timeout=0.5, return_when=FIRST_COMPLETED)
+                for f in done_f:
+                    try:
+                        f.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        continue
+                    remaining.remove(futures[f])
+                    bar.advance()
+                bar.running(store)
+        except BaseException:
+            # Ctrl-C or an error here: stop the runs in flight instead of waiting for them (their
+            # rows stay "running" and are reset when the sweep is started again).
+            _kill_workers(pool)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True, cancel_futures=True)
+        if not broken:
+            break
+        # The pool is gone, so rows still "running" were held by its (dead) workers.
+        in_flight = store.progress()
+        if not in_flight and len(remaining) == before:
+            # Nothing ran at all: the workers die at start-up (e.g. an import error), and a
+            # new pool would die the same way.
+            raise RuntimeError(
+                "sweep worker processes died before running anything; their error output is "
+                "above (a worker re-imports the __main__ script and the runner modules)"
+            )
+        for rid, _cfg, _n in in_flight:
+            crashes[rid] = crashes.get(rid, 0) + 1
+            # Alone in flight, the run is the culprit; otherwise it gets a second chance.
+            if len(in_flight) == 1 or crashes[rid] >= 2:
+                store.fail_run(
+                    rid,
+                    "worker process died unexpectedly while running this run (crash, or killed "
+                    "e.g. for lack of memory)",
+                )
+        store.reset_stale()
+        for rid in list(remaining):
+            if store.status(rid) in ("done", "failed"):
+                remaining.remove(rid)
+                bar.advance()
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's worker processes at once (the executor has no public API for it)."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            proc.kill()
+
+
+def _report_failures(failed: list[RunResult], stream: TextIO) -> None:
+    """Print one line per failed run (its last traceback line) at the end of a sweep."""
+    print(f"\n{len(failed)} run(s) failed:", file=stream)
+    for r in failed:
+        last = (r.error or "").strip().splitlines()[-1:] or ["(no error recorded)"]
+        print(f"  {r.run_id[:12]} [{r.study}] {last[0]}", file=stream)
