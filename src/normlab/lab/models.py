@@ -339,3 +339,8 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(qualified name, layer)`` for every normalization layer of ``model``, in order."""
     return [(n, m) for n, m in model.named_modules() if norms.is_norm_layer(m)]
+
+
+# The recurrent models live in their own module (they need normlab.nn.rnn); importing it here
+# registers "lstm" wherever the registry is used, e.g. `normlab study ... --model lstm`.
+from normlab.lab import rnn_models as _rnn_models  # noqa: E402,F401  (registers "lstm")

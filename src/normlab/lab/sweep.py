@@ -38,7 +38,14 @@ from normlab.lab.store import DB_NAME, RunResult, StaleAttemptError, Store
 __all__ = ["SweepLockedError", "available_cores", "run_many", "run_sweep"]
 
 LOCK_NAME = ".sweep.lock"
-_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+# NUMBA_NUM_THREADS: the fused CPU kernels run on numba's pool, which must share the budget too.
+_THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "NUMBA_NUM_THREADS",
+)
 
 
 class SweepLockedError(RuntimeError):
