@@ -17,7 +17,8 @@ class NormBase(nn.Module):
     """Per-channel γ/β and running statistics, with the exact attribute and state_dict layout of
     ``torch.nn.modules.batchnorm._NormBase`` so checkpoints move both ways.
 
-    ``backend`` (keyword-only) forces a backend for this layer ("reference", "cpu", ...).
+    Keyword-only: ``bias=False`` drops β (as torch.nn), ``backend`` forces a backend for this
+    layer ("reference", "cpu", ...).
     """
 
     _version = 2
@@ -35,6 +36,7 @@ class NormBase(nn.Module):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         backend: str | None = None,
     ) -> None:
         super().__init__()
@@ -49,8 +51,14 @@ class NormBase(nn.Module):
         self.track_running_stats = track_running_stats
         self.backend = backend
         if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory)) if self._has_weight else None
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if self._has_weight:
+                self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("weight", None)
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -79,9 +87,9 @@ class NormBase(nn.Module):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
-            if self.weight is not None:
-                nn.init.ones_(self.weight)
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input: Tensor) -> None:

@@ -18,7 +18,8 @@ class GroupNorm(nn.Module):
     .. math:: y = \gamma_c \frac{x - \mu_{ng}}{\sqrt{\sigma_{ng}^2 + \epsilon}} + \beta_c
 
     Independent of the batch size, same in train and eval. G = 1 is LayerNorm over (C, \*) and
-    G = C is InstanceNorm. Same constructor, defaults and state_dict keys as torch.nn.GroupNorm.
+    G = C is InstanceNorm. Same constructor, defaults and state_dict keys as torch.nn.GroupNorm
+    (keyword-only ``bias=False`` drops β).
     """
 
     def __init__(
@@ -30,6 +31,7 @@ class GroupNorm(nn.Module):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         backend: str | None = None,
     ) -> None:
         super().__init__()
@@ -44,14 +46,18 @@ class GroupNorm(nn.Module):
         self.backend = backend
         if affine:
             self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
+            if bias:
+                self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
     def reset_parameters(self) -> None:
-        if self.affine:
+        if self.weight is not None:
             nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:

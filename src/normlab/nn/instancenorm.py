@@ -31,9 +31,12 @@ class _InstanceNorm(NormBase):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         backend: str | None = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, backend=backend)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, backend=backend
+        )
 
     def forward(self, input: Tensor) -> Tensor:
         batched = self._spatial + 2
