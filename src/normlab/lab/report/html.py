@@ -455,8 +455,9 @@ seeds (Student t / Welch).</p>
 
 
 def _md(text: Any) -> str:
-    """Markdown-safe inline text: HTML-escaped (no raw HTML), table pipes escaped, one line."""
-    return esc(text).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    """Markdown-safe inline text: <, > and & escaped (no raw HTML; quotes stay readable), table
+    pipes escaped, one line."""
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
 def _render_md(run_dir: Path, report_dir: Path, sections: list[_Section], counts: dict[str, int],
