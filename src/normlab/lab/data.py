@@ -462,7 +462,11 @@ def load_mnist1d(*, seed: int, val_fraction: float) -> DataBundle:
             raise ValueError(
                 "mnist1d: the built-in MNIST-1D data needs the 'mnist1d' package (pip install 'normlab[lab]')"
             ) from exc
-        made = make_dataset(get_dataset_args())
+        state = np.random.get_state()  # make_dataset reseeds numpy's global generator
+        try:
+            made = make_dataset(get_dataset_args())
+        finally:
+            np.random.set_state(state)
         arrays = {k: np.asarray(made[k]) for k in ("x", "y", "x_test", "y_test")}
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npz")
