@@ -1,0 +1,156 @@
+"""``normlab bench``: benchmarks of the normalization kernels.
+
+Commands::
+
+    normlab bench kernels [--quick] [--out DIR] [--norms bn,gn,...] [--reps N] [--no-compile]
+    normlab bench e2e     [--quick] [--out DIR] [--models cnn,resnet] [--norms bn,gn] [--steps N]
+    normlab bench compile [--quick]
+
+``kernels``: every norm on a CNN shape set (N=32, C=64…512, H×W=8²…64², NCHW and NHWC) and a
+transformer shape set (rows × hidden 256…8192), torch native vs the normlab backends, forward and
+forward+backward, interleaved in one process; speed-ups, effective GB/s and % of a preallocated
+copy's bandwidth; first-call (compile) time in fresh processes, cold and cached. Writes a table,
+``kernels.json`` and ``kernels.png`` to ``--out`` (default ``bench-results``).
+
+``e2e``: time per training step of the lab's CNN and ResNet with normlab layers (cpu and
+reference backends) vs the same model with torch layers. Writes ``e2e.json``.
+
+Timings are medians; the machine may be shared, so compare numbers from the same run only.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import typer
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    name="bench",
+    help="Benchmarks of the normalization kernels.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+DEFAULT_OUT = Path("bench-results")
+
+
+def _split(text: str | None, allowed: list[str], option: str) -> list[str] | None:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        typer.echo(f"Error: {option}: unknown {bad or text!r}; expected some of {allowed}", err=True)
+        raise typer.Exit(2)
+    return items
+
+
+def _console():
+    """A rich console; wide when writing to a file or pipe (tables must not be truncated)."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=220)
+    return console
+
+
+def _meta(**extra) -> dict:
+    import numba
+    import torch
+
+    return {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "numba": numba.__version__,
+        "torch_threads": torch.get_num_threads(),
+        **extra,
+    }
+
+
+@app.command("kernels")
+def kernels_cmd(
+    quick: bool = typer.Option(False, "--quick", help="2 shapes per set, 5 repetitions (< 60 s)"),
+    out: Path = typer.Option(DEFAULT_OUT, "--out", help="output directory"),
+    norms: str = typer.Option(None, "--norms", help="comma-separated subset of the norms"),
+    reps: int = typer.Option(None, "--reps", help="repetitions per contender (default 5 quick, 7 full)"),
+    backends: str = typer.Option(None, "--backends",
+                                 help="normlab contenders (default reference,cpu; full run adds cpu-nopool)"),
+    compile_time: bool = typer.Option(True, "--compile/--no-compile",
+                                      help="measure first-call time in fresh processes"),
+) -> None:
+    """Kernel speed: torch native vs normlab backends, per norm and shape."""
+    import torch
+
+    from normlab.bench import kernels as K
+
+    all_norms = list(K.NORMS)
+    chosen = _split(norms, all_norms, "--norms") or all_norms
+    default_be = ["reference", "cpu"] if quick else ["reference", "cpu", "cpu-nopool"]
+    be = _split(backends, ["reference", "cpu", "cpu-nopool"], "--backends") or default_be
+    if "cpu" not in be:
+        be.append("cpu")
+    contenders = ["torch", *be]
+    reps = reps or (5 if quick else 7)
+    console = _console()
+    console.print(f"normlab bench kernels: {len(K.cases(quick, chosen))} cases × {contenders}, "
+                  f"{reps} reps, {torch.get_num_threads()} threads")
+    t0 = time.perf_counter()
+    from normlab.core import cpu
+
+    cpu.warmup((torch.float32,))
+
+    def progress(i, n, case):
+        console.print(f"  [{i + 1}/{n}] {case.norm} {case.label}", highlight=False)
+
+    results = K.run(quick, chosen, contenders, reps, progress=progress if not quick else None)
+    compile_info = K.compile_times(full=not quick) if compile_time else None
+    K.render(results, contenders, compile_info, console)
+    paths = K.save(results, contenders, compile_info, out,
+                   _meta(quick=quick, reps=reps, wall_s=time.perf_counter() - t0))
+    console.print(f"wrote {paths['json']} and {paths['png']} ({time.perf_counter() - t0:.0f} s)")
+
+
+@app.command("compile")
+def compile_cmd(quick: bool = typer.Option(False, "--quick", help="layer-norm kernels, float32 only")) -> None:
+    """First-call time of the cpu kernels in fresh processes: cold cache, then cached."""
+    from normlab.bench import kernels as K
+
+    K.render([], ["torch", "cpu"], K.compile_times(full=not quick), _console())
+
+
+@app.command("e2e")
+def e2e_cmd(
+    quick: bool = typer.Option(False, "--quick", help="fewer steps and configurations"),
+    out: Path = typer.Option(DEFAULT_OUT, "--out", help="output directory"),
+    models: str = typer.Option(None, "--models", help="comma-separated: cnn,resnet"),
+    norms: str = typer.Option(None, "--norms", help="comma-separated norms (bn, gn, in, ln, mobn)"),
+    steps: int = typer.Option(None, "--steps", help="timed training steps per contender"),
+    batch: int = typer.Option(32, "--batch", help="batch size"),
+    image: int = typer.Option(32, "--image", help="image side (3×image×image inputs)"),
+    channels_last: bool = typer.Option(False, "--channels-last", help="run the models in channels_last"),
+) -> None:
+    """Time per training step of the lab's CNN / ResNet: normlab layers vs torch layers."""
+    from normlab.bench import e2e as E
+
+    console = _console()
+    chosen_models = _split(models, list(E.MODELS), "--models") or list(E.MODELS)
+    chosen_norms = _split(norms, list(E.NORMS), "--norms") or (["bn", "gn"] if quick else list(E.NORMS))
+    steps = steps or (5 if quick else 15)
+    t0 = time.perf_counter()
+    res = E.run(chosen_models, chosen_norms, steps=steps, batch=batch, image=image,
+                channels_last=channels_last, console=console)
+    E.render(res, console)
+    path = E.save(res, out, _meta(quick=quick, steps=steps, batch=batch, image=image,
+                                  channels_last=channels_last))
+    console.print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")

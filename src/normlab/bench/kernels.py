@@ -1,0 +1,476 @@
+"""Kernel benchmark: every norm × a CNN and a transformer shape set, torch native vs normlab.
+
+For each (norm, shape, layout) the same input is run through torch's native layer and through
+the normlab layer under each backend (``reference``, ``cpu``; the full run adds ``cpu-nopool``,
+the cpu backend with its output-buffer pool disabled, to show how much of the gain is
+allocation). All of them and a preallocated copy (``torch.Tensor.copy_`` into a buffer of the
+same size, the bandwidth yardstick) are timed in one process, interleaved: every repetition runs
+each contender once, in alternating order (forward then forward+backward), and the medians are
+reported.
+
+Minimum-traffic model (float32, n elements): forward moves 2·4·n bytes (read x, write y),
+backward 3·4·n (read x and dy, write dx). Effective GB/s = model bytes / median time; "% copy"
+divides it by the copy's 2·4·n / time measured on the same tensor in the same run.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["Case", "NORMS", "cases", "run", "compile_times", "summarize", "render", "save"]
+
+LARGE_BYTES = 64 << 20  # "large" tensors: well beyond the last-level cache (32 MiB)
+
+# norm -> (shape set, description)
+NORMS: dict[str, tuple[str, str]] = {
+    "bn": ("cnn", "BatchNorm2d, training"),
+    "bn_eval": ("cnn", "BatchNorm2d, eval (running stats)"),
+    "mobn": ("cnn", "mean-only BatchNorm, training"),
+    "gn": ("cnn", "GroupNorm, 32 groups"),
+    "in": ("cnn", "InstanceNorm2d (affine)"),
+    "ln": ("transformer", "LayerNorm over the hidden dim"),
+    "rms": ("transformer", "RMSNorm over the hidden dim"),
+}
+
+
+@dataclass
+class Case:
+    norm: str
+    shape: tuple[int, ...]
+    layout: str  # "nchw" | "nhwc" | "rows"
+    # median seconds: times[contender]["fwd" | "fwdbwd"]; contender "copy" has "copy"
+    times: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def label(self) -> str:
+        if self.layout == "rows":
+            return f"{self.shape[0]}x{self.shape[1]}"
+        n, c, h, w = self.shape
+        return f"{n}x{c}x{h}x{w} {self.layout}"
+
+
+def cases(quick: bool, norms: list[str]) -> list[Case]:
+    if quick:
+        cnn = [(32, 64, 32, 32), (32, 256, 16, 16)]
+        tr = [(4096, 1024), (1024, 4096)]
+    else:
+        cnn = [(32, c, hw, hw) for c in (64, 128, 256, 512) for hw in (8, 16, 32, 64)]
+        tr = [(r, h) for r in (2048, 8192) for h in (256, 512, 1024, 2048, 4096, 8192)]
+    out = []
+    for norm in norms:
+        if NORMS[norm][0] == "cnn":
+            out += [Case(norm, s, lay) for s in cnn for lay in ("nchw", "nhwc")]
+        else:
+            out += [Case(norm, s, "rows") for s in tr]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# layers
+# --------------------------------------------------------------------------------------------
+
+
+class _TorchMeanOnlyBN(nn.Module):
+    """torch has no mean-only batch norm: the native composite x − mean + β."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        return x - x.mean((0, 2, 3), keepdim=True) + self.bias.view(1, -1, 1, 1)
+
+
+def _layer(norm: str, c: int, native: bool) -> nn.Module:
+    if native:
+        mk = {
+            "bn": lambda: nn.BatchNorm2d(c),
+            "bn_eval": lambda: nn.BatchNorm2d(c).eval(),
+            "mobn": lambda: _TorchMeanOnlyBN(c),
+            "gn": lambda: nn.GroupNorm(32, c),
+            "in": lambda: nn.InstanceNorm2d(c, affine=True),
+            "ln": lambda: nn.LayerNorm(c),
+            "rms": lambda: nn.RMSNorm(c, eps=1e-6),
+        }
+    else:
+        import normlab.nn as L
+
+        mk = {
+            "bn": lambda: L.BatchNorm2d(c),
+            "bn_eval": lambda: L.BatchNorm2d(c).eval(),
+            "mobn": lambda: L.MeanOnlyBatchNorm(c),
+            "gn": lambda: L.GroupNorm(32, c),
+            "in": lambda: L.InstanceNorm2d(c, affine=True),
+            "ln": lambda: L.LayerNorm(c),
+            "rms": lambda: L.RMSNorm(c, eps=1e-6),
+        }
+    m = mk[norm]()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(1.0 if p.dim() and p is getattr(m, "weight", None) else 0.0, 0.1)
+    return m
+
+
+def _contender(name: str, norm: str, c: int, x: torch.Tensor, dy: torch.Tensor):
+    """(forward, forward+backward) closures of one contender."""
+    from normlab.core import cpu as cpu_backend
+    from normlab.core.dispatch import use_backend
+
+    m = _layer(norm, c, native=(name == "torch"))
+    params = [p for p in m.parameters() if p.requires_grad]
+    backend = {"torch": None, "reference": "reference", "cpu": "cpu", "cpu-nopool": "cpu"}[name]
+    pool_mb = 0 if name == "cpu-nopool" else None
+
+    def call(fn):
+        if backend is None:
+            return fn()
+        saved = cpu_backend._pool.max_bytes
+        if pool_mb is not None:
+            cpu_backend.set_buffer_pool(pool_mb)
+        try:
+            with use_backend(backend):
+                return fn()
+        finally:
+            cpu_backend._pool.max_bytes = saved
+
+    def fwd():
+        return call(lambda: m(x))
+
+    def fwdbwd():
+        def f():
+            y = m(x)
+            return torch.autograd.grad(y, [x, *params], dy)
+
+        return call(f)
+
+    return fwd, fwdbwd
+
+
+def _timeit(fn: Callable) -> float:
+    t = time.perf_counter()
+    out = fn()
+    dt = time.perf_counter() - t
+    del out
+    return dt
+
+
+def _make_input(case: Case) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(case.shape, generator=g) * 1.5 + 0.3
+    if case.layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_()
+
+
+def run_case(case: Case, contenders: list[str], reps: int) -> Case:
+    """Median forward and forward+backward times of every contender, interleaved."""
+    x = _make_input(case)
+    dy = torch.randn_like(x)  # same memory format as x (and as y)
+    c = case.shape[1]
+    fns = {name: _contender(name, case.norm, c, x, dy) for name in contenders}
+    buf = torch.empty_like(x)
+    src = x.detach()
+    samples: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "fwdbwd": []} for n in contenders}
+    samples["copy"] = {"copy": []}
+    for name in contenders:  # warm-up: compile, pool, first-touch
+        fns[name][1]()
+        fns[name][0]()
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for rep in range(reps):
+            order = contenders if rep % 2 == 0 else contenders[::-1]
+            samples["copy"]["copy"].append(_timeit(lambda: buf.copy_(src)))
+            for name in order:
+                fwd, fwdbwd = fns[name]
+                samples[name]["fwd"].append(_timeit(fwd))
+                samples[name]["fwdbwd"].append(_timeit(fwdbwd))
+    finally:
+        if gc_was:
+            gc.enable()
+    case.times = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in samples.items()}
+    del fns, x, dy, buf
+    gc.collect()
+    return case
+
+
+# --------------------------------------------------------------------------------------------
+# compile time
+# --------------------------------------------------------------------------------------------
+
+_COMPILE_SNIPPET = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+from normlab.core import cpu
+t1 = time.perf_counter()
+dtypes = [getattr(torch, d) for d in sys.argv[1].split(",")]
+families = sys.argv[2]
+if families == "all":
+    cpu.warmup(dtypes)
+else:  # layer norm only
+    for dt in dtypes:
+        x = torch.randn(8, 16, dtype=dt, requires_grad=True)
+        y = cpu.layer_norm(x, 1, None, None, 1e-5)[0]
+        torch.autograd.grad(y.sum(), x)
+t2 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "first_calls_s": t2 - t1}))
+"""
+
+
+def compile_times(full: bool) -> dict:
+    """First-call time in fresh processes: cold (empty numba cache) then cached (same cache).
+
+    A temporary NUMBA_CACHE_DIR keeps the project's own cache untouched. ``full``: every kernel
+    in float32 and float64; otherwise the layer-norm kernels in float32 only (quick mode).
+    """
+    import os
+
+    what = ("float32,float64", "all") if full else ("float32", "ln")
+    out = {"scope": "all kernels, float32+float64" if full else "layer-norm kernels, float32"}
+    with tempfile.TemporaryDirectory(prefix="normlab-bench-cache-") as tmp:
+        env = dict(os.environ, NUMBA_CACHE_DIR=tmp)
+        for label in ("cold", "cached"):
+            t = time.perf_counter()
+            res = subprocess.run([sys.executable, "-c", _COMPILE_SNIPPET, *what], env=env,
+                                 capture_output=True, text=True, timeout=900)
+            wall = time.perf_counter() - t
+            if res.returncode != 0:
+                out[label] = {"error": res.stderr.strip().splitlines()[-1:]}
+                continue
+            info = json.loads(res.stdout.strip().splitlines()[-1])
+            info["process_wall_s"] = wall
+            out[label] = info
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# derived numbers
+# --------------------------------------------------------------------------------------------
+
+
+def metrics(case: Case, name: str) -> dict:
+    """speed-ups over torch, effective GB/s and % of copy bandwidth of one contender."""
+    n = case.numel
+    t = case.times
+    copy_gbs = 8 * n / t["copy"]["copy"] / 1e9
+    m = {"copy_gbs": copy_gbs}
+    for k, nbytes in (("fwd", 8 * n), ("fwdbwd", 20 * n)):
+        m[f"{k}_ms"] = t[name][k] * 1e3
+        m[f"{k}_speedup"] = t["torch"][k] / t[name][k]
+        m[f"{k}_gbs"] = nbytes / t[name][k] / 1e9
+        m[f"{k}_pct_copy"] = 100 * m[f"{k}_gbs"] / copy_gbs
+    return m
+
+
+def summarize(results: list[Case], name: str = "cpu") -> dict:
+    """Per norm (and layout): median / min forward+backward speed-up, GB/s, % of copy."""
+    out: dict[str, dict] = {}
+    for norm in dict.fromkeys(c.norm for c in results):
+        groups = {"all": [c for c in results if c.norm == norm and name in c.times]}
+        for lay in ("nchw", "nhwc"):
+            sel = [c for c in groups["all"] if c.layout == lay]
+            if sel:
+                groups[lay] = sel
+        out[norm] = {}
+        for g, sel in groups.items():
+            if not sel:
+                continue
+            ms = [metrics(c, name) for c in sel]
+            worst = min(range(len(sel)), key=lambda i: ms[i]["fwdbwd_speedup"])
+            large = [m for c, m in zip(sel, ms) if 4 * c.numel >= LARGE_BYTES]
+            out[norm][g] = {
+                "shapes": len(sel),
+                "median_fwdbwd_speedup": statistics.median(m["fwdbwd_speedup"] for m in ms),
+                "median_fwd_speedup": statistics.median(m["fwd_speedup"] for m in ms),
+                "min_fwdbwd_speedup": ms[worst]["fwdbwd_speedup"],
+                "min_shape": sel[worst].label,
+                "median_fwdbwd_gbs": statistics.median(m["fwdbwd_gbs"] for m in ms),
+                "median_torch_fwdbwd_gbs": statistics.median(
+                    m["fwdbwd_gbs"] / m["fwdbwd_speedup"] for m in ms),
+                "large_shapes": len(large),
+                "large_median_pct_copy": statistics.median(m["fwdbwd_pct_copy"] for m in large)
+                if large else None,
+                "large_min_pct_copy": min(m["fwdbwd_pct_copy"] for m in large) if large else None,
+            }
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------
+
+
+def render(results: list[Case], contenders: list[str], compile_info: dict | None, console=None):
+    """Rich tables: one row per case, then the per-norm summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    others = [n for n in contenders if n != "torch"]
+    if results:
+        _render_cases(results, contenders, others, console)
+    if compile_info:
+        _render_compile(compile_info, console)
+
+
+def _render_cases(results, contenders, others, console):
+    from rich.table import Table
+
+    t = Table(title="normlab kernels vs torch native (float32, medians; speed-up = torch time / time)")
+    t.add_column("norm")
+    t.add_column("shape")
+    t.add_column("torch f ms", justify="right")
+    t.add_column("cpu f ms", justify="right")
+    t.add_column("f ×", justify="right")
+    t.add_column("torch f+b ms", justify="right")
+    for n in others:
+        t.add_column(f"{n} f+b ms", justify="right")
+    for n in others:
+        t.add_column(f"{n} f+b ×", justify="right")
+    t.add_column("cpu f+b GB/s", justify="right")
+    t.add_column("copy GB/s", justify="right")
+    t.add_column("% copy", justify="right")
+    for c in results:
+        m = metrics(c, "cpu")
+        sp = m["fwdbwd_speedup"]
+        style = "red" if sp < 1.0 else ("green" if sp >= 1.5 else "yellow")
+        row = [c.norm, c.label, f"{c.times['torch']['fwd'] * 1e3:.2f}", f"{m['fwd_ms']:.2f}",
+               f"{m['fwd_speedup']:.2f}", f"{c.times['torch']['fwdbwd'] * 1e3:.2f}"]
+        row += [f"{c.times[n]['fwdbwd'] * 1e3:.2f}" for n in others]
+        row += [f"[{style}]{metrics(c, n)['fwdbwd_speedup']:.2f}[/]" if n == "cpu"
+                else f"{metrics(c, n)['fwdbwd_speedup']:.2f}" for n in others]
+        row += [f"{m['fwdbwd_gbs']:.1f}", f"{m['copy_gbs']:.1f}", f"{m['fwdbwd_pct_copy']:.0f}"]
+        t.add_row(*row)
+    console.print(t)
+    s = Table(title="summary: cpu backend, forward+backward speed-up over torch native")
+    for col in ("norm", "layout", "shapes", "median ×", "min ×", "min shape", "median fwd ×",
+                "cpu GB/s", "torch GB/s", "large: % copy (median/min)"):
+        s.add_column(col, justify="left" if col in ("norm", "layout", "min shape") else "right")
+    for norm, groups in summarize(results).items():
+        for g, d in groups.items():
+            large = (f"{d['large_median_pct_copy']:.0f} / {d['large_min_pct_copy']:.0f}"
+                     if d["large_shapes"] else "-")
+            s.add_row(norm, g, str(d["shapes"]), f"{d['median_fwdbwd_speedup']:.2f}",
+                      f"{d['min_fwdbwd_speedup']:.2f}", d["min_shape"],
+                      f"{d['median_fwd_speedup']:.2f}", f"{d['median_fwdbwd_gbs']:.1f}",
+                      f"{d['median_torch_fwdbwd_gbs']:.1f}", large)
+    console.print(s)
+    if "cpu-nopool" in contenders:
+        p = Table(title="cpu backend without its buffer pool (allocation via torch.empty)")
+        for col in ("norm", "median f+b × (no pool)", "min ×", "median f+b × (pool)"):
+            p.add_column(col, justify="right")
+        with_pool = summarize(results, "cpu")
+        for norm, groups in summarize(results, "cpu-nopool").items():
+            d = groups["all"]
+            p.add_row(norm, f"{d['median_fwdbwd_speedup']:.2f}", f"{d['min_fwdbwd_speedup']:.2f}",
+                      f"{with_pool[norm]['all']['median_fwdbwd_speedup']:.2f}")
+        console.print(p)
+
+
+def _render_compile(compile_info, console):
+    from rich.table import Table
+
+    if compile_info:
+        ct = Table(title=f"first-call time in a fresh process ({compile_info.get('scope', '')})")
+        for col in ("cache", "import s", "first calls s", "process wall s"):
+            ct.add_column(col, justify="right")
+        for label in ("cold", "cached"):
+            d = compile_info.get(label, {})
+            if "error" in d:
+                ct.add_row(label, "error", str(d["error"]), "")
+            elif d:
+                ct.add_row(label, f"{d['import_s']:.2f}", f"{d['first_calls_s']:.2f}",
+                           f"{d['process_wall_s']:.2f}")
+        console.print(ct)
+
+
+def save(results: list[Case], contenders: list[str], compile_info: dict | None, out: Path,
+         meta: dict) -> dict[str, Path]:
+    """kernels.json (raw medians + derived numbers) and kernels.png (speed-up chart)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for c in results:
+        d = asdict(c)
+        d["label"] = c.label
+        d["metrics"] = {n: metrics(c, n) for n in contenders if n != "torch"}
+        rows.append(d)
+    doc = {"meta": meta, "contenders": contenders, "cases": rows,
+           "summary": {n: summarize(results, n) for n in contenders if n != "torch"},
+           "compile": compile_info}
+    jpath = out / "kernels.json"
+    jpath.write_text(json.dumps(doc, indent=2))
+    ppath = out / "kernels.png"
+    _chart(results, contenders, ppath)
+    return {"json": jpath, "png": ppath}
+
+
+def _chart(results: list[Case], contenders: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    norms = list(dict.fromkeys(c.norm for c in results))
+    fig, axes = plt.subplots(len(norms), 2, figsize=(16, 2.6 * len(norms) + 1), squeeze=False)
+    others = [n for n in contenders if n != "torch"]
+    for row, norm in enumerate(norms):
+        sel = [c for c in results if c.norm == norm]
+        labels = [c.label for c in sel]
+        ax = axes[row][0]
+        width = 0.8 / max(1, len(others))
+        for k, name in enumerate(others):
+            vals = [metrics(c, name)["fwdbwd_speedup"] for c in sel]
+            ax.bar([i + k * width for i in range(len(sel))], vals, width, label=name)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(1.5, color="g", lw=0.8, ls="--")
+        ax.set_ylabel(f"{norm}\nf+b speed-up")
+        ax.set_yscale("log")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sel))])
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=6)
+        if row == 0:
+            ax.legend(fontsize=7)
+            ax.set_title("forward+backward speed-up over torch native (log scale)")
+        ax2 = axes[row][1]
+        sizes = [4 * c.numel / 2**20 for c in sel]
+        for name in ["torch"] + others:
+            gbs = [20 * c.numel / c.times[name]["fwdbwd"] / 1e9 for c in sel]
+            ax2.scatter(sizes, gbs, s=12, label=name)
+        ax2.scatter(sizes, [8 * c.numel / c.times["copy"]["copy"] / 1e9 for c in sel], s=12,
+                    marker="x", color="k", label="copy_")
+        ax2.set_xscale("log")
+        ax2.set_xlabel("tensor MiB")
+        ax2.set_ylabel("effective GB/s")
+        if row == 0:
+            ax2.legend(fontsize=7)
+            ax2.set_title("effective bandwidth, f+b (model: 20·n bytes), copy: 8·n bytes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(quick: bool, norms: list[str], contenders: list[str], reps: int, progress=None) -> list[Case]:
+    results = []
+    todo = cases(quick, norms)
+    for i, case in enumerate(todo):
+        if progress:
+            progress(i, len(todo), case)
+        results.append(run_case(case, contenders, reps))
+    return results

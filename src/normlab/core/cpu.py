@@ -1,0 +1,612 @@
+"""CPU backend: fused numba kernels for every normlab op (see docs/CONTRACTS.md).
+
+Ops: ``batch_norm`` (training; also mean-only), ``batch_norm_eval``, ``group_norm`` (InstanceNorm
+is G = C), ``layer_norm`` (also RMSNorm). Each is one ``torch.autograd.Function`` with a fused
+forward kernel and a fused backward kernel that returns dx, dγ and dβ together.
+
+Support (``supports(op, x)``): strided CPU tensors of dtype float32 or float64 with at least one
+element (and at least 2 dims for batch/group norm). float16 / bfloat16, other devices and empty
+tensors are not supported: dispatch then falls back to the reference backend.
+
+Memory layouts
+    * contiguous (NCHW, NCL, NCDHW, (N, C), any trailing shape for layer norm): native;
+    * channels-last (``channels_last`` / ``channels_last_3d``, or any tensor whose
+      ``x.movedim(1, -1)`` is contiguous): native for batch and group norm, the kernels run
+      along the contiguous channel axis; y and dx keep x's strides;
+    * anything else (sliced, permuted views): ONE ``.contiguous()`` copy of x, then the
+      contiguous path; layer norm on a non-contiguous input also copies (and converts y back
+      to channels_last when x was channels_last). An upstream gradient whose layout differs
+      from x's is copied once into x's layout.
+
+Kernel families (passes over memory: see each module)
+    * ``cpu_kernels_rows``: layer norm, RMS norm, group/instance norm on contiguous input;
+    * ``cpu_kernels_batch``: batch norm on contiguous input (per-channel planes);
+    * ``cpu_kernels_cl``: batch norm and group/instance norm on channels-last input.
+    Each family is one forward and one backward kernel (float32 and float64 each compile
+    once); the choice of family, the physical 2-D shape the kernel sees and the flags are a
+    ``_Plan`` cached per (op, shape, strides, options), so a call does little Python work.
+
+Statistics are accumulated in float64 (block sums in the input dtype, see the kernel modules),
+are exact for a 1e6 offset, a constant input (y = β, finite gradients) and |x| ≈ 1e30 in float32;
+NaN/Inf propagate (no fast-math flags that assume finite values). The saved statistics are
+float64 (mean, 1/std); the returned mean/var are cast to the input dtype. float64 inputs whose
+squares overflow float64 (|x| ≳ 1e154) are detected after the forward and recomputed by the
+reference backend.
+
+Autograd
+    ``_CpuNorm`` saves x, γ and the float64 (mean, rstd) only. Double backward: when the
+    backward runs with grad mode on (``create_graph=True``), it does not call the kernel but
+    rebuilds the op with the reference backend on the saved input and differentiates that
+    graph (``torch.autograd.grad(..., create_graph=True)``): gradients of gradients are the
+    reference backend's, exactly as if the reference had run the forward.
+
+Threads
+    Every call sets numba's thread count to ``torch.get_num_threads()`` (capped at
+    ``numba.config.NUMBA_NUM_THREADS``), so ``torch.set_num_threads`` controls both; inputs of
+    fewer than ``PARALLEL_MIN_NUMEL`` elements run on one thread (waking the pool would cost
+    more than it saves).
+
+Output buffers
+    Outputs (y, dx) of at least ``POOL_MIN_BYTES`` come from a small free-list of numpy
+    blocks (numpy advises transparent huge pages for large arrays) wrapped with
+    ``torch.from_numpy``: a
+    block returns to the pool only when the last tensor/view/saved-variable referencing it is
+    freed (a weak reference to the array that the tensor's storage owns), so reuse can
+    never alias live data. This avoids the page faults of a fresh multi-MiB allocation (the
+    glibc allocator behind ``torch.empty`` returns large blocks to the OS on free, and faulting
+    them back in costs as much as the normalization itself). Pool size: ``NORMLAB_CPU_POOL_MB``
+    (default 2048; 0 disables), or :func:`set_buffer_pool`. Pool-backed tensors are ordinary
+    tensors except that their storage cannot grow (``resize_`` to a larger size raises).
+    Smaller outputs, dγ/dβ and the statistics use ``torch.empty``.
+
+Compilation: kernels compile on first use per dtype (a few seconds each) and are cached on
+disk; see ``cpu_kernels_common`` for the cache location when the package is read-only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from normlab.core import reference
+from normlab.core.cpu_kernels_batch import planes_bwd, planes_fwd
+from normlab.core.cpu_kernels_cl import cl_bwd, cl_fwd
+from normlab.core.cpu_kernels_common import CACHE, CACHE_DIR
+from normlab.core.cpu_kernels_rows import rows_bwd, rows_fwd
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_eval",
+    "group_norm",
+    "layer_norm",
+    "supports",
+    "set_buffer_pool",
+    "clear_buffer_pool",
+    "buffer_pool_stats",
+    "warmup",
+    "CACHE",
+    "CACHE_DIR",
+]
+
+OPS = ("batch_norm", "batch_norm_eval", "group_norm", "layer_norm")
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def supports(op: str, x: Tensor) -> bool:
+    """float32/float64 strided CPU tensors with elements; (N, C, ...) for batch/group norm."""
+    if op not in OPS or not isinstance(x, Tensor):
+        return False
+    if x.device.type != "cpu" or x.layout != torch.strided or x.dtype not in _NP_DTYPE:
+        return False
+    if x.numel() == 0 or x.is_conj() or x.is_neg():
+        return False
+    return x.dim() >= 1 if op == "layer_norm" else x.dim() >= 2
+
+
+# --------------------------------------------------------------------------------------------
+# threads
+# --------------------------------------------------------------------------------------------
+
+
+# Below this many elements a call runs on one thread: waking the worker threads costs more
+# than it saves (tens of µs on an idle machine, milliseconds on an oversubscribed one).
+PARALLEL_MIN_NUMEL = 1 << 15
+
+
+def _threads(numel: int) -> int:
+    """numba's thread count := torch's (capped by numba's pool), 1 for small problems."""
+    n = 1 if numel < PARALLEL_MIN_NUMEL else max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# output buffers
+# --------------------------------------------------------------------------------------------
+
+POOL_MIN_BYTES = 1 << 20
+
+
+class _BufferPool:
+    """Free-list of page-backed numpy blocks keyed by exact byte size (see module docstring)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._free_bytes = 0
+        self._live: dict = {}  # id(weakref to a handed-out array) -> (weakref, block)
+        self._lock = threading.RLock()
+        self.hits = 0
+        self.misses = 0
+
+    def empty(self, shape: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """A tensor of ``shape``/``strides`` (elements; dense) that is not a view."""
+        npd = _NP_DTYPE[dtype]
+        itemsize = 4 if npd is np.float32 else 8
+        nbytes = math.prod(shape) * itemsize
+        if self.max_bytes <= 0 or nbytes < POOL_MIN_BYTES:
+            return torch.empty_strided(shape, strides, dtype=dtype)
+        block = None
+        with self._lock:
+            blocks = self._free.get(nbytes)
+            if blocks:
+                block = blocks.pop()
+                self._free_bytes -= nbytes
+                self.hits += 1
+            else:
+                self.misses += 1
+        if block is None:
+            block = np.empty(nbytes, np.uint8)
+        arr = np.ndarray(shape, npd, buffer=block, strides=tuple(st * itemsize for st in strides))
+        # The tensor's storage owns `arr`: when the storage dies (last tensor, view or saved
+        # variable gone) `arr` dies, the weak reference fires, and only then the block goes
+        # back to the free list.
+        ref = weakref.ref(arr, self._release)
+        self._live[id(ref)] = (ref, block)  # keeps the weak reference (and its callback) alive
+        return torch.from_numpy(arr)
+
+    def _release(self, ref) -> None:
+        entry = self._live.pop(id(ref), None)
+        if entry is None:
+            return
+        block = entry[1]
+        nbytes = block.nbytes
+        with self._lock:
+            if self._free_bytes + nbytes > self.max_bytes:
+                return  # over budget: let the block be freed
+            self._free.setdefault(nbytes, []).append(block)
+            self._free_bytes += nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self._free_bytes = 0
+
+
+_pool = _BufferPool(int(float(os.environ.get("NORMLAB_CPU_POOL_MB", "2048")) * (1 << 20)))
+
+
+def set_buffer_pool(max_mb: float) -> None:
+    """Cap the cached free output buffers at ``max_mb`` MiB (0 disables the pool)."""
+    _pool.max_bytes = int(max_mb * (1 << 20))
+    if _pool.max_bytes <= 0:
+        _pool.clear()
+
+
+def clear_buffer_pool() -> None:
+    """Drop every cached free buffer (live outputs are unaffected)."""
+    _pool.clear()
+
+
+def buffer_pool_stats() -> dict:
+    """hits / misses / bytes currently cached / cap."""
+    return {"hits": _pool.hits, "misses": _pool.misses, "free_bytes": _pool._free_bytes,
+            "max_bytes": _pool.max_bytes}
+
+
+# --------------------------------------------------------------------------------------------
+# parameters
+# --------------------------------------------------------------------------------------------
+
+_CONSTS: dict[tuple[int, np.dtype, float], np.ndarray] = {}
+
+
+def _const(n: int, npd, value: float) -> np.ndarray:
+    key = (n, np.dtype(npd), value)
+    a = _CONSTS.get(key)
+    if a is None:
+        a = np.full(n, value, npd)  # kernels never write parameters
+        if len(_CONSTS) > 256:
+            _CONSTS.clear()
+        _CONSTS[key] = a
+    return a
+
+
+def _param(t: Tensor | None, n: int, dtype: torch.dtype, default: float) -> np.ndarray:
+    """γ or β as a flat numpy array in x's dtype (constant ones/zeros when None)."""
+    if t is None:
+        return _const(n, _NP_DTYPE[dtype], default)
+    t = t.detach()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.numpy().reshape(-1)
+
+
+def _grad_buffer(shape, dtype: torch.dtype, need: bool, n: int, x_dtype: torch.dtype):
+    """Output array the backward kernel writes dγ (or dβ) into, and the tensor it backs.
+
+    The kernels accumulate in float64 and store the total once, straight into the
+    parameter's tensor when its dtype is x's (one compiled signature per x dtype); otherwise
+    into a throwaway array in x's dtype (converted afterwards when needed).
+    """
+    if need and dtype == x_dtype:
+        g = torch.empty(shape, dtype=dtype)
+        return g.numpy().reshape(-1), g
+    return np.empty(n, _NP_DTYPE[x_dtype]), None
+
+
+def _overflowed(mean: np.ndarray, var: np.ndarray) -> bool:
+    """Σd² overflowed float64: var is +inf, or inf − inf = NaN while the mean is finite.
+
+    (A NaN input makes the mean NaN too; that is propagated, not recomputed.)
+    """
+    return bool(np.isposinf(var).any() or (np.isnan(var) & np.isfinite(mean)).any())
+
+
+def _f64(t: Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).contiguous().reshape(-1).numpy()
+
+
+def _stat(a: np.ndarray, shape, dtype: torch.dtype) -> Tensor:
+    """A returned statistic: a copy in x's dtype (never the saved float64 array itself)."""
+    with np.errstate(over="ignore"):  # a float64 variance of 1e60 is inf in float32, as in torch
+        return torch.from_numpy(a.astype(_NP_DTYPE[dtype]).reshape(shape))
+
+
+# --------------------------------------------------------------------------------------------
+# layouts and kernel plans
+# --------------------------------------------------------------------------------------------
+
+
+def _view(a: np.ndarray, shape) -> np.ndarray:
+    """Reshape without copying (raises instead of silently copying an output buffer)."""
+    v = a.view()
+    v.shape = shape
+    return v
+
+
+def _channels_last(x: Tensor) -> bool:
+    """(N, C, *S) stored with channels innermost (and not plainly contiguous)."""
+    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def _row_chunks(n: int, rows: int, nt: int) -> int:
+    """Row chunks per sample (channels-last kernels): 1 (whole samples, one parallel region)
+    when the n samples already split well over nt threads, else enough chunks to balance."""
+    if nt <= 1 or n % nt == 0 or n >= 4 * nt:
+        return 1
+    return max(1, min(rows, nt // math.gcd(n, nt)))
+
+
+@dataclass
+class _Plan:
+    """How one op call maps onto a kernel. ``phys`` is x's memory as a C-contiguous shape."""
+
+    family: str  # "rows" | "planes" | "cl"
+    op: str  # "batch_norm" | "batch_norm_eval" | "group_norm" | "layer_norm"
+    phys: tuple[int, ...]
+    eps: float
+    groups: int = 1  # rows: groups of the per-channel affine; cl: statistic groups per sample
+    seg: int = 0  # rows: 0 = per-column affine (layer norm), else elements per channel
+    rms: bool = False
+    train: bool = True
+    center: bool = False
+    channels_last: bool = False  # y/dx are channels-last views of the physical buffer
+    pcount: int = 1  # number of affine parameters (γ/β length)
+    stat_shape: tuple[int, ...] = ()
+    ref_arg: int = 0  # num_groups (group norm) / normalized_ndim (layer norm) for the reference
+    copy: bool = False  # x is neither contiguous nor channels-last: one .contiguous() copy
+
+    # ---- memory ----------------------------------------------------------------------------
+    def to_phys(self, t: Tensor) -> np.ndarray:
+        """x-shaped tensor -> its C-contiguous physical array, 2-D (no copy when laid out as x)."""
+        t = t.detach()
+        if self.channels_last:
+            t = t.movedim(1, -1)
+        if not t.is_contiguous():
+            t = t.contiguous()
+        return t.numpy().reshape(self.phys2)
+
+    @property
+    def phys2(self) -> tuple[int, int]:
+        """The 2-D array the kernels take: rows (R, L), planes (N·C, S), cl (N·S, C)."""
+        if self.family == "rows":
+            return self.phys
+        return (self.phys[0] * self.phys[1], self.phys[2])
+
+    def out(self, like: Tensor) -> tuple[np.ndarray, Tensor]:
+        """(physical numpy array, tensor shaped and laid out like ``like``) sharing memory.
+
+        The tensor is a base tensor, never a view: a custom Function must not return a view
+        (in-place ops on it, e.g. ReLU(inplace=True), would be rejected by autograd).
+        """
+        shape = tuple(like.shape)
+        if self.channels_last:
+            phys_nd = (shape[0],) + shape[2:] + (shape[1],)
+            st = [1] * len(phys_nd)
+            for i in range(len(phys_nd) - 2, -1, -1):
+                st[i] = st[i + 1] * phys_nd[i + 1]
+            strides = (st[0], 1) + tuple(st[1:-1])
+            t = _pool.empty(shape, strides, like.dtype)
+            return _view(t.movedim(1, -1).numpy(), self.phys2), t
+        st = [1] * len(shape)
+        for i in range(len(shape) - 2, -1, -1):
+            st[i] = st[i + 1] * shape[i + 1]
+        t = _pool.empty(shape, tuple(st), like.dtype)
+        return _view(t.numpy(), self.phys2), t
+
+    # ---- kernels ---------------------------------------------------------------------------
+    def forward(self, x: Tensor, weight, bias, mean_in=None, var_in=None):
+        """y, mean64, var64, rstd64 (numpy float64 statistics of shape stat_shape)."""
+        nt = _threads(x.numel())
+        xa = self.to_phys(x)
+        ya, y = self.out(x)
+        w = _param(weight, self.pcount, x.dtype, 1.0)
+        b = _param(bias, self.pcount, x.dtype, 0.0)
+        nstat = math.prod(self.stat_shape)
+        if self.train:
+            mean, var = np.empty(nstat), np.empty(nstat)
+        else:
+            mean = _f64(mean_in)
+            var = np.zeros(nstat) if var_in is None else _f64(var_in)
+        rstd = np.empty(nstat)
+        if self.family == "rows":
+            rows_fwd(xa, w, b, self.seg, self.groups, self.rms, self.eps, min(nt, xa.shape[0]),
+                     ya, mean, var, rstd)
+        elif self.family == "planes":
+            n, c, _ = self.phys
+            planes_fwd(xa, n, w, b, self.eps, self.train, self.center, min(nt, c), ya, mean,
+                       var, rstd)
+        else:
+            n, s, _ = self.phys
+            g = self.groups
+            cl_fwd(xa, n, w, b, g, self.train, self.center, self.eps, _row_chunks(n, s, nt), ya,
+                   mean.reshape(n, g), var.reshape(n, g), rstd.reshape(n, g))
+        return y, mean, var, rstd
+
+    def backward(self, x: Tensor, dy: Tensor, weight, bias_meta, mean: np.ndarray,
+                 rstd: np.ndarray, need_w: bool, need_b: bool):
+        """dx, dγ, dβ as tensors (dγ/dβ None when not needed)."""
+        nt = _threads(x.numel())
+        xa = self.to_phys(x)
+        dya = self.to_phys(dy if dy.dtype == x.dtype else dy.to(x.dtype))
+        dxa, dx = self.out(x)
+        w = _param(weight, self.pcount, x.dtype, 1.0)
+        dw, gw = _grad_buffer(None if weight is None else weight.shape,
+                              None if weight is None else weight.dtype, need_w, self.pcount, x.dtype)
+        db, gb = _grad_buffer(*(bias_meta or (None, None)), need_b, self.pcount, x.dtype)
+        if self.family == "rows":
+            rows_bwd(xa, dya, w, self.seg, self.groups, self.rms, mean, rstd,
+                     min(nt, xa.shape[0]), dxa, dw, db)
+        elif self.family == "planes":
+            n, c, _ = self.phys
+            planes_bwd(xa, dya, n, w, mean, rstd, self.train, self.center, min(nt, c), dxa,
+                       dw, db)
+        else:
+            n, s, _ = self.phys
+            g = self.groups
+            cl_bwd(xa, dya, n, w, g, self.train, self.center, _row_chunks(n, s, nt),
+                   mean.reshape(n, g), rstd.reshape(n, g), dxa, dw, db)
+        if need_w and gw is None:  # a parameter dtype the kernels do not write
+            gw = torch.from_numpy(dw).reshape(weight.shape).to(weight.dtype)
+        if need_b and gb is None:
+            gb = torch.from_numpy(db).reshape(bias_meta[0]).to(bias_meta[1])
+        return dx, gw, gb
+
+    # ---- reference (double backward, overflow fallback) ------------------------------------
+    def reference(self, x: Tensor, weight, bias, mean_in=None, var_in=None) -> Tensor:
+        if self.op == "batch_norm":
+            return reference.batch_norm(x, weight, bias, self.eps, center_only=self.center)[0]
+        if self.op == "batch_norm_eval":
+            return reference.batch_norm_eval(x, mean_in, var_in, weight, bias, self.eps,
+                                             center_only=self.center)
+        if self.op == "group_norm":
+            return reference.group_norm(x, self.ref_arg, weight, bias, self.eps)[0]
+        return reference.layer_norm(x, self.ref_arg, weight, bias, self.eps, rms=self.rms)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------
+
+
+class _CpuNorm(torch.autograd.Function):
+    """y = γ·x̂ + β through the fused kernels; returns (y, mean64, var64, rstd64 as tensors)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan, mean_in, var_in):
+        y, mean, var, rstd = plan.forward(x, weight, bias, mean_in, var_in)
+        mean_t, rstd_t = torch.from_numpy(mean), torch.from_numpy(rstd)
+        ctx.save_for_backward(x, weight, mean_t, rstd_t)
+        ctx.plan = plan
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        if mean_in is not None:  # eval statistics: constants, kept for the double-backward path
+            ctx.eval_stats = (mean_in.detach(), None if var_in is None else var_in.detach())
+        var_t = torch.from_numpy(var)
+        ctx.mark_non_differentiable(mean_t, var_t)
+        return y, mean_t, var_t
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, mean_t, rstd_t = ctx.saved_tensors
+        plan = ctx.plan
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            return _differentiable_backward(ctx, plan, x, weight, dy)
+        dx, gw, gb = plan.backward(x, dy, weight, ctx.bias_meta, mean_t.numpy(), rstd_t.numpy(),
+                                   need_w, need_b)
+        return (dx if need_x else None), gw, gb, None, None, None
+
+
+def _differentiable_backward(ctx, plan: _Plan, x: Tensor, weight, dy: Tensor):
+    """create_graph=True: differentiate the reference backend's graph of the same op."""
+    need = ctx.needs_input_grad[:3]
+    bias = None
+    if ctx.bias_meta is not None:
+        shape, dtype = ctx.bias_meta
+        bias = torch.zeros(shape, dtype=dtype, requires_grad=need[2])  # gradients ignore β's value
+    with torch.enable_grad():
+        y = plan.reference(x, weight, bias, *getattr(ctx, "eval_stats", (None, None)))
+        wrt = [t for t, n in zip((x, weight, bias), need) if n]
+        grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
+    out = []
+    for t, n in zip((x, weight, bias), need):
+        g = next(grads) if n else None
+        if n and g is None:
+            g = torch.zeros_like(t)
+        out.append(g)
+    return (*out, None, None, None)
+
+
+def _run(plan: _Plan, x: Tensor, weight, bias, mean_in=None, var_in=None):
+    """Apply the op (through autograd only when a gradient can be needed).
+
+    Returns (y, mean64, var64, overflowed): overflowed means the float64 sums of squares
+    overflowed (|x| ≳ 1e154 in float64) and the caller must recompute with the reference.
+    """
+    if plan.copy:
+        x = x.contiguous()
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        y, mean_t, var_t = _CpuNorm.apply(x, weight, bias, plan, mean_in, var_in)
+        mean, var = mean_t.numpy(), var_t.numpy()
+    else:
+        y, mean, var, _ = plan.forward(x, weight, bias, mean_in, var_in)
+    overflowed = plan.train and x.dtype == torch.float64 and _overflowed(mean, var)
+    return y, mean, var, overflowed
+
+
+# --------------------------------------------------------------------------------------------
+# ops: a plan per (op, shape, strides, dtype, options), built once and cached
+# --------------------------------------------------------------------------------------------
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _cached(key: tuple, build) -> _Plan:
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = build()
+        if len(_PLANS) >= 1024:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _nc_layout(x: Tensor) -> tuple[bool, bool]:
+    """(channels_last, needs a .contiguous() copy) for an (N, C, *) input."""
+    if x.is_contiguous():
+        return False, False
+    if _channels_last(x):
+        return True, False
+    return False, True
+
+
+def _bn_plan(x: Tensor, op: str, eps: float, train: bool, center: bool) -> _Plan:
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c)
+    cl, copy = _nc_layout(x)
+    common = dict(op=op, eps=eps, train=train, center=center, pcount=c, stat_shape=(c,), copy=copy)
+    if cl:
+        return _Plan("cl", phys=(1, n * s, c), groups=c, channels_last=True, **common)
+    if s == 1:  # (N, C) rows: the channels-last kernel on the same memory
+        return _Plan("cl", phys=(1, n, c), groups=c, **common)
+    return _Plan("planes", phys=(n, c, s), **common)
+
+
+def batch_norm(x: Tensor, weight, bias, eps: float, *, center_only: bool = False):
+    """Training batch norm: (y, mean (C,), biased var (C,) or None for center_only)."""
+    key = ("bn", x.shape, x.stride(), eps, center_only)
+    plan = _cached(key, lambda: _bn_plan(x, "batch_norm", eps, True, center_only))
+    y, mean, var, overflowed = _run(plan, x, weight, bias)
+    if overflowed:
+        return reference.batch_norm(x, weight, bias, eps, center_only=center_only)
+    c = x.shape[1]
+    return y, _stat(mean, (c,), x.dtype), None if center_only else _stat(var, (c,), x.dtype)
+
+
+def batch_norm_eval(x: Tensor, mean: Tensor, var, weight, bias, eps: float, *, center_only: bool = False):
+    """Batch norm with given statistics (running stats): y."""
+    if mean.requires_grad or (var is not None and var.requires_grad):
+        # gradients w.r.t. the statistics: only the reference computes them
+        return reference.batch_norm_eval(x, mean, var, weight, bias, eps, center_only=center_only)
+    key = ("bn_eval", x.shape, x.stride(), eps, center_only)
+    plan = _cached(key, lambda: _bn_plan(x, "batch_norm_eval", eps, False, center_only))
+    return _run(plan, x, weight, bias, mean, var)[0]
+
+
+def _gn_plan(x: Tensor, g: int, eps: float) -> _Plan:
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c)
+    cl, copy = _nc_layout(x)
+    common = dict(op="group_norm", eps=eps, pcount=c, stat_shape=(n, g), ref_arg=g, copy=copy)
+    if cl:
+        return _Plan("cl", phys=(n, s, c), groups=g, channels_last=True, **common)
+    return _Plan("rows", phys=(n * g, (c // g) * s), groups=g, seg=s, **common)
+
+
+def group_norm(x: Tensor, num_groups: int, weight, bias, eps: float):
+    """Group norm (instance norm: num_groups = C): (y, mean (N, G), var (N, G))."""
+    key = ("gn", x.shape, x.stride(), num_groups, eps)
+    plan = _cached(key, lambda: _gn_plan(x, num_groups, eps))
+    y, mean, var, overflowed = _run(plan, x, weight, bias)
+    if overflowed:
+        return reference.group_norm(x, num_groups, weight, bias, eps)
+    shape = (x.shape[0], num_groups)
+    return y, _stat(mean, shape, x.dtype), _stat(var, shape, x.dtype)
+
+
+def _ln_plan(x: Tensor, k: int, eps: float, rms: bool) -> _Plan:
+    lead = tuple(x.shape[: x.dim() - k])
+    cols = math.prod(x.shape[x.dim() - k:])
+    return _Plan("rows", op="layer_norm", phys=(x.numel() // cols, cols), eps=eps, rms=rms,
+                 pcount=cols, stat_shape=lead, ref_arg=k, copy=not x.is_contiguous())
+
+
+def layer_norm(x: Tensor, normalized_ndim: int, weight, bias, eps: float, *, rms: bool = False):
+    """Layer norm over the trailing ``normalized_ndim`` dims (rms: RMS norm, mean None)."""
+    key = ("ln", x.shape, x.stride(), normalized_ndim, eps, rms)
+    plan = _cached(key, lambda: _ln_plan(x, normalized_ndim, eps, rms))
+    y, mean, var, overflowed = _run(plan, x, weight, bias)
+    if overflowed:
+        return reference.layer_norm(x, normalized_ndim, weight, bias, eps, rms=rms)
+    if plan.copy:  # keep channels_last inputs channels_last
+        for f, nd in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+            if x.dim() == nd and x.is_contiguous(memory_format=f):
+                y = y.contiguous(memory_format=f)
+    lead = plan.stat_shape
+    return y, None if rms else _stat(mean, lead, x.dtype), _stat(var, lead, x.dtype)
+
+
+def warmup(dtypes=(torch.float32, torch.float64)) -> None:
+    """Compile (or load from the disk cache) every kernel for ``dtypes`` now."""
+    for dt in dtypes:
+        x = torch.randn(2, 4, 3, 3, dtype=dt, requires_grad=True)
+        w = torch.ones(4, dtype=dt, requires_grad=True)
+        for xi in (x, x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()):
+            outs = [batch_norm(xi, w, w, 1e-5)[0], group_norm(xi, 2, w, w, 1e-5)[0],
+                    batch_norm_eval(xi, w.detach(), w.detach(), w, w, 1e-5)]
+            torch.autograd.grad(sum(o.sum() for o in outs), (xi, w))
+        y = layer_norm(x, 2, None, None, 1e-5)[0]
+        torch.autograd.grad(y.sum(), x)
