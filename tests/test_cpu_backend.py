@@ -535,3 +535,21 @@ def test_bench_kernels_smoke(tmp_path):
     assert set(summary) == {"gn", "ln"} and summary["gn"]["all"]["median_fwdbwd_speedup"] > 0
     paths = K.save(cases, ["torch", "cpu"], None, tmp_path, {"test": True})
     assert paths["json"].stat().st_size > 0 and paths["png"].stat().st_size > 0
+
+
+def test_first_kernel_call_keeps_torch_thread_count():
+    # Starting numba's OpenMP pool used to reset torch.get_num_threads() process-wide (a sweep
+    # worker set to 1 thread ran on every core afterwards); needs a fresh process to observe.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, normlab\n"
+        "torch.set_num_threads(1)\n"
+        "x = torch.randn(64, 8, 32, 32, requires_grad=True)\n"
+        "normlab.BatchNorm2d(8)(x).sum().backward()\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "1"

@@ -292,9 +292,3 @@ def test_verdict_helpers():
     assert M.combine_verdicts(["supported", "not supported"]) == "not supported"
     assert M.combine_verdicts(["inconclusive", "not supported"]) == "not supported"
     assert M.combine_verdicts([]) == "inconclusive"
-
-
-def test_settle_backend_threads_keeps_the_thread_count():
-    torch.set_num_threads(1)
-    assert M.settle_backend_threads() == 1
-    assert torch.get_num_threads() == 1

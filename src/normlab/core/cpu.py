@@ -121,8 +121,27 @@ def supports(op: str, x: Tensor) -> bool:
 PARALLEL_MIN_NUMEL = 1 << 15
 
 
+_pool_started = False
+
+
+def _start_pool() -> None:
+    """Start numba's thread pool once, keeping torch's thread count.
+
+    Launching numba's OpenMP layer resets the process-wide OpenMP thread count, which silently
+    changed ``torch.get_num_threads()`` (e.g. from a sweep worker's 1 back to the core count).
+    """
+    global _pool_started
+    torch_threads = torch.get_num_threads()
+    numba.get_num_threads()  # launches the pool
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    _pool_started = True
+
+
 def _threads(numel: int) -> int:
     """numba's thread count := torch's (capped by numba's pool), 1 for small problems."""
+    if not _pool_started:
+        _start_pool()
     n = 1 if numel < PARALLEL_MIN_NUMEL else max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)

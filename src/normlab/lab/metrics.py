@@ -67,7 +67,6 @@ __all__ = [
     "pareto_front",
     "preserve_state",
     "probe_gradient_direction",
-    "settle_backend_threads",
     "shift_interval",
     "standardization_deviation",
     "training_step_memory",
@@ -478,24 +477,6 @@ def distribution_instability(means: np.ndarray | Sequence[Sequence[float]],
 # --------------------------------------------------------------------------------------------
 # Cost
 # --------------------------------------------------------------------------------------------
-def settle_backend_threads() -> int:
-    """Start normlab's lazily initialized kernels now, then restore torch's thread count.
-
-    The first call into normlab's numba CPU backend starts numba's thread pool, which (sharing
-    the OpenMP runtime with torch) resets ``torch.get_num_threads()`` to the number of cores —
-    undoing the one-thread-per-worker setting of a sweep for the rest of the run. Runners call
-    this first; it returns the thread count they should keep.
-    """
-    n = torch.get_num_threads()
-    import normlab.nn as lnn
-
-    x = torch.randn(4, 2, 3, 3, requires_grad=True)
-    y = lnn.BatchNorm2d(2)(x) + lnn.GroupNorm(1, 2)(x) + lnn.LayerNorm(3)(x)
-    y.sum().backward()
-    torch.set_num_threads(n)
-    return n
-
-
 def interleaved_times(
     fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int = 3
 ) -> dict[str, list[float]]:

@@ -275,11 +275,11 @@ def measured_train(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from normlab.lab.metrics import settle_backend_threads, training_step_memory
+    from normlab.lab.metrics import training_step_memory
     from normlab.lab.train import TrainConfig, evaluate, train
 
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    threads = settle_backend_threads()
+    threads = torch.get_num_threads()
     measure = {**MEASURE_DEFAULTS, **config.get("measure", {})}
     unknown = sorted(set(measure) - set(MEASURE_DEFAULTS))
     if unknown:

@@ -339,11 +339,10 @@ def landscape_runner(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
     ``config``: TrainConfig fields, with ``norm`` one of ``none``, ``bn``, ``noisy-bn``, plus
     ``probe_every``, ``scales``, ``act_samples`` and ``noise`` (settings of noisy BN).
     """
-    from normlab.lab.metrics import settle_backend_threads
     from normlab.lab.train import evaluate, train
 
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    threads = settle_backend_threads()
+    threads = torch.get_num_threads()
     train_cfg = {k: v for k, v in config.items() if k != "runner" and k not in LANDSCAPE_KEYS}
     if train_cfg.get("norm") == "noisy-bn":
         train_cfg["model_options"] = {
