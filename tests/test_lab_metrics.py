@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+
+from normlab.lab import stats as S
 from torch import nn
 
 import normlab.nn as lnn
@@ -285,10 +287,10 @@ def test_pareto_front():
 
 def test_verdict_helpers():
     iv = Interval(0.5, 0.2, 0.8, 3)
-    s = M.shift_interval(iv, 1.0)
+    s = S.shift_interval(iv, 1.0)
     assert (s.mean, s.lo, s.hi, s.n) == (1.5, 1.2, 1.8, 3)
-    assert M.combine_verdicts(["supported", "supported"]) == "supported"
-    assert M.combine_verdicts(["supported", "inconclusive"]) == "inconclusive"
-    assert M.combine_verdicts(["supported", "not supported"]) == "not supported"
-    assert M.combine_verdicts(["inconclusive", "not supported"]) == "not supported"
-    assert M.combine_verdicts([]) == "inconclusive"
+    assert S.combine_verdicts(["supported", "supported"]) == "supported"
+    assert S.combine_verdicts(["supported", "inconclusive"]) == "inconclusive"
+    assert S.combine_verdicts(["supported", "not supported"]) == "not supported"
+    assert S.combine_verdicts(["inconclusive", "not supported"]) == "not supported"
+    assert S.combine_verdicts([]) == "inconclusive"

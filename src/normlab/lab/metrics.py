@@ -28,8 +28,7 @@ turns so that a change of machine load affects them alike), :func:`median_ratio`
 :func:`training_step_memory` (bytes of parameters, gradients and the activations saved for the
 backward pass), :func:`pareto_front`.
 
-Verdict helpers: :func:`shift_interval` (non-inferiority and threshold tests with
-:func:`normlab.lab.stats.verdict`) and :func:`combine_verdicts`.
+Verdict helpers (``shift_interval``, ``combine_verdicts``) live in :mod:`normlab.lab.stats`.
 
 All functions that run the model leave its parameters and buffers (BatchNorm running statistics
 included) as they found them: see :func:`preserve_state`.
@@ -49,7 +48,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from normlab.lab.stats import Interval
 
 __all__ = [
     "DEFAULT_SCALES",
@@ -57,7 +55,6 @@ __all__ = [
     "LayerShift",
     "capture_normalized_outputs",
     "capture_preactivations",
-    "combine_verdicts",
     "distribution_instability",
     "flat_grad",
     "interleaved_times",
@@ -67,7 +64,6 @@ __all__ = [
     "pareto_front",
     "preserve_state",
     "probe_gradient_direction",
-    "shift_interval",
     "standardization_deviation",
     "training_step_memory",
     "unit_stats",
@@ -571,23 +567,3 @@ def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Verdict helpers
 # --------------------------------------------------------------------------------------------
-def shift_interval(iv: Interval, by: float) -> Interval:
-    """``iv`` moved by ``by`` (e.g. ``effect + margin`` for a non-inferiority test)."""
-    return Interval(iv.mean + by, iv.lo + by, iv.hi + by, iv.n, iv.level)
-
-
-def combine_verdicts(verdicts: Sequence[str]) -> str:
-    """One verdict for a claim made of parts that must all hold (a conjunction).
-
-    ``supported`` when every part is supported; ``not supported`` when any part is not supported
-    (one failing part is enough to reject the whole claim); ``inconclusive`` otherwise, and
-    when there are no parts.
-    """
-    vs = list(verdicts)
-    if not vs:
-        return "inconclusive"
-    if all(v == "supported" for v in vs):
-        return "supported"
-    if any(v == "not supported" for v in vs):
-        return "not supported"
-    return "inconclusive"

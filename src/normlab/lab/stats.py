@@ -20,7 +20,7 @@ An interval with fewer than two observations has no width estimate: it is return
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +37,8 @@ __all__ = [
     "verdict",
     "compare",
     "format_interval",
+    "shift_interval",
+    "combine_verdicts",
 ]
 
 Verdict = Literal["supported", "not supported", "inconclusive"]
@@ -255,3 +257,25 @@ def format_interval(iv: Interval, digits: int = 3, unit: str = "") -> str:
     if iv.n < 2:
         text += f" (n={iv.n}: no interval)"
     return text
+
+
+def shift_interval(iv: Interval, by: float) -> Interval:
+    """``iv`` moved by ``by`` (e.g. ``effect + margin`` for a non-inferiority test)."""
+    return Interval(iv.mean + by, iv.lo + by, iv.hi + by, iv.n, iv.level)
+
+
+def combine_verdicts(verdicts: Sequence[str]) -> str:
+    """One verdict for a claim made of parts that must all hold (a conjunction).
+
+    ``supported`` when every part is supported; ``not supported`` when any part is not supported
+    (one failing part is enough to reject the whole claim); ``inconclusive`` otherwise, and
+    when there are no parts.
+    """
+    vs = list(verdicts)
+    if not vs:
+        return "inconclusive"
+    if all(v == "supported" for v in vs):
+        return "supported"
+    if any(v == "not supported" for v in vs):
+        return "not supported"
+    return "inconclusive"

@@ -39,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from normlab.lab.metrics import combine_verdicts, interleaved_times, median_ratio, pareto_front
+from normlab.lab.metrics import interleaved_times, median_ratio, pareto_front
+from normlab.lab.stats import combine_verdicts
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import Interval, format_interval, mean_ci, verdict
 from normlab.lab.store import RunResult

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from normlab.lab.metrics import combine_verdicts
+from normlab.lab.stats import combine_verdicts
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, verdict
 from normlab.lab.store import RunResult

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from normlab.lab.metrics import combine_verdicts, shift_interval
+from normlab.lab.stats import combine_verdicts, shift_interval
 from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, verdict
 from normlab.lab.store import RunResult
 from normlab.lab.studies import Card, Figure, select
