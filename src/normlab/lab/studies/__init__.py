@@ -63,6 +63,7 @@ __all__ = [
     "group_values",
     "load_all",
     "load_study_config",
+    "save_png",
     "save_study_config",
     "select",
     "values",
@@ -359,6 +360,15 @@ def load_study_config(store: Store, study: Study) -> Any | None:
 
 
 # -- helpers for analyze() / plot() --------------------------------------------------------------
+
+
+def save_png(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as PNG at ``path`` and free it (studies make many figures)."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
 
 
 def _matches(config: dict[str, Any], where: dict[str, Any]) -> bool:

@@ -49,7 +49,7 @@ import numpy as np
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import diff_ci, format_interval, mean_ci, paired_diff_ci, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure, select
+from normlab.lab.studies import Card, Figure, save_png, select
 
 NAME = "batch-size"
 TITLE = "Batch size: BatchNorm vs batch-independent normalizations"
@@ -667,8 +667,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
             ax.legend(fontsize=7)
         fig.tight_layout()
         path = outdir / "batch_size_error.png"
-        fig.savefig(path)
-        plt.close(fig)
+        save_png(fig, path)
         figs.append(Figure(
             title="Validation error vs batch size",
             path=path,
@@ -704,8 +703,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = outdir / "batch_size_stat_values.png"
-        fig.savefig(path)
-        plt.close(fig)
+        save_png(fig, path)
         figs.append(Figure(
             title="Error vs number of values per BN statistic",
             path=path,
@@ -741,8 +739,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = outdir / "batch_size_groups.png"
-        fig.savefig(path)
-        plt.close(fig)
+        save_png(fig, path)
         figs.append(Figure(
             title="GroupNorm: number of groups",
             path=path,

@@ -44,7 +44,7 @@ from normlab.lab.stats import combine_verdicts
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import Interval, format_interval, mean_ci, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure, select
+from normlab.lab.studies import Card, Figure, save_png, select
 
 NAME = "cost"
 TITLE = "Cost and accuracy: the trade-off between normalizations"
@@ -599,8 +599,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
         ax.set_title(model)
     fig.tight_layout()
     path = outdir / "cost_pareto.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     figures.append(Figure("Accuracy vs cost (Pareto front)", path,
                           "Mean validation accuracy against the mean time per training step "
                           "relative to the same model without normalization (geometric mean; 95% "
@@ -632,8 +631,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = outdir / "cost_times.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     figures.append(Figure("Time per step relative to no normalization", path,
                           "Median time per training step and per inference step (eval mode, no "
                           "autograd), each relative to the unnormalized model timed in turns in the "
@@ -655,8 +653,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
         ax.tick_params(axis="x", rotation=30, labelsize=8)
     fig.tight_layout()
     path = outdir / "cost_memory.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     figures.append(Figure("Memory and parameters", path,
                           f"Activation memory of one training step (batch {cfg.batch_size}; "
                           "tensors autograd keeps for the backward pass) and, on each bar, the "

@@ -53,7 +53,7 @@ import numpy as np
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import Interval, compare, diff_ci, format_interval, mean_ci, paired_diff_ci, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure, select
+from normlab.lab.studies import Card, Figure, save_png, select
 
 NAME = "input-scaling"
 TITLE = "Input normalization: conditioning and speed of training"
@@ -732,8 +732,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
             axes[0].legend(fontsize=7, loc="lower right")
             fig.tight_layout()
             path = outdir / "input_scaling_contours.png"
-            fig.savefig(path)
-            plt.close(fig)
+            save_png(fig, path)
             figs.append(
                 Figure(
                     title="Loss contours and gradient-descent paths",
@@ -774,8 +773,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
         axes[1].legend(fontsize=7)
         fig.tight_layout()
         path = outdir / "input_scaling_gd.png"
-        fig.savefig(path)
-        plt.close(fig)
+        save_png(fig, path)
         figs.append(
             Figure(
                 title="Gradient descent: convergence and step size",
@@ -807,8 +805,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = outdir / "input_scaling_mlp.png"
-        fig.savefig(path)
-        plt.close(fig)
+        save_png(fig, path)
         figs.append(
             Figure(
                 title="MLP on raw vs standardized inputs",

@@ -56,7 +56,7 @@ from normlab.lab.stats import combine_verdicts
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure, select
+from normlab.lab.studies import Card, Figure, save_png, select
 
 NAME = "landscape"
 TITLE = "Why does BatchNorm help? Loss landscape and internal covariate shift"
@@ -624,8 +624,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
         axes[0][j].legend(fontsize=7)
     fig.tight_layout()
     path = outdir / "landscape_smoothness.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     figures.append(Figure("Loss landscape along the gradient during training", path,
                           "At each probe step: the range of the loss over θ − s·η·g "
                           f"(s ∈ {list(cfg.scales)}), the largest change of the gradient along "
@@ -663,8 +662,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
                 ax.legend(fontsize=7)
     fig.tight_layout()
     path = outdir / "landscape_ics.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     figures.append(Figure("Internal covariate shift (gradient definition), per layer", path,
                           "Median over probes of ‖G − G′‖ and cos(G, G′) for each conv/linear "
                           "weight after the first (bars: median over seeds, dots: seeds). G′ is "
@@ -694,8 +692,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
                 ax.set_xlabel("training step", fontsize=8)
     fig.tight_layout()
     path = outdir / "landscape_activations.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     figures.append(Figure("Activation distribution of one unit during training", path,
                           "Input of the last ReLU, first unit, on fixed training samples in train "
                           "mode (lowest seed): median, 25–75% and 5–95% bands at each probe. "
@@ -720,7 +717,6 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = outdir / "landscape_training.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     figures.append(Figure("Training loss", path, "Mean training loss per epoch, mean over seeds."))
     return figures

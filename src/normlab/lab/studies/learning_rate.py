@@ -44,7 +44,7 @@ import numpy as np
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure, select
+from normlab.lab.studies import Card, Figure, save_png, select
 
 NAME = "learning-rate"
 TITLE = "Learning rate, convergence and saturating units (Batch Norm paper §4.1–4.2)"
@@ -571,8 +571,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     path = outdir / "learning_rate_accuracy.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     figs.append(Figure(
         title="Validation accuracy at ×1, ×5, ×30 the base learning rate",
         path=path,
@@ -598,8 +597,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
                 ax.set_ylabel("sigmoid input")
     fig.tight_layout()
     path = outdir / "learning_rate_percentiles.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     layer = cfg.probe_layer if cfg.probe_layer >= 0 else len(cfg.hidden) + cfg.probe_layer
     figs.append(Figure(
         title="Input distribution of a typical sigmoid during training",
@@ -627,8 +625,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = outdir / "learning_rate_saturation.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     figs.append(Figure(
         title="Saturated sigmoid units",
         path=path,

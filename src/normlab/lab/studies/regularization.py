@@ -30,7 +30,7 @@ import numpy as np
 from normlab.lab.stats import combine_verdicts
 from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure, select
+from normlab.lab.studies import Card, Figure, save_png, select
 from normlab.lab.studies.cost import measured_config
 
 NAME = "regularization"
@@ -174,8 +174,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path1 = outdir / "regularization_gap.png"
-    fig.savefig(path1)
-    plt.close(fig)
+    save_png(fig, path1)
 
     fig, axes = plt.subplots(1, len(models), figsize=(4.4 * len(models), 3.3), dpi=100, squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -197,8 +196,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     path2 = outdir / "regularization_curves.png"
-    fig.savefig(path2)
-    plt.close(fig)
+    save_png(fig, path2)
     return [
         Figure("Train vs validation accuracy", path1,
                "Accuracy on the training and the validation set, both in eval mode, after "

@@ -73,7 +73,7 @@ from normlab.lab import rnn_models  # noqa: F401  - registers the "lstm" model (
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, paired_diff_ci, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure, select
+from normlab.lab.studies import Card, Figure, save_png, select
 
 NAME = "rnn"
 TITLE = "Normalization in recurrent networks (LSTM)"
@@ -721,8 +721,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
         _legend(ax, loc="lower right")
     fig.tight_layout()
     path = outdir / "rnn_accuracy_curves.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     figures.append(Figure(
         title="LSTM validation accuracy per epoch",
         path=path,
@@ -765,8 +764,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
     axes[1].axhline(cfg.epochs + 1, color="k", lw=0.8, ls="--")
     fig.tight_layout()
     path = outdir / "rnn_final_accuracy.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     figures.append(Figure(
         title="Final accuracy and epochs to target",
         path=path,
@@ -804,8 +802,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
         _legend(ax)
     fig.tight_layout()
     path = outdir / "rnn_gradient_flow.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     figures.append(Figure(
         title="Gradient flow through time (Cooijmans et al. Fig. 1)",
         path=path,

@@ -24,7 +24,7 @@ import numpy as np
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import compare, format_interval, mean_ci
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure, group_values, select
+from normlab.lab.studies import Card, Figure, group_values, save_png, select
 
 NAME = "smoke"
 TITLE = "Smoke test: input standardization and gradient descent"
@@ -182,8 +182,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
     ax.legend()
     fig.tight_layout()
     path = outdir / "excess_loss.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     return [
         Figure(
             title="Convergence of gradient descent",

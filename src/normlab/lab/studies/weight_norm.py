@@ -38,7 +38,7 @@ import numpy as np
 from normlab.lab.stats import combine_verdicts, shift_interval
 from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure, select
+from normlab.lab.studies import Card, Figure, save_png, select
 from normlab.lab.studies.cost import measured_config
 
 NAME = "weight-norm"
@@ -302,8 +302,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
     ax2.set_title("Salimans & Kingma 2016, CIFAR-10")
     fig.tight_layout()
     path = outdir / "wn_error.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     figures.append(Figure("Error by normalization, and the paper's CIFAR-10 errors", path,
                           "Left: validation error (mean, 95% CI, dots = seeds). Right: the "
                           "reference errors reported by Salimans & Kingma (2016) on CIFAR-10."))
@@ -325,8 +324,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = outdir / "wn_time.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     figures.append(Figure("Time per step relative to BatchNorm", path,
                           "Median time per training step (forward, backward, Adam) and per "
                           "inference step, relative to the same CNN with BatchNorm timed in turns "
@@ -348,8 +346,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
     axes[0][0].set_ylabel("unit std", fontsize=8)
     fig.tight_layout()
     path = outdir / "wn_init.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     figures.append(Figure("Pre-activations at initialization", path,
                           "Each dot is one unit (channel) of a conv/linear output after its norm "
                           "layer, measured on the init batch before training (all seeds). Red box: |mean| < "
@@ -374,8 +371,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = outdir / "wn_curves.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     figures.append(Figure("Validation accuracy during training", path,
                           "Mean over seeds, evaluated after each epoch (eval mode)."))
     return figures
