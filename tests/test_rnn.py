@@ -526,4 +526,4 @@ def test_batch_norm_lstm_constructor_errors() -> None:
     with pytest.raises(ValueError, match=r"momentum"):
         BatchNormLSTM(3, 4, momentum=2.0)
     with pytest.raises(ValueError, match=r"eps"):
-        LayerNormLSTM(3, 4, eps=0.0)
+        LayerNormLSTM(3, 4, eps=-1.0)  # eps = 0 is valid, as for torch.nn.LayerNorm

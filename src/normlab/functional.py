@@ -8,17 +8,29 @@ methods with running statistics, updates them in place the way :mod:`torch.nn.fu
 
 where m is the number of values behind each statistic (the biased variance normalizes, the
 unbiased one is tracked). NaN and Inf in the input propagate to the outputs of the affected
-groups; they never raise.
+groups; they never raise. An empty input (any dimension 0) gives an empty output and leaves
+running statistics untouched, as in torch.
+
+Every function computes through the ``normlab::`` operators (:mod:`normlab.core.ops`), so
+torch.compile sees one node per normalization. When the call is being *traced into a portable
+graph* — ``torch.export`` (and so the ONNX exporter), ``torch.jit.trace`` or
+``torch.fx.symbolic_trace`` — the function instead emits torch's own operator with the same
+semantics (``aten.native_batch_norm``, ``aten.native_layer_norm``, ...), so the exported graph
+holds standard operators that ONNX, TorchScript and other runtimes already know.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from normlab.core.dispatch import resolve
+import torch.nn.functional as TF
+
+from normlab.core import ops
+from normlab.core.reference import compute_dtype
 
 __all__ = [
     "batch_norm",
@@ -33,8 +45,13 @@ __all__ = [
 # ----------------------------------------------------------------------------- validation
 
 
+def traced(x) -> bool:
+    """True while ``x`` flows through torch.export, torch.jit.trace or torch.fx.symbolic_trace."""
+    return isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 def check_input(x: Tensor, name: str = "input", *, min_dim: int = 1) -> None:
-    """Tensor of a floating dtype, at least ``min_dim`` dims and no zero-sized dimension."""
+    """Tensor of a floating dtype with at least ``min_dim`` dims (empty tensors are valid)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if not (x.is_floating_point()):
@@ -44,13 +61,12 @@ def check_input(x: Tensor, name: str = "input", *, min_dim: int = 1) -> None:
         )
     if x.dim() < min_dim:
         raise ValueError(f"{name}: expected at least {min_dim}-D input, got {x.dim()}-D of shape {tuple(x.shape)}")
-    if x.numel() == 0:
-        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(x.shape)}")
 
 
 def check_eps(eps: float) -> None:
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps: expected a number > 0, got {eps!r}")
+    """ε ≥ 0 (0 is allowed, as in torch: a constant group then gives NaN, not an error)."""
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
 
 
 def check_momentum(momentum: float | None, *, allow_none: bool = False) -> None:
@@ -104,6 +120,8 @@ def batch_norm(
     statistics) or the running statistics (eval). Same signature as
     :func:`torch.nn.functional.batch_norm`.
     """
+    if traced(input):
+        return TF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     check_input(input, min_dim=2)
     check_eps(eps)
     check_momentum(momentum)
@@ -112,17 +130,19 @@ def batch_norm(
         _check_param(t, (c,), name)
     use_batch_stats = training or running_mean is None or running_var is None
     if not use_batch_stats:
-        return resolve("batch_norm_eval", input, backend)(input, running_mean, running_var, weight, bias, eps)
-    m = input.numel() // c
-    if m <= 1:
+        return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps, backend=backend)
+    if eps == 0:
+        raise ValueError("eps: expected a number > 0 for batch statistics (as torch.nn.functional.batch_norm), got 0")
+    m = input.numel() // c if c else 0
+    if m == 1:
         raise ValueError(
             f"input: batch norm in training needs more than 1 value per channel, got shape "
             f"{tuple(input.shape)} (1 value per channel): the batch variance is 0 and every output "
             "would equal the bias. Use a larger batch, eval mode (running statistics), or a "
             "batch-independent norm such as GroupNorm or LayerNorm"
         )
-    y, mean, var = resolve("batch_norm", input, backend)(input, weight, bias, eps)
-    if training and running_mean is not None and running_var is not None:
+    y, mean, var, _ = ops.batch_norm(input, weight, bias, eps, backend=backend)
+    if training and running_mean is not None and running_var is not None and m > 0:
         _update_running(running_mean, mean, momentum)
         _update_running(running_var, var * (m / (m - 1)), momentum)
     return y
@@ -143,17 +163,32 @@ def mean_only_batch_norm(
     fixes the scale of each unit. μ_c is the batch mean over N and spatial positions in training
     (or without running statistics) and the running mean in eval.
     """
+    if traced(input):
+        return _traced_mean_only(input, running_mean, bias, training, momentum)
     check_input(input, min_dim=2)
     check_momentum(momentum)
     c = input.shape[1]
     _check_param(running_mean, (c,), "running_mean")
     _check_param(bias, (c,), "bias")
     if not training and running_mean is not None:
-        return resolve("batch_norm_eval", input, backend)(input, running_mean, None, None, bias, 0.0, center_only=True)
-    y, mean, _ = resolve("batch_norm", input, backend)(input, None, bias, 0.0, center_only=True)
-    if training and running_mean is not None:
+        return ops.batch_norm_eval(input, running_mean, None, None, bias, 0.0, center_only=True, backend=backend)
+    y, mean, _, _ = ops.batch_norm(input, None, bias, 0.0, center_only=True, backend=backend)
+    if training and running_mean is not None and input.numel() > 0:
         _update_running(running_mean, mean, momentum)
     return y
+
+
+def _traced_mean_only(input, running_mean, bias, training, momentum):
+    """Mean-only batch norm in standard operators (torch has no twin to emit)."""
+    view = (1, -1) + (1,) * (input.dim() - 2)
+    if training or running_mean is None:
+        mean = input.mean([0] + list(range(2, input.dim())))
+        if training and running_mean is not None:
+            _update_running(running_mean, mean.detach(), momentum)
+    else:
+        mean = running_mean
+    y = input - mean.view(view)
+    return y if bias is None else y + bias.view(view)
 
 
 # ----------------------------------------------------------------------------- group / instance
@@ -174,6 +209,8 @@ def group_norm(
     (sample, group) over the group's channels and every spatial position; γ, β are per channel.
     G = 1 is LayerNorm over (C, \*), G = C is InstanceNorm.
     """
+    if traced(input):
+        return TF.group_norm(input, num_groups, weight, bias, eps)
     check_input(input, min_dim=2)
     check_eps(eps)
     c = input.shape[1]
@@ -181,7 +218,7 @@ def group_norm(
         raise ValueError(f"num_groups: expected a positive divisor of the {c} channels, got {num_groups!r}")
     _check_param(weight, (c,), "weight")
     _check_param(bias, (c,), "bias")
-    return resolve("group_norm", input, backend)(input, num_groups, weight, bias, eps)[0]
+    return ops.group_norm(input, num_groups, weight, bias, eps, backend=backend)[0]
 
 
 def instance_norm(
@@ -201,6 +238,8 @@ def instance_norm(
     Equal to :func:`group_norm` with one group per channel. With running statistics they are the
     average over the batch of the per-instance statistics (as in torch).
     """
+    if traced(input):
+        return TF.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     check_input(input, min_dim=3)
     check_eps(eps)
     check_momentum(momentum)
@@ -210,15 +249,15 @@ def instance_norm(
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean/running_var: expected tensors when use_input_stats=False, got None")
-        return resolve("batch_norm_eval", input, backend)(input, running_mean, running_var, weight, bias, eps)
-    m = input[0, 0].numel()
-    if m <= 1:
+        return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps, backend=backend)
+    m = math.prod(input.shape[2:])
+    if m == 1:
         raise ValueError(
             f"input: instance norm needs more than 1 spatial value per channel, got shape "
             f"{tuple(input.shape)}: the per-instance variance is 0"
         )
-    y, mean, var = resolve("group_norm", input, backend)(input, c, weight, bias, eps)
-    if running_mean is not None and running_var is not None:
+    y, mean, var, _ = ops.group_norm(input, c, weight, bias, eps, backend=backend)
+    if running_mean is not None and running_var is not None and input.numel() > 0:
         _update_running(running_mean, mean.mean(0), momentum)
         _update_running(running_var, (var * (m / (m - 1))).mean(0), momentum)
     return y
@@ -257,13 +296,15 @@ def layer_norm(
 
     μ, σ² per row (every leading index), γ and β of shape ``normalized_shape``.
     """
+    if traced(input):
+        return TF.layer_norm(input, normalized_shape, weight, bias, eps)
     shape = _normalized_shape(normalized_shape)
     check_input(input)
     check_eps(eps)
     _check_trailing(input, shape)
     _check_param(weight, shape, "weight")
     _check_param(bias, shape, "bias")
-    return resolve("layer_norm", input, backend)(input, len(shape), weight, bias, eps)[0]
+    return ops.layer_norm(input, len(shape), weight, bias, eps, backend=backend)[0]
 
 
 def rms_norm(
@@ -276,13 +317,16 @@ def rms_norm(
 ) -> Tensor:
     r"""RMS normalization (Zhang & Sennrich 2019): :math:`y = \gamma \odot x / \sqrt{\overline{x^2} + \epsilon}`.
 
-    No centring and no bias. ``eps=None`` uses ``torch.finfo(input.dtype).eps`` as torch does.
+    No centring and no bias. ``eps=None`` uses the machine epsilon of the compute dtype, as torch
+    does: ``finfo(float32).eps`` for 16-bit inputs, ``finfo(input.dtype).eps`` otherwise.
     """
+    if traced(input):
+        return TF.rms_norm(input, normalized_shape, weight, eps)
     shape = _normalized_shape(normalized_shape)
     check_input(input)
     if eps is None:
-        eps = torch.finfo(input.dtype).eps
+        eps = torch.finfo(compute_dtype(input.dtype)).eps
     check_eps(eps)
     _check_trailing(input, shape)
     _check_param(weight, shape, "weight")
-    return resolve("layer_norm", input, backend)(input, len(shape), weight, None, eps, rms=True)[0]
+    return ops.layer_norm(input, len(shape), weight, None, eps, rms=True, backend=backend)[0]

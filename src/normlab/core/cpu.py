@@ -28,17 +28,13 @@ Kernel families (passes over memory: see each module)
 
 Statistics are accumulated in float64 (block sums in the input dtype, see the kernel modules),
 are exact for a 1e6 offset, a constant input (y = β, finite gradients) and |x| ≈ 1e30 in float32;
-NaN/Inf propagate (no fast-math flags that assume finite values). The saved statistics are
-float64 (mean, 1/std); the returned mean/var are cast to the input dtype. float64 inputs whose
-squares overflow float64 (|x| ≳ 1e154) are detected after the forward and recomputed by the
-reference backend.
+NaN/Inf propagate (no fast-math flags that assume finite values). The statistics returned (and
+saved for the backward) are float64. float64 inputs whose squares overflow float64
+(|x| ≳ 1e154) are detected after the forward and recomputed by the reference backend.
 
 Autograd
-    ``_CpuNorm`` saves x, γ and the float64 (mean, rstd) only. Double backward: when the
-    backward runs with grad mode on (``create_graph=True``), it does not call the kernel but
-    rebuilds the op with the reference backend on the saved input and differentiates that
-    graph (``torch.autograd.grad(..., create_graph=True)``): gradients of gradients are the
-    reference backend's, exactly as if the reference had run the forward.
+    None here: the functions below are the CPU kernels of the ``normlab::`` operators, and
+    ``core/ops.py`` registers one autograd formula per operator for every backend.
 
 Threads
     Every call sets numba's thread count to ``torch.get_num_threads()`` (capped at
@@ -433,91 +429,12 @@ class _Plan:
             gb = torch.from_numpy(db).reshape(bias_meta[0]).to(bias_meta[1])
         return dx, gw, gb
 
-    # ---- reference (double backward, overflow fallback) ------------------------------------
-    def reference(self, x: Tensor, weight, bias, mean_in=None, var_in=None) -> Tensor:
-        if self.op == "batch_norm":
-            return reference.batch_norm(x, weight, bias, self.eps, center_only=self.center)[0]
-        if self.op == "batch_norm_eval":
-            return reference.batch_norm_eval(x, mean_in, var_in, weight, bias, self.eps,
-                                             center_only=self.center)
-        if self.op == "group_norm":
-            return reference.group_norm(x, self.ref_arg, weight, bias, self.eps)[0]
-        return reference.layer_norm(x, self.ref_arg, weight, bias, self.eps, rms=self.rms)[0]
 
 
 # --------------------------------------------------------------------------------------------
-# autograd
-# --------------------------------------------------------------------------------------------
-
-
-class _CpuNorm(torch.autograd.Function):
-    """y = γ·x̂ + β through the fused kernels; returns (y, mean64, var64, rstd64 as tensors)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, plan, mean_in, var_in):
-        y, mean, var, rstd = plan.forward(x, weight, bias, mean_in, var_in)
-        mean_t, rstd_t = torch.from_numpy(mean), torch.from_numpy(rstd)
-        ctx.save_for_backward(x, weight, mean_t, rstd_t)
-        ctx.plan = plan
-        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
-        if mean_in is not None:  # eval statistics: constants, kept for the double-backward path
-            ctx.eval_stats = (mean_in.detach(), None if var_in is None else var_in.detach())
-        var_t = torch.from_numpy(var)
-        ctx.mark_non_differentiable(mean_t, var_t)
-        return y, mean_t, var_t
-
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
-        x, weight, mean_t, rstd_t = ctx.saved_tensors
-        plan = ctx.plan
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():
-            return _differentiable_backward(ctx, plan, x, weight, dy)
-        dx, gw, gb = plan.backward(x, dy, weight, ctx.bias_meta, mean_t.numpy(), rstd_t.numpy(),
-                                   need_w, need_b)
-        return (dx if need_x else None), gw, gb, None, None, None
-
-
-def _differentiable_backward(ctx, plan: _Plan, x: Tensor, weight, dy: Tensor):
-    """create_graph=True: differentiate the reference backend's graph of the same op."""
-    need = ctx.needs_input_grad[:3]
-    bias = None
-    if ctx.bias_meta is not None:
-        shape, dtype = ctx.bias_meta
-        bias = torch.zeros(shape, dtype=dtype, requires_grad=need[2])  # gradients ignore β's value
-    with torch.enable_grad():
-        y = plan.reference(x, weight, bias, *getattr(ctx, "eval_stats", (None, None)))
-        wrt = [t for t, n in zip((x, weight, bias), need) if n]
-        grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
-    out = []
-    for t, n in zip((x, weight, bias), need):
-        g = next(grads) if n else None
-        if n and g is None:
-            g = torch.zeros_like(t)
-        out.append(g)
-    return (*out, None, None, None)
-
-
-def _run(plan: _Plan, x: Tensor, weight, bias, mean_in=None, var_in=None):
-    """Apply the op (through autograd only when a gradient can be needed).
-
-    Returns (y, mean64, var64, overflowed): overflowed means the float64 sums of squares
-    overflowed (|x| ≳ 1e154 in float64) and the caller must recompute with the reference.
-    """
-    if plan.copy:
-        x = x.contiguous()
-    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                    or (bias is not None and bias.requires_grad)):
-        y, mean_t, var_t = _CpuNorm.apply(x, weight, bias, plan, mean_in, var_in)
-        mean, var = mean_t.numpy(), var_t.numpy()
-    else:
-        y, mean, var, _ = plan.forward(x, weight, bias, mean_in, var_in)
-    overflowed = plan.train and x.dtype == torch.float64 and _overflowed(mean, var)
-    return y, mean, var, overflowed
-
-
-# --------------------------------------------------------------------------------------------
-# ops: a plan per (op, shape, strides, dtype, options), built once and cached
+# ops: a plan per (op, shape, strides, dtype, options), built once and cached. No autograd here:
+# these are the CPU kernels of the ``normlab::`` operators (core/ops.py registers autograd once
+# for every backend).
 # --------------------------------------------------------------------------------------------
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -554,27 +471,6 @@ def _bn_plan(x: Tensor, op: str, eps: float, train: bool, center: bool) -> _Plan
     return _Plan("planes", phys=(n, c, s), **common)
 
 
-def batch_norm(x: Tensor, weight, bias, eps: float, *, center_only: bool = False):
-    """Training batch norm: (y, mean (C,), biased var (C,) or None for center_only)."""
-    key = ("bn", x.shape, x.stride(), eps, center_only)
-    plan = _cached(key, lambda: _bn_plan(x, "batch_norm", eps, True, center_only))
-    y, mean, var, overflowed = _run(plan, x, weight, bias)
-    if overflowed:
-        return reference.batch_norm(x, weight, bias, eps, center_only=center_only)
-    c = x.shape[1]
-    return y, _stat(mean, (c,), x.dtype), None if center_only else _stat(var, (c,), x.dtype)
-
-
-def batch_norm_eval(x: Tensor, mean: Tensor, var, weight, bias, eps: float, *, center_only: bool = False):
-    """Batch norm with given statistics (running stats): y."""
-    if mean.requires_grad or (var is not None and var.requires_grad):
-        # gradients w.r.t. the statistics: only the reference computes them
-        return reference.batch_norm_eval(x, mean, var, weight, bias, eps, center_only=center_only)
-    key = ("bn_eval", x.shape, x.stride(), eps, center_only)
-    plan = _cached(key, lambda: _bn_plan(x, "batch_norm_eval", eps, False, center_only))
-    return _run(plan, x, weight, bias, mean, var)[0]
-
-
 def _gn_plan(x: Tensor, g: int, eps: float) -> _Plan:
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // (n * c)
@@ -585,17 +481,6 @@ def _gn_plan(x: Tensor, g: int, eps: float) -> _Plan:
     return _Plan("rows", phys=(n * g, (c // g) * s), groups=g, seg=s, **common)
 
 
-def group_norm(x: Tensor, num_groups: int, weight, bias, eps: float):
-    """Group norm (instance norm: num_groups = C): (y, mean (N, G), var (N, G))."""
-    key = ("gn", x.shape, x.stride(), num_groups, eps)
-    plan = _cached(key, lambda: _gn_plan(x, num_groups, eps))
-    y, mean, var, overflowed = _run(plan, x, weight, bias)
-    if overflowed:
-        return reference.group_norm(x, num_groups, weight, bias, eps)
-    shape = (x.shape[0], num_groups)
-    return y, _stat(mean, shape, x.dtype), _stat(var, shape, x.dtype)
-
-
 def _ln_plan(x: Tensor, k: int, eps: float, rms: bool) -> _Plan:
     lead = tuple(x.shape[: x.dim() - k])
     cols = math.prod(x.shape[x.dim() - k:])
@@ -603,29 +488,95 @@ def _ln_plan(x: Tensor, k: int, eps: float, rms: bool) -> _Plan:
                  pcount=cols, stat_shape=lead, ref_arg=k, copy=not x.is_contiguous())
 
 
+def _bn_key(x, eps, center, train):
+    return _cached(("bn", train, x.shape, x.stride(), eps, center),
+                   lambda: _bn_plan(x, "batch_norm" if train else "batch_norm_eval", eps, train, center))
+
+
+def _gn_key(x, g, eps):
+    return _cached(("gn", x.shape, x.stride(), g, eps), lambda: _gn_plan(x, g, eps))
+
+
+def _ln_key(x, k, eps, rms):
+    return _cached(("ln", x.shape, x.stride(), k, eps, rms), lambda: _ln_plan(x, k, eps, rms))
+
+
+def _forward(plan: _Plan, x: Tensor, weight, bias, mean_in=None, var_in=None):
+    """(y, mean, var, rstd) with float64 statistics shaped ``plan.stat_shape``, or None when the
+    float64 sums of squares overflowed (|x| ≳ 1e154) and the caller must use the reference."""
+    if plan.copy:
+        x = x.contiguous()
+    y, mean, var, rstd = plan.forward(x, weight, bias, mean_in, var_in)
+    if plan.train and x.dtype == torch.float64 and _overflowed(mean, var):
+        return None
+    shape = plan.stat_shape
+    return y, *(torch.from_numpy(a).view(shape) for a in (mean, var, rstd))
+
+
+def _backward(plan: _Plan, dy, x, weight, mean, rstd, mask):
+    if plan.copy:
+        x = x.contiguous()
+    if rstd is None or rstd.numel() == 0:  # mean-only batch norm: rstd = 1
+        rstd = torch.ones_like(mean, dtype=torch.float64)
+    # dβ comes back flat in x's dtype; the operator reshapes and casts it to β's dtype.
+    dx, dw, db = plan.backward(x, dy, weight, ((plan.pcount,), x.dtype), _f64(mean), _f64(rstd),
+                               mask[1] and weight is not None, mask[2])
+    return (dx if mask[0] else None), dw, db
+
+
+def batch_norm(x: Tensor, weight, bias, eps: float, *, center_only: bool = False):
+    """Training batch norm: (y, mean, biased var, rstd), float64 statistics of shape (C,)."""
+    out = _forward(_bn_key(x, eps, center_only, True), x, weight, bias)
+    return out if out is not None else reference.batch_norm(x, weight, bias, eps, center_only=center_only)
+
+
+def batch_norm_backward(dy, x, weight, mean, rstd, eps: float, *, center_only: bool = False,
+                        mask=(True, True, True)):
+    """(dx, dγ, dβ) of training batch norm (None where not in ``mask``)."""
+    return _backward(_bn_key(x, eps, center_only, True), dy, x, weight, mean, rstd, mask)
+
+
+def batch_norm_eval(x: Tensor, mean: Tensor, var, weight, bias, eps: float, *, center_only: bool = False):
+    """Batch norm with given statistics (running stats): y."""
+    plan = _bn_key(x, eps, center_only, False)
+    return plan.forward(x.contiguous() if plan.copy else x, weight, bias, mean, var)[0]
+
+
+def group_norm(x: Tensor, num_groups: int, weight, bias, eps: float):
+    """Group norm (instance norm: num_groups = C): (y, mean, var, rstd), float64 stats (N, G)."""
+    out = _forward(_gn_key(x, num_groups, eps), x, weight, bias)
+    return out if out is not None else reference.group_norm(x, num_groups, weight, bias, eps)
+
+
+def group_norm_backward(dy, x, weight, mean, rstd, num_groups: int, eps: float, *, mask=(True, True, True)):
+    return _backward(_gn_key(x, num_groups, eps), dy, x, weight, mean, rstd, mask)
+
+
 def layer_norm(x: Tensor, normalized_ndim: int, weight, bias, eps: float, *, rms: bool = False):
-    """Layer norm over the trailing ``normalized_ndim`` dims (rms: RMS norm, mean None)."""
-    key = ("ln", x.shape, x.stride(), normalized_ndim, eps, rms)
-    plan = _cached(key, lambda: _ln_plan(x, normalized_ndim, eps, rms))
-    y, mean, var, overflowed = _run(plan, x, weight, bias)
-    if overflowed:
+    """Layer norm over the trailing ``normalized_ndim`` dims: (y, mean, var, rstd); rms: mean None."""
+    out = _forward(_ln_key(x, normalized_ndim, eps, rms), x, weight, bias)
+    if out is None:
         return reference.layer_norm(x, normalized_ndim, weight, bias, eps, rms=rms)
-    if plan.copy:  # keep channels_last inputs channels_last
-        for f, nd in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
-            if x.dim() == nd and x.is_contiguous(memory_format=f):
-                y = y.contiguous(memory_format=f)
-    lead = plan.stat_shape
-    return y, None if rms else _stat(mean, lead, x.dtype), _stat(var, lead, x.dtype)
+    y, mean, var, rstd = out
+    return y, (None if rms else mean), var, rstd
+
+
+def layer_norm_backward(dy, x, weight, mean, rstd, normalized_ndim: int, eps: float, *, rms: bool = False,
+                        mask=(True, True, True)):
+    if mean is None:
+        mean = torch.zeros_like(rstd)
+    return _backward(_ln_key(x, normalized_ndim, eps, rms), dy, x, weight, mean, rstd, mask)
 
 
 def warmup(dtypes=(torch.float32, torch.float64)) -> None:
     """Compile (or load from the disk cache) every kernel for ``dtypes`` now."""
     for dt in dtypes:
-        x = torch.randn(2, 4, 3, 3, dtype=dt, requires_grad=True)
-        w = torch.ones(4, dtype=dt, requires_grad=True)
-        for xi in (x, x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()):
-            outs = [batch_norm(xi, w, w, 1e-5)[0], group_norm(xi, 2, w, w, 1e-5)[0],
-                    batch_norm_eval(xi, w.detach(), w.detach(), w, w, 1e-5)]
-            torch.autograd.grad(sum(o.sum() for o in outs), (xi, w))
-        y = layer_norm(x, 2, None, None, 1e-5)[0]
-        torch.autograd.grad(y.sum(), x)
+        x = torch.randn(2, 4, 3, 3, dtype=dt)
+        w = torch.ones(4, dtype=dt)
+        for xi in (x, x.contiguous(memory_format=torch.channels_last)):
+            for fwd, bwd, args in ((batch_norm, batch_norm_backward, ()), (group_norm, group_norm_backward, (2,))):
+                y, mean, _, rstd = fwd(xi, *args, w, w, 1e-5)
+                bwd(y, xi, w, mean, rstd, *args, 1e-5)
+            batch_norm_eval(xi, w, w, w, w, 1e-5)
+        y, mean, _, rstd = layer_norm(x, 2, None, None, 1e-5)
+        layer_norm_backward(y, x, None, mean, rstd, 2, 1e-5)

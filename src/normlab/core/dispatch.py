@@ -15,12 +15,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import ModuleType
 
 from torch import Tensor
-
-OPS = ("batch_norm", "batch_norm_eval", "group_norm", "layer_norm")
 
 # name -> (module path, priority); lower priority is tried first. Modules are imported lazily so
 # that importing normlab does not compile kernels.
@@ -76,8 +74,8 @@ def current_backend() -> str | None:
     return getattr(_forced, "name", None)
 
 
-def resolve(op: str, x: Tensor, backend: str | None = None) -> Callable:
-    """The implementation of ``op`` for input ``x``.
+def backend_module(op: str, x: Tensor, backend: str | None = None) -> ModuleType:
+    """The backend module that runs forward op ``op`` (and its backward) for input ``x``.
 
     Precedence: the ``backend`` argument (a per-layer override), then :func:`use_backend`, then
     the first backend by priority whose ``supports(op, x)`` is true. A forced backend that does
@@ -89,10 +87,15 @@ def resolve(op: str, x: Tensor, backend: str | None = None) -> Callable:
         _check_name(name)
         module = _load(name)
         if module is not None and module.supports(op, x):
-            return getattr(module, op)
-        return getattr(_load("reference"), op)
+            return module
+        return _load("reference")
     for candidate in sorted(_REGISTRY, key=lambda n: _REGISTRY[n][1]):
         module = _load(candidate)
         if module is not None and module.supports(op, x):
-            return getattr(module, op)
+            return module
     raise RuntimeError(f"no backend supports {op} for {x.dtype} on {x.device}")  # unreachable
+
+
+def resolve(op: str, x: Tensor, backend: str | None = None):
+    """The backend function implementing ``op`` for ``x`` (see :func:`backend_module`)."""
+    return getattr(backend_module(op, x, backend), op)

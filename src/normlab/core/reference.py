@@ -1,4 +1,4 @@
-"""Reference backend: every normalization as one pure-torch routine with a hand-derived backward.
+"""Reference backend: every normalization as one pure-torch, branch-free routine.
 
 All methods are the same operation with a different choice of axes::
 
@@ -6,8 +6,13 @@ All methods are the same operation with a different choice of axes::
 
 with μ, σ² the biased mean and variance over a set of reduced dimensions ``dims``. Each op below
 only reshapes ``x`` so that its statistics live on ``dims`` and its affine parameters broadcast,
-then calls :func:`normalize`. This backend runs on any device and dtype and is the oracle the
-fused kernels are tested against.
+then calls :func:`normalize`. The routines use plain differentiable torch ops and no data-dependent
+branch, so they serve three roles:
+
+* the **oracle** the fused kernels are tested against;
+* the **fallback implementation** inside the ``normlab::`` operators for inputs no fused kernel
+  takes (16-bit floats, devices without kernels, empty tensors);
+* the **composite** that functorch (``vmap``, ``jvp``, ``grad``) and double backward differentiate.
 
 Numerics:
 
@@ -17,23 +22,38 @@ Numerics:
   error. The variance is the corrected two-pass estimate ``mean(d²) − c²`` (Chan, Golub & LeVeque
   1983), so an offset of 1e6 with a spread of 0.1 keeps full float32 precision; x̂ is computed as
   ``(d − c) · rstd`` instead of ``(x − mean) · rstd``, which would round the mean to 0.06 at 1e6;
-* if ``d²`` overflows (|x| near 1e30 in float32), the centred values are rescaled by their
-  per-group maximum before squaring, so the output stays finite and exact.
+* d² cannot overflow: where the largest |d| of a group exceeds 2⁶⁰ the centred values are divided
+  by a power of two s ≥ max|d| (exact) before squaring, and ``rstd = 1 / (s · sqrt(σ²/s² + ε/s²))``.
+  Elsewhere s = 1. This is a ``torch.where``, not a branch, so it traces and vmaps.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["normalize", "batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "compute_dtype", "supports"]
+__all__ = [
+    "normalize",
+    "batch_norm",
+    "batch_norm_backward",
+    "batch_norm_eval",
+    "group_norm",
+    "group_norm_backward",
+    "layer_norm",
+    "layer_norm_backward",
+    "compute_dtype",
+    "supports",
+]
 
 # Modes of the one normalize routine.
 STANDARD = "standard"  # subtract the mean, divide by the standard deviation
 RMS = "rms"  # divide by the root mean square, no centring
 CENTER = "center"  # subtract the mean only (mean-only batch norm)
+
+_BIG = 2.0**60  # above this |d| is rescaled before squaring (float32 squares overflow at 1.8e19)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,8 +65,7 @@ def _moments(x: Tensor, dims: tuple[int, ...], mode: str, eps: float):
     """Statistics of ``x`` (already in the compute dtype) over ``dims``, kept dims of size 1.
 
     Returns ``(shift, corr, var, rstd)`` such that ``x̂ = (x − shift − corr) · rstd``; ``var`` is
-    the biased variance for STANDARD, the mean square for RMS and ``None`` for CENTER. Every step
-    is a differentiable torch op, so the double-backward path can call this on a graph.
+    the biased variance for STANDARD, the mean square for RMS and ``None`` for CENTER.
     """
     if mode == RMS:
         shift = corr = None
@@ -57,19 +76,19 @@ def _moments(x: Tensor, dims: tuple[int, ...], mode: str, eps: float):
         corr = d.mean(dims, keepdim=True)
     if mode == CENTER:
         return shift, corr, None, None
-    sq = (d * d).mean(dims, keepdim=True)
-    var = sq if mode == RMS else (sq - corr * corr).clamp_min(0)
-    if not torch.isfinite(var).all():
-        # d² overflowed somewhere (or the input holds NaN/Inf): redo the second moment on
-        # d / max|d| (s >= 1 so that eps / s² cannot overflow). Finite rows get the same value up
-        # to rounding; NaN/Inf rows stay NaN, as they must.
-        s = d.abs().amax(dims, keepdim=True).clamp_min(1.0)
-        ds = d / s
-        sq_s = (ds * ds).mean(dims, keepdim=True)
-        var_s = sq_s if mode == RMS else (sq_s - (corr / s) ** 2).clamp_min(0)
-        rstd = 1.0 / (s * torch.sqrt(var_s + eps / (s * s)))
-        return shift, corr, var_s * s * s, rstd
-    return shift, corr, var, torch.rsqrt(var + eps)
+    if x.numel() == 0:
+        s = torch.ones_like(d.sum(dims, keepdim=True))
+    else:
+        m = d.detach().abs().amax(dims, keepdim=True)
+        # A power of two scales exactly; Inf/NaN groups keep s = 1 so they behave as unscaled
+        # (torch's results: NaN rows, or 0 · x for an RMS row holding Inf).
+        big = torch.isfinite(m) & (m > _BIG)
+        s = torch.where(big, torch.exp2(torch.ceil(torch.log2(m.clamp_min(1.0)))), torch.ones_like(m))
+    ds = d / s
+    sq = (ds * ds).mean(dims, keepdim=True)
+    var_s = sq if mode == RMS else (sq - (corr / s) ** 2).clamp_min(0)
+    rstd = 1.0 / (s * torch.sqrt(var_s + eps / (s * s)))
+    return shift, corr, var_s * (s * s), rstd
 
 
 def _xhat(x: Tensor, shift, corr, rstd, mode: str) -> Tensor:
@@ -93,52 +112,6 @@ def _input_grad(g: Tensor, xhat: Tensor, rstd, dims: tuple[int, ...], mode: str)
     return proj * rstd
 
 
-class _Normalize(torch.autograd.Function):
-    """y = γ · x̂ + β with statistics over ``dims``; saves x, the statistics and γ only."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, dims, eps, mode):
-        acc = compute_dtype(x.dtype)
-        xc = x.to(acc)
-        shift, corr, var, rstd = _moments(xc, dims, mode, eps)
-        xhat = _xhat(xc, shift, corr, rstd, mode)
-        y = xhat
-        if weight is not None:
-            y = y * weight.to(acc)
-        if bias is not None:
-            y = y + bias.to(acc)
-        ctx.save_for_backward(x, weight, shift, corr, rstd)
-        ctx.dims, ctx.eps, ctx.mode = dims, eps, mode
-        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
-        mean = None if mode == RMS else shift + corr
-        if mean is not None:
-            ctx.mark_non_differentiable(mean)
-        if var is not None:
-            ctx.mark_non_differentiable(var)
-        return y.to(x.dtype), mean, var
-
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
-        x, weight, shift, corr, rstd = ctx.saved_tensors
-        dims, mode = ctx.dims, ctx.mode
-        acc = compute_dtype(x.dtype)
-        xc = x.to(acc)
-        if torch.is_grad_enabled():
-            # create_graph=True: rebuild the statistics as a graph of x so that this backward is
-            # itself differentiable (gradient penalties, Hessian-vector products).
-            shift, corr, _, rstd = _moments(xc, dims, mode, ctx.eps)
-        xhat = _xhat(xc, shift, corr, rstd, mode)
-        dy = dy.to(acc)
-        g = dy if weight is None else dy * weight.to(acc)
-        dx = _input_grad(g, xhat, rstd, dims, mode).to(x.dtype) if ctx.needs_input_grad[0] else None
-        dw = (dy * xhat).sum_to_size(weight.shape).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        db = None
-        if ctx.needs_input_grad[2]:
-            shape, dtype = ctx.bias_meta
-            db = dy.sum_to_size(shape).to(dtype)
-        return dx, dw, db, None, None, None
-
-
 def normalize(
     x: Tensor,
     dims: Sequence[int],
@@ -146,15 +119,43 @@ def normalize(
     bias: Tensor | None = None,
     eps: float = 1e-5,
     mode: str = STANDARD,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Normalize ``x`` over ``dims`` and apply the affine map.
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Normalize ``x`` over ``dims`` and apply the affine map, with plain differentiable ops.
 
-    ``weight`` and ``bias`` must broadcast against ``x``. Returns ``(y, mean, var)`` where mean
-    and var keep the reduced dims (size 1) and are in the compute dtype; ``mean`` is None for
-    RMS, ``var`` is None for CENTER and holds mean(x²) for RMS.
+    ``weight`` and ``bias`` must broadcast against ``x``. Returns ``(y, mean, var, rstd)`` where
+    the statistics keep the reduced dims (size 1) and are in the compute dtype; ``mean`` is None
+    for RMS, ``var``/``rstd`` are None for CENTER and ``var`` holds mean(x²) for RMS.
     """
     dims = tuple(d % x.dim() for d in dims)
-    return _Normalize.apply(x, weight, bias, dims, eps, mode)
+    acc = compute_dtype(x.dtype)
+    xc = x.to(acc)
+    shift, corr, var, rstd = _moments(xc, dims, mode, eps)
+    y = _xhat(xc, shift, corr, rstd, mode)
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    mean = None if mode == RMS else _mean(shift, corr)
+    return y.to(x.dtype), mean, var, rstd
+
+
+def _mean(shift: Tensor, corr: Tensor) -> Tensor:
+    # shift + corr is NaN where the group holds ±Inf (Inf − Inf); torch reports the Inf itself.
+    return torch.where(torch.isinf(shift), shift, shift + corr)
+
+
+def _normalize_backward(dy, x, weight, dims, eps, mode, mask, wshape=None):
+    """(dx, dγ, dβ) of :func:`normalize`, the statistics recomputed from x (exact, branch-free)."""
+    acc = compute_dtype(x.dtype)
+    xc = x.to(acc)
+    shift, corr, _, rstd = _moments(xc, dims, mode, eps)
+    xhat = _xhat(xc, shift, corr, rstd, mode)
+    dy = dy.to(acc)
+    g = dy if weight is None else dy * weight.to(acc)
+    dx = _input_grad(g, xhat, rstd, dims, mode).to(x.dtype) if mask[0] else None
+    dw = (dy * xhat).sum_to_size(wshape) if mask[1] else None
+    db = dy.sum_to_size(wshape) if mask[2] else None
+    return dx, dw, db
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,17 +163,36 @@ def normalize(
 # --------------------------------------------------------------------------------------------
 
 
+def _spatial(x: Tensor) -> int:
+    """Positions per channel of an (N, C, *) tensor (explicit: reshape(-1) fails when empty)."""
+    return math.prod(x.shape[2:])
+
+
 def _channel_view(t: Tensor | None, ndim: int) -> Tensor | None:
     """(C,) -> (1, C, 1, ..., 1) broadcasting against an ndim-dimensional (N, C, *) tensor."""
     return None if t is None else t.view((1, -1) + (1,) * (ndim - 2))
 
 
+def _flat(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.flatten()
+
+
 def batch_norm(x: Tensor, weight, bias, eps: float, *, center_only: bool = False):
-    """Training-mode batch norm: statistics per channel over N and every spatial position."""
-    x3 = x.reshape(x.shape[0], x.shape[1], -1)
+    """Training-mode batch norm: (y, mean, var, rstd), statistics (C,) over N and every position."""
+    x3 = x.reshape(x.shape[0], x.shape[1], _spatial(x))
     mode = CENTER if center_only else STANDARD
-    y, mean, var = normalize(x3, (0, 2), _channel_view(weight, 3), _channel_view(bias, 3), eps, mode)
-    return _restore(y, x), mean.flatten(), None if var is None else var.flatten()
+    y, mean, var, rstd = normalize(x3, (0, 2), _channel_view(weight, 3), _channel_view(bias, 3), eps, mode)
+    return _restore(y, x), mean.flatten(), _flat(var), _flat(rstd)
+
+
+def batch_norm_backward(dy, x, weight, mean, rstd, eps: float, *, center_only: bool = False,
+                        mask=(True, True, True)):
+    """(dx, dγ (C,), dβ (C,)) of training batch norm; entries not in ``mask`` are None."""
+    n, c = x.shape[0], x.shape[1]
+    x3, dy3 = x.reshape(n, c, _spatial(x)), dy.reshape(n, c, _spatial(x))
+    mode = CENTER if center_only else STANDARD
+    dx, dw, db = _normalize_backward(dy3, x3, _channel_view(weight, 3), (0, 2), eps, mode, mask, (1, c, 1))
+    return (None if dx is None else _restore(dx, x)), _flat(dw), _flat(db)
 
 
 def batch_norm_eval(x: Tensor, mean: Tensor, var, weight, bias, eps: float, *, center_only: bool = False):
@@ -192,22 +212,43 @@ def batch_norm_eval(x: Tensor, mean: Tensor, var, weight, bias, eps: float, *, c
     return y.to(x.dtype)
 
 
+def _groups(x: Tensor, num_groups: int, t: Tensor | None) -> Tensor | None:
+    c = x.shape[1]
+    return None if t is None else t.reshape(1, num_groups, c // num_groups, 1)
+
+
 def group_norm(x: Tensor, num_groups: int, weight, bias, eps: float):
-    """Statistics per (sample, group of C/G channels) over the group's channels and positions."""
+    """Statistics per (sample, group of C/G channels): (y, mean, var, rstd), stats (N, G)."""
     n, c = x.shape[0], x.shape[1]
-    x4 = x.reshape(n, num_groups, c // num_groups, -1)
-    w = None if weight is None else weight.view(1, num_groups, c // num_groups, 1)
-    b = None if bias is None else bias.view(1, num_groups, c // num_groups, 1)
-    y, mean, var = normalize(x4, (2, 3), w, b, eps, STANDARD)
-    return _restore(y, x), mean.view(n, num_groups), var.view(n, num_groups)
+    x4 = x.reshape(n, num_groups, c // num_groups, _spatial(x))
+    y, mean, var, rstd = normalize(x4, (2, 3), _groups(x, num_groups, weight), _groups(x, num_groups, bias), eps)
+    return _restore(y, x), mean.view(n, num_groups), var.view(n, num_groups), rstd.view(n, num_groups)
+
+
+def group_norm_backward(dy, x, weight, mean, rstd, num_groups: int, eps: float, *, mask=(True, True, True)):
+    """(dx, dγ (C,), dβ (C,)) of group norm; entries not in ``mask`` are None."""
+    n, c = x.shape[0], x.shape[1]
+    shape = (n, num_groups, c // num_groups, _spatial(x))
+    x4, dy4 = x.reshape(shape), dy.reshape(shape)
+    dx, dw, db = _normalize_backward(dy4, x4, _groups(x, num_groups, weight), (2, 3), eps, STANDARD, mask,
+                                     (1, num_groups, c // num_groups, 1))
+    return (None if dx is None else _restore(dx, x)), _flat(dw), _flat(db)
 
 
 def layer_norm(x: Tensor, normalized_ndim: int, weight, bias, eps: float, *, rms: bool = False):
-    """Statistics per row over the trailing ``normalized_ndim`` dims; γ/β per element of them."""
+    """Statistics per row over the trailing ``normalized_ndim`` dims: (y, mean, var, rstd)."""
     dims = tuple(range(x.dim() - normalized_ndim, x.dim()))
-    y, mean, var = normalize(x, dims, weight, bias, eps, RMS if rms else STANDARD)
+    y, mean, var, rstd = normalize(x, dims, weight, bias, eps, RMS if rms else STANDARD)
     lead = x.shape[: x.dim() - normalized_ndim]
-    return y, None if mean is None else mean.view(lead), var.view(lead)
+    return y, None if mean is None else mean.view(lead), var.view(lead), rstd.view(lead)
+
+
+def layer_norm_backward(dy, x, weight, mean, rstd, normalized_ndim: int, eps: float, *, rms: bool = False,
+                        mask=(True, True, True)):
+    """(dx, dγ, dβ) of layer norm (γ/β shaped like the normalized dims)."""
+    dims = tuple(range(x.dim() - normalized_ndim, x.dim()))
+    wshape = tuple(x.shape[x.dim() - normalized_ndim:])
+    return _normalize_backward(dy, x, weight, dims, eps, RMS if rms else STANDARD, mask, wshape)
 
 
 def _restore(y: Tensor, like: Tensor) -> Tensor:

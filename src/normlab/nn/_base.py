@@ -1,4 +1,10 @@
-"""Running-statistics machinery shared by BatchNorm, InstanceNorm and MeanOnlyBatchNorm."""
+"""Running-statistics machinery shared by BatchNorm, InstanceNorm and MeanOnlyBatchNorm.
+
+BatchNorm and InstanceNorm subclass their torch.nn twins (which own the parameters, buffers,
+``reset_*`` and state_dict versioning); :class:`RunningStats` adds only what normlab does
+differently: validation with clear errors and the per-step averaging factor. MeanOnlyBatchNorm
+has no torch twin and builds on :class:`NormBase`.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,24 @@ def check_num_features(num_features: int, name: str = "num_features") -> None:
         raise ValueError(f"{name}: expected a positive int, got {num_features!r}")
 
 
-class NormBase(nn.Module):
+class RunningStats:
+    """Mixin for subclasses of ``torch.nn.modules.batchnorm._NormBase``."""
+
+    def _validate(self, num_features, eps, momentum) -> None:
+        check_num_features(num_features)
+        check_eps(eps)
+        check_momentum(momentum, allow_none=True)
+
+    def _momentum_for_step(self) -> float:
+        """Counts the batch and returns this step's averaging factor (1/n when momentum is None)."""
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                return 1.0 / float(self.num_batches_tracked)
+        return 0.0 if self.momentum is None else self.momentum
+
+
+class NormBase(RunningStats, nn.Module):
     """Per-channel γ/β and running statistics, with the exact attribute and state_dict layout of
     ``torch.nn.modules.batchnorm._NormBase`` so checkpoints move both ways.
 
@@ -94,14 +117,6 @@ class NormBase(nn.Module):
 
     def _check_input_dim(self, input: Tensor) -> None:
         raise NotImplementedError
-
-    def _momentum_for_step(self) -> float:
-        """Counts the batch and returns this step's averaging factor (1/n when momentum is None)."""
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                return 1.0 / float(self.num_batches_tracked)
-        return 0.0 if self.momentum is None else self.momentum
 
     def extra_repr(self) -> str:
         return (

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from normlab import functional as F
-from normlab.nn._base import NormBase, check_dims
+from normlab.nn._base import NormBase, RunningStats, check_dims
 
 
-class _BatchNorm(NormBase):
+class _BatchNorm(RunningStats):
     r"""Batch normalization over (N, C, \*): one (μ, σ²) per channel from N and every position.
 
     .. math:: y = \gamma_c \frac{x - \mu_c}{\sqrt{\sigma_c^2 + \epsilon}} + \beta_c
@@ -16,17 +16,40 @@ class _BatchNorm(NormBase):
     Training: batch statistics (biased variance to normalize, unbiased variance into
     ``running_var``), running averages with ``momentum`` (``None``: cumulative average over
     ``num_batches_tracked`` batches). Eval: running statistics when ``track_running_stats``,
-    batch statistics otherwise. Same constructor, defaults and state_dict keys as torch.nn; a
-    channels_last input gives a channels_last output.
+    batch statistics otherwise. Each class **is** its torch.nn twin (``normlab.BatchNorm2d`` is a
+    subclass of ``torch.nn.BatchNorm2d``): same constructor, defaults, state_dict keys, and every
+    isinstance-based tool (``swa_utils.update_bn``, ``convert_sync_batchnorm``, BN folding and
+    freezing) treats it as one. Extras (keyword-only): ``backend`` forces a backend for this layer.
+    A channels_last input gives a channels_last output; an empty batch gives an empty output and
+    leaves the running statistics untouched.
     """
 
     _dims: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        self._validate(num_features, eps, momentum)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.backend = backend
 
     def _check_input_dim(self, input: Tensor) -> None:
         check_dims(input, self._dims, type(self).__name__)
         F.check_channels(input, self.num_features)
 
     def forward(self, input: Tensor) -> Tensor:
+        if F.traced(input):
+            return super().forward(input)  # torch's own layer: standard operators in the graph
         self._check_input_dim(input)
         momentum = self._momentum_for_step()
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -44,19 +67,19 @@ class _BatchNorm(NormBase):
         )
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     """Batch normalization of (N, C) or (N, C, L) input. See :class:`_BatchNorm` for the formula."""
 
     _dims = (2, 3)
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     """Batch normalization of (N, C, H, W) input. See :class:`_BatchNorm` for the formula."""
 
     _dims = (4,)
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     """Batch normalization of (N, C, D, H, W) input. See :class:`_BatchNorm` for the formula."""
 
     _dims = (5,)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from normlab import functional as F
-from normlab.nn._base import NormBase, check_dims
+from normlab.nn._base import RunningStats, check_dims
 
 
-class _InstanceNorm(NormBase):
+class _InstanceNorm(RunningStats):
     r"""Instance normalization: one (μ, σ²) per sample and channel, over the spatial positions.
 
     .. math:: y_{nc} = \gamma_c \frac{x_{nc} - \mu_{nc}}{\sqrt{\sigma_{nc}^2 + \epsilon}} + \beta_c
@@ -16,7 +16,7 @@ class _InstanceNorm(NormBase):
     As torch.nn: ``affine`` and ``track_running_stats`` default to False; with running statistics
     the layer uses them in eval mode (the batch average of the per-instance statistics is
     tracked), so it is usable at test time either way. Unbatched (C, \*) input is accepted.
-    Equal to GroupNorm with one group per channel.
+    Equal to GroupNorm with one group per channel. Each class is a subclass of its torch.nn twin.
     """
 
     _spatial = 0
@@ -34,11 +34,13 @@ class _InstanceNorm(NormBase):
         bias: bool = True,
         backend: str | None = None,
     ) -> None:
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, backend=backend
-        )
+        self._validate(num_features, eps, momentum)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.backend = backend
 
     def forward(self, input: Tensor) -> Tensor:
+        if F.traced(input):
+            return super().forward(input)
         batched = self._spatial + 2
         check_dims(input, (batched - 1, batched), type(self).__name__)
         unbatched = input.dim() == batched - 1
@@ -61,19 +63,19 @@ class _InstanceNorm(NormBase):
         return y.squeeze(0) if unbatched else y
 
 
-class InstanceNorm1d(_InstanceNorm):
+class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
     """Instance normalization of (N, C, L) or (C, L) input."""
 
     _spatial = 1
 
 
-class InstanceNorm2d(_InstanceNorm):
+class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
     """Instance normalization of (N, C, H, W) or (C, H, W) input."""
 
     _spatial = 2
 
 
-class InstanceNorm3d(_InstanceNorm):
+class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
     """Instance normalization of (N, C, D, H, W) or (C, D, H, W) input."""
 
     _spatial = 3

@@ -1,0 +1,459 @@
+"""The ``normlab::`` operators: one ``torch.library`` operator per normalization, for every backend.
+
+Operators (``torch.ops.normlab.*``; outputs in brackets are statistics, shapes given per op)::
+
+    batch_norm(x, weight?, bias?, eps, center_only, backend)        -> (y, [mean, var, rstd])  (C,)
+    batch_norm_backward(dy, x, weight?, mean, rstd, eps, center_only, backend, mask) -> (dx, dγ, dβ)
+    batch_norm_eval(x, mean, var?, weight?, bias?, eps, center_only, backend)         -> y
+    group_norm(x, weight?, bias?, num_groups, eps, backend)         -> (y, [mean, var, rstd])  (N, G)
+    group_norm_backward(dy, x, weight?, mean, rstd, num_groups, eps, backend, mask)  -> (dx, dγ, dβ)
+    layer_norm(x, weight?, bias?, normalized_ndim, eps, rms, backend) -> (y, [mean, var, rstd]) lead dims
+    layer_norm_backward(dy, x, weight?, mean, rstd, normalized_ndim, eps, rms, backend, mask) -> (dx, dγ, dβ)
+
+Each operator has a real implementation that picks a backend (:mod:`normlab.core.dispatch`: the
+fused CPU kernels where they apply, the pure-torch reference elsewhere), a fake implementation
+(shapes, dtypes and strides exactly as the real one, so FakeTensor, meta tensors, torch.compile and
+torch.export see through it), and the forward operators have autograd registered whose backward
+is the backward operator. With ``create_graph=True`` the backward differentiates the reference
+composite instead, so gradients of gradients work.
+
+Conventions every implementation follows (the fake one states them):
+
+* y and dx have x's dtype and a canonical layout: channels-last-like (N, C, *) inputs give
+  channels-last outputs for batch/group norm, 4-D/5-D ``channels_last`` inputs give
+  ``channels_last`` outputs for layer norm, everything else is contiguous;
+* statistics are float64 for float64 inputs and for float32 on the CPU (the fused kernels
+  accumulate in float64), float32 otherwise; a statistic an op does not have (the variance of
+  mean-only batch norm, the mean of RMS norm) is an empty tensor;
+* ``mask`` says which of (dx, dγ, dβ) are wanted; the others come back empty.
+
+:func:`call` is the entry the functional API uses: in eager mode it runs the same implementation
+and autograd formula through a plain ``autograd.Function`` (the dispatcher's round trip costs
+more than a small normalization), under torch.compile it calls the operator.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from normlab.core import dispatch, reference
+
+__all__ = ["stat_dtype", "batch_norm", "batch_norm_eval", "group_norm", "layer_norm"]
+
+def stat_dtype(x: Tensor) -> torch.dtype:
+    """dtype of the statistics an operator returns for input ``x`` (see the module docstring)."""
+    if x.dtype == torch.float64 or (x.dtype == torch.float32 and x.device.type == "cpu"):
+        return torch.float64
+    return torch.float32
+
+
+# ---------------------------------------------------------------------------------- layouts
+
+
+def _channels_last_like(x: Tensor) -> bool:
+    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def _row_format(x: Tensor):
+    for fmt, nd in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if x.dim() == nd and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
+
+
+def _empty_out(x: Tensor, per_channel: bool) -> Tensor:
+    """An uninitialised tensor shaped like x in the canonical output layout."""
+    if per_channel and _channels_last_like(x):
+        return torch.empty_like(x.movedim(1, -1), memory_format=torch.contiguous_format).movedim(-1, 1)
+    return torch.empty_like(x, memory_format=_row_format(x) if not per_channel else torch.contiguous_format)
+
+
+def _canonical(y: Tensor, x: Tensor, per_channel: bool) -> Tensor:
+    """y in the canonical layout (no copy when it already is)."""
+    if per_channel and _channels_last_like(x):
+        ok = y.movedim(1, -1).is_contiguous()
+    elif per_channel:
+        ok = y.is_contiguous()
+    else:
+        ok = y.is_contiguous(memory_format=_row_format(x))
+    return y if ok else _empty_out(x, per_channel).copy_(y)
+
+
+def _stat(t: Tensor | None, x: Tensor, shape) -> Tensor:
+    """A returned statistic: stat_dtype(x), given shape; a missing one is empty."""
+    if t is None:
+        return x.new_empty((0,), dtype=stat_dtype(x))
+    return t.to(stat_dtype(x)).reshape(shape)
+
+
+def _grad(t: Tensor | None, x: Tensor, shape, dtype) -> Tensor:
+    return x.new_empty((0,), dtype=dtype) if t is None else t.reshape(shape).to(dtype)
+
+
+def _backend(op: str, x: Tensor, backend: str):
+    return dispatch.backend_module(op, x, backend or None)
+
+
+# ------------------------------------------------------------------------------ real impls
+# Each returns exactly what its fake twin below promises.
+
+
+def _bn_shapes(x):
+    return (x.shape[1],)
+
+
+def _batch_norm_impl(x, weight, bias, eps, center_only, backend):
+    y, mean, var, rstd = _backend("batch_norm", x, backend).batch_norm(x, weight, bias, eps, center_only=center_only)
+    if center_only:
+        var = rstd = None
+    s = _bn_shapes(x)
+    return _canonical(y, x, True), _stat(mean, x, s), _stat(var, x, s), _stat(rstd, x, s)
+
+
+def _param_meta(weight, x, shape):
+    return shape, (x.dtype if weight is None else weight.dtype)
+
+
+def _batch_norm_backward_impl(dy, x, weight, mean, rstd, eps, center_only, backend, mask):
+    if rstd.numel() == 0:
+        rstd = None
+    dx, dw, db = _backend("batch_norm", x, backend).batch_norm_backward(
+        dy, x, weight, mean, rstd, eps, center_only=center_only, mask=tuple(mask))
+    shape, dt = _param_meta(weight, x, _bn_shapes(x))
+    dx = _canonical(dx, x, True) if mask[0] else x.new_empty((0,))
+    return dx, _grad(dw if mask[1] else None, x, shape, dt), _grad(db if mask[2] else None, x, shape, dt)
+
+
+def _batch_norm_eval_impl(x, mean, var, weight, bias, eps, center_only, backend):
+    y = _backend("batch_norm_eval", x, backend).batch_norm_eval(x, mean, var, weight, bias, eps,
+                                                                center_only=center_only)
+    return _canonical(y, x, True)
+
+
+def _gn_shapes(x, g):
+    return (x.shape[0], g)
+
+
+def _group_norm_impl(x, weight, bias, num_groups, eps, backend):
+    y, mean, var, rstd = _backend("group_norm", x, backend).group_norm(x, num_groups, weight, bias, eps)
+    s = _gn_shapes(x, num_groups)
+    return _canonical(y, x, True), _stat(mean, x, s), _stat(var, x, s), _stat(rstd, x, s)
+
+
+def _group_norm_backward_impl(dy, x, weight, mean, rstd, num_groups, eps, backend, mask):
+    dx, dw, db = _backend("group_norm", x, backend).group_norm_backward(
+        dy, x, weight, mean, rstd, num_groups, eps, mask=tuple(mask))
+    shape, dt = _param_meta(weight, x, (x.shape[1],))
+    dx = _canonical(dx, x, True) if mask[0] else x.new_empty((0,))
+    return dx, _grad(dw if mask[1] else None, x, shape, dt), _grad(db if mask[2] else None, x, shape, dt)
+
+
+def _ln_shapes(x, k):
+    return tuple(x.shape[: x.dim() - k]), tuple(x.shape[x.dim() - k:])
+
+
+def _layer_norm_impl(x, weight, bias, normalized_ndim, eps, rms, backend):
+    y, mean, var, rstd = _backend("layer_norm", x, backend).layer_norm(x, normalized_ndim, weight, bias, eps, rms=rms)
+    lead, _ = _ln_shapes(x, normalized_ndim)
+    return _canonical(y, x, False), _stat(None if rms else mean, x, lead), _stat(var, x, lead), _stat(rstd, x, lead)
+
+
+def _layer_norm_backward_impl(dy, x, weight, mean, rstd, normalized_ndim, eps, rms, backend, mask):
+    dx, dw, db = _backend("layer_norm", x, backend).layer_norm_backward(
+        dy, x, weight, None if rms else mean, rstd, normalized_ndim, eps, rms=rms, mask=tuple(mask))
+    shape, dt = _param_meta(weight, x, _ln_shapes(x, normalized_ndim)[1])
+    dx = _canonical(dx, x, False) if mask[0] else x.new_empty((0,))
+    return dx, _grad(dw if mask[1] else None, x, shape, dt), _grad(db if mask[2] else None, x, shape, dt)
+
+
+# ------------------------------------------------------------------------------ fake impls
+
+
+def _fake_stats(x, shape, present=(True, True, True)):
+    sd = stat_dtype(x)
+    return tuple(x.new_empty(shape if p else (0,), dtype=sd) for p in present)
+
+
+def _fake_grads(x, weight, shape, mask, per_channel):
+    dt = x.dtype if weight is None else weight.dtype
+    dx = _empty_out(x, per_channel) if mask[0] else x.new_empty((0,))
+    return (dx, x.new_empty(shape if mask[1] else (0,), dtype=dt), x.new_empty(shape if mask[2] else (0,), dtype=dt))
+
+
+def _batch_norm_fake(x, weight, bias, eps, center_only, backend):
+    return (_empty_out(x, True), *_fake_stats(x, _bn_shapes(x), (True, not center_only, not center_only)))
+
+
+def _batch_norm_backward_fake(dy, x, weight, mean, rstd, eps, center_only, backend, mask):
+    return _fake_grads(x, weight, _bn_shapes(x), mask, True)
+
+
+def _batch_norm_eval_fake(x, mean, var, weight, bias, eps, center_only, backend):
+    return _empty_out(x, True)
+
+
+def _group_norm_fake(x, weight, bias, num_groups, eps, backend):
+    return (_empty_out(x, True), *_fake_stats(x, _gn_shapes(x, num_groups)))
+
+
+def _group_norm_backward_fake(dy, x, weight, mean, rstd, num_groups, eps, backend, mask):
+    return _fake_grads(x, weight, (x.shape[1],), mask, True)
+
+
+def _layer_norm_fake(x, weight, bias, normalized_ndim, eps, rms, backend):
+    lead, _ = _ln_shapes(x, normalized_ndim)
+    return (_empty_out(x, False), *_fake_stats(x, lead, (not rms, True, True)))
+
+
+def _layer_norm_backward_fake(dy, x, weight, mean, rstd, normalized_ndim, eps, rms, backend, mask):
+    return _fake_grads(x, weight, _ln_shapes(x, normalized_ndim)[1], mask, False)
+
+
+# ------------------------------------------------------------------------ operator library
+
+_T = Tensor
+_OT = Tensor | None
+_STATS = tuple[Tensor, Tensor, Tensor, Tensor]
+_GRADS = tuple[Tensor, Tensor, Tensor]
+
+
+def _define(name: str, impl, fake, signature: dict):
+    impl.__annotations__ = signature
+    op = torch.library.custom_op(f"normlab::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    return op
+
+
+_ops = {
+    "batch_norm": _define("batch_norm", _batch_norm_impl, _batch_norm_fake, {
+        "x": _T, "weight": _OT, "bias": _OT, "eps": float, "center_only": bool, "backend": str, "return": _STATS}),
+    "batch_norm_backward": _define("batch_norm_backward", _batch_norm_backward_impl, _batch_norm_backward_fake, {
+        "dy": _T, "x": _T, "weight": _OT, "mean": _T, "rstd": _T, "eps": float, "center_only": bool,
+        "backend": str, "mask": Sequence[bool], "return": _GRADS}),
+    "batch_norm_eval": _define("batch_norm_eval", _batch_norm_eval_impl, _batch_norm_eval_fake, {
+        "x": _T, "mean": _T, "var": _OT, "weight": _OT, "bias": _OT, "eps": float, "center_only": bool,
+        "backend": str, "return": _T}),
+    "group_norm": _define("group_norm", _group_norm_impl, _group_norm_fake, {
+        "x": _T, "weight": _OT, "bias": _OT, "num_groups": int, "eps": float, "backend": str, "return": _STATS}),
+    "group_norm_backward": _define("group_norm_backward", _group_norm_backward_impl, _group_norm_backward_fake, {
+        "dy": _T, "x": _T, "weight": _OT, "mean": _T, "rstd": _T, "num_groups": int, "eps": float,
+        "backend": str, "mask": Sequence[bool], "return": _GRADS}),
+    "layer_norm": _define("layer_norm", _layer_norm_impl, _layer_norm_fake, {
+        "x": _T, "weight": _OT, "bias": _OT, "normalized_ndim": int, "eps": float, "rms": bool, "backend": str,
+        "return": _STATS}),
+    "layer_norm_backward": _define("layer_norm_backward", _layer_norm_backward_impl, _layer_norm_backward_fake, {
+        "dy": _T, "x": _T, "weight": _OT, "mean": _T, "rstd": _T, "normalized_ndim": int, "eps": float,
+        "rms": bool, "backend": str, "mask": Sequence[bool], "return": _GRADS}),
+}
+
+
+# -------------------------------------------------------------------------------- autograd
+# One formula per forward operator; ``ctx.compiled`` says whether the backward operator is called
+# through the dispatcher (torch.compile traces it) or directly (eager fast path).
+
+
+def _run(name: str, compiled: bool):
+    return _ops[name] if compiled else _IMPLS[name]
+
+
+def _composite_grads(ctx, forward, x, weight, dy, bias_meta, extra=()):
+    """create_graph=True: differentiate the reference composite of the same op on the saved x."""
+    need = ctx.needs_input_grad[:3]
+    bias = None
+    if bias_meta is not None:
+        bias = torch.zeros(bias_meta[0], dtype=bias_meta[1], device=x.device, requires_grad=need[2])
+    inputs = (x, weight, bias) + tuple(extra)
+    with torch.enable_grad():
+        y = forward(*inputs)
+        wrt = [t for t, n in zip(inputs, ctx.needs_input_grad) if n and t is not None]
+        grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
+    out = []
+    for t, n in zip(inputs, ctx.needs_input_grad):
+        g = next(grads) if (n and t is not None) else None
+        out.append(torch.zeros_like(t) if (g is None and n and t is not None) else g)
+    return out
+
+
+def _finish(ctx, dx, dw, db, n_extra):
+    need = ctx.needs_input_grad
+    if need[2] and db.numel() and ctx.bias_meta is not None:
+        db = db.to(ctx.bias_meta[1])
+    return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None) + (None,) * n_extra
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias = inputs[:3]
+    ctx.save_for_backward(x, weight, output[1], output[3])
+    ctx.args = inputs[3:]
+    ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _bn_backward(ctx, dy, *_):
+    x, weight, mean, rstd = ctx.saved_tensors
+    eps, center_only, backend = ctx.args
+    if torch.is_grad_enabled():
+        fwd = lambda x_, w_, b_: reference.batch_norm(x_, w_, b_, eps, center_only=center_only)[0]  # noqa: E731
+        return (*_composite_grads(ctx, fwd, x, weight, dy, ctx.bias_meta), None, None, None)
+    mask = list(ctx.needs_input_grad[:3])
+    grads = _run("batch_norm_backward", ctx.compiled)(dy, x, weight, mean, rstd, eps, center_only, backend, mask)
+    return _finish(ctx, *grads, 3)
+
+
+def _gn_backward(ctx, dy, *_):
+    x, weight, mean, rstd = ctx.saved_tensors
+    num_groups, eps, backend = ctx.args
+    if torch.is_grad_enabled():
+        fwd = lambda x_, w_, b_: reference.group_norm(x_, num_groups, w_, b_, eps)[0]  # noqa: E731
+        return (*_composite_grads(ctx, fwd, x, weight, dy, ctx.bias_meta), None, None, None)
+    mask = list(ctx.needs_input_grad[:3])
+    grads = _run("group_norm_backward", ctx.compiled)(dy, x, weight, mean, rstd, num_groups, eps, backend, mask)
+    return _finish(ctx, *grads, 3)
+
+
+def _ln_backward(ctx, dy, *_):
+    x, weight, mean, rstd = ctx.saved_tensors
+    k, eps, rms, backend = ctx.args
+    if torch.is_grad_enabled():
+        fwd = lambda x_, w_, b_: reference.layer_norm(x_, k, w_, b_, eps, rms=rms)[0]  # noqa: E731
+        return (*_composite_grads(ctx, fwd, x, weight, dy, ctx.bias_meta), None, None, None, None)
+    mask = list(ctx.needs_input_grad[:3])
+    grads = _run("layer_norm_backward", ctx.compiled)(dy, x, weight, mean, rstd, k, eps, rms, backend, mask)
+    return _finish(ctx, *grads, 4)
+
+
+def _bn_eval_setup(ctx, inputs, output):  # noqa: ARG001 - output is y, not needed
+    x, mean, var, weight, bias, eps, center_only, _ = inputs
+    ctx.save_for_backward(x, mean, var, weight)
+    ctx.args = (eps, center_only)
+    ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+
+
+def _bn_eval_backward(ctx, dy):
+    """y = a·x + b with a = γ·rsqrt(σ² + ε), b = β − a·μ: the gradients are torch ops, so they are
+    themselves differentiable (double backward needs no composite here)."""
+    x, mean, var, weight = ctx.saved_tensors
+    eps, center_only = ctx.args
+    need = ctx.needs_input_grad
+    acc = reference.compute_dtype(x.dtype)
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    rstd = torch.ones_like(mean, dtype=acc) if center_only else torch.rsqrt(var.to(acc) + eps)
+    w = torch.ones_like(rstd) if weight is None else weight.to(acc)
+    a = (rstd * w).view(view)
+    dyc = dy.to(acc)
+    red = [0] + list(range(2, x.dim()))
+    dx = _canonical((dyc * a).to(x.dtype), x, True) if need[0] else None
+    sum_dy = dyc.sum(red) if (need[1] or need[4]) else None
+    sum_dy_xc = (dyc * (x.to(acc) - mean.to(acc).view(view))).sum(red) if (need[2] or need[3]) else None
+    dmean = (-sum_dy * rstd * w).to(mean.dtype) if need[1] else None
+    dvar = None
+    if need[2] and var is not None:
+        dvar = (-0.5 * sum_dy_xc * w * rstd**3).to(var.dtype)
+    dw = (sum_dy_xc * rstd).to(weight.dtype) if need[3] else None
+    db = sum_dy.to(ctx.bias_meta[1]) if need[4] else None
+    return dx, dmean, dvar, dw, db, None, None, None
+
+
+def _setup_op(ctx, inputs, output):
+    _setup(ctx, inputs, output)
+    ctx.compiled = True
+
+
+_ops["batch_norm"].register_autograd(_bn_backward, setup_context=_setup_op)
+_ops["group_norm"].register_autograd(_gn_backward, setup_context=_setup_op)
+_ops["layer_norm"].register_autograd(_ln_backward, setup_context=_setup_op)
+_ops["batch_norm_eval"].register_autograd(_bn_eval_backward, setup_context=_bn_eval_setup)
+
+
+_IMPLS = {
+    "batch_norm": _batch_norm_impl,
+    "batch_norm_backward": _batch_norm_backward_impl,
+    "batch_norm_eval": _batch_norm_eval_impl,
+    "group_norm": _group_norm_impl,
+    "group_norm_backward": _group_norm_backward_impl,
+    "layer_norm": _layer_norm_impl,
+    "layer_norm_backward": _layer_norm_backward_impl,
+}
+
+
+def _eager_function(name: str, backward, setup=_setup, n_out: int = 4):
+    """The operator's implementation and autograd formula as a plain autograd.Function."""
+
+    def forward(*args):
+        return _IMPLS[name](*args)
+
+    def setup_context(ctx, inputs, output):
+        setup(ctx, inputs, output if n_out > 1 else (output,))
+        ctx.compiled = False
+
+    return type(f"_{name}", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+    })
+
+
+_EAGER = {
+    "batch_norm": _eager_function("batch_norm", _bn_backward),
+    "group_norm": _eager_function("group_norm", _gn_backward),
+    "layer_norm": _eager_function("layer_norm", _ln_backward),
+    "batch_norm_eval": _eager_function("batch_norm_eval", _bn_eval_backward, setup=_bn_eval_setup, n_out=1),
+}
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# The composite of each forward operator (reference backend, plain differentiable torch ops),
+# what functorch transforms differentiate and batch.
+_COMPOSITE = {
+    "batch_norm": lambda x, w, b, eps, center, _: reference.batch_norm(x, w, b, eps, center_only=center),
+    "batch_norm_eval": lambda x, m, v, w, b, eps, center, _: reference.batch_norm_eval(
+        x, m, v, w, b, eps, center_only=center),
+    "group_norm": lambda x, w, b, g, eps, _: reference.group_norm(x, g, w, b, eps),
+    "layer_norm": lambda x, w, b, k, eps, rms, _: reference.layer_norm(x, k, w, b, eps, rms=rms),
+}
+
+
+def _functorch_active() -> bool:
+    return torch._C._are_functorch_transforms_active()
+
+
+def call(name: str, *args):
+    """Run forward operator ``name``.
+
+    Under torch.compile the operator itself (dynamo records one opaque node; inductor calls the
+    kernel); under a functorch transform (vmap, grad, jvp, ...) the reference composite, which
+    functorch decomposes; otherwise the same implementation as the operator, called directly
+    and through autograd only when a gradient can be needed.
+    """
+    if torch.compiler.is_compiling():
+        return _ops[name](*args)
+    if _functorch_active():
+        return _COMPOSITE[name](*args)
+    grad_args = args[:5] if name == "batch_norm_eval" else args[:3]
+    if _needs_grad(*grad_args):
+        return _EAGER[name].apply(*args)
+    return _IMPLS[name](*args)
+
+
+def batch_norm(x, weight, bias, eps: float, center_only: bool = False, backend: str | None = None):
+    """(y, mean, var, rstd) of training batch norm through the ``normlab::batch_norm`` operator."""
+    return call("batch_norm", x, weight, bias, float(eps), center_only, backend or "")
+
+
+def batch_norm_eval(x, mean, var, weight, bias, eps: float, center_only: bool = False, backend: str | None = None):
+    """y of batch norm with given statistics through ``normlab::batch_norm_eval``."""
+    return call("batch_norm_eval", x, mean, var, weight, bias, float(eps), center_only, backend or "")
+
+
+def group_norm(x, num_groups: int, weight, bias, eps: float, backend: str | None = None):
+    """(y, mean, var, rstd) through ``normlab::group_norm``."""
+    return call("group_norm", x, weight, bias, int(num_groups), float(eps), backend or "")
+
+
+def layer_norm(x, normalized_ndim: int, weight, bias, eps: float, rms: bool = False, backend: str | None = None):
+    """(y, mean, var, rstd) through ``normlab::layer_norm``."""
+    return call("layer_norm", x, weight, bias, int(normalized_ndim), float(eps), rms, backend or "")
