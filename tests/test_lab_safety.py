@@ -153,3 +153,189 @@ def test_missing_module_says_where_it_looked(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(ValueError, match=r"no module named 'mymodels_nowhere' in the .*current "
                                          r"folder " + str(tmp_path)):
         load_dataset("mymodels_nowhere:build")
+
+
+# --------------------------------------------------------------------------------------------
+# case 2: the store trusts nothing it reads
+# --------------------------------------------------------------------------------------------
+import io  # noqa: E402
+import json  # noqa: E402
+import sqlite3  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import lab_fake_runners  # noqa: E402,F401  (registers the fake-* runners)
+from normlab.lab.store import DB_NAME, Store, StoreError  # noqa: E402
+from normlab.lab.sweep import prepare_configs, run_sweep  # noqa: E402
+
+
+def test_tampered_row_is_never_executed(tmp_path: Path) -> None:
+    legit = {"runner": "fake-echo", "value": 3, "epochs": 1}
+    (first,) = run_sweep("s", [legit], tmp_path, workers=1, progress=False)
+    marker = tmp_path / "pwned"
+    evil = {"runner": "train", "data": "os:system", "data_options": {"command": f"touch {marker}"}}
+    conn = sqlite3.connect(tmp_path / DB_NAME)
+    conn.execute("UPDATE runs SET config = ?, status = 'pending' WHERE run_id = ?",
+                 (json.dumps(evil), first.run_id))
+    conn.commit()
+    conn.close()
+    with Store(tmp_path) as s:
+        with pytest.raises(StoreError, match="does not hash to its id"):
+            s.config(first.run_id)
+        assert s.results() == [] and s.corrupt == {first.run_id}  # never reported as a result
+    err = io.StringIO()
+    from normlab.lab.sweep import run_many
+
+    (again,) = run_many([("s", legit)], tmp_path, workers=1, progress=False, stream=err)
+    assert not marker.exists()
+    assert again.run_id == first.run_id and again.status == "done" and again.final["value"] == 3
+    assert "1 run row(s) did not match their id" in err.getvalue()
+
+
+def test_resume_executes_only_the_current_commands_configs(tmp_path: Path) -> None:
+    marker = tmp_path / "other-ran"
+    with Store(tmp_path) as s:  # a pending row some earlier (or hostile) writer left
+        s.add_runs("s", [{"runner": "fake-sleepy", "index": 0, "epochs": 1, "sleep": 0,
+                          "marker_dir": str(tmp_path), "x": str(marker)}])
+    (r,) = run_sweep("s", [{"runner": "fake-echo", "value": 1}], tmp_path, workers=1, progress=False)
+    assert r.done and not (tmp_path / "0.log").exists()
+
+
+def test_foreign_sqlite_file_is_left_byte_identical(tmp_path: Path) -> None:
+    db = tmp_path / DB_NAME
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE runs (name TEXT, km REAL)")
+    conn.execute("INSERT INTO runs VALUES ('sunday', 12.5)")
+    conn.commit()
+    conn.close()
+    before = db.read_bytes()
+    with pytest.raises(StoreError) as info:
+        Store(tmp_path)
+    assert str(info.value).startswith(f"{db}: not a normlab results store (SQLite tables: runs)")
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DB_NAME]  # no -wal, no -shm
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated", "zeroed"])
+def test_corrupt_store_is_one_line_with_recovery(tmp_path: Path, damage: str) -> None:
+    run_sweep("s", [{"runner": "fake-echo", "value": i} for i in range(50)], tmp_path / "ok",
+              workers=1, progress=False)
+    good = (tmp_path / "ok" / DB_NAME)
+    with Store(good):
+        pass  # checkpoint the WAL into the main file
+    raw = good.read_bytes()
+    if damage == "random":
+        data = np.random.default_rng(0).bytes(len(raw))
+    elif damage == "truncated":
+        data = raw[: len(raw) // 3]
+    else:
+        data = raw[:100] + b"\0" * (len(raw) - 100)
+    bad = tmp_path / "bad" / DB_NAME
+    bad.parent.mkdir()
+    bad.write_bytes(data)
+    with pytest.raises(StoreError) as info:
+        Store(bad.parent)
+    msg = str(info.value)
+    assert msg.startswith(str(bad)) and "\n" not in msg
+    assert "move it away" in msg or "not a normlab results store" in msg
+    assert bad.read_bytes() == data
+
+
+def test_new_store_has_application_id(tmp_path: Path) -> None:
+    from normlab.lab.store import APPLICATION_ID
+
+    Store(tmp_path).close()
+    conn = sqlite3.connect(tmp_path / DB_NAME)
+    assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# case 4: CSV formula injection
+# --------------------------------------------------------------------------------------------
+def test_csv_cells_cannot_be_formulas(tmp_path: Path) -> None:
+    import csv
+
+    cfgs = [{"runner": "fake-echo", "value": v, "note": v}
+            for v in ("=HYPERLINK(\"http://x\",\"y\")", "+1", "-2", "@SUM(A1)", "\tx", "\rx", "ok")]
+    cfgs.append({"runner": "fake-echo", "value": -3.5, "note": "neg number stays a number"})
+    with Store(tmp_path) as s:
+        ids = s.add_runs("s", cfgs)
+        for rid in ids:
+            a = s.claim(rid)
+            s.finish_run(rid, {"loss": float("-inf"), "delta": -0.25}, attempt=a)
+        path = s.to_csv(tmp_path / "results.csv")
+    rows = list(csv.DictReader(path.open(newline="")))
+    notes = [r["config.note"] for r in rows]
+    assert notes[:7] == ["'=HYPERLINK(\"http://x\",\"y\")", "'+1", "'-2", "'@SUM(A1)", "'\tx", "'\rx", "ok"]
+    assert rows[7]["config.value"] == "-3.5"
+    assert rows[0]["final.loss"] == "-inf" and rows[0]["final.delta"] == "-0.25"
+
+
+# --------------------------------------------------------------------------------------------
+# case 7: results are a function of the data's content
+# --------------------------------------------------------------------------------------------
+TINY = {"runner": "train", "model": "mlp", "norm": "bn", "epochs": 1, "batch_size": 16,
+        "max_steps": 4, "seed": 0}
+
+
+def _npz(path: Path, n: int, classes: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    np.savez(path, x=rng.standard_normal((n, 6)).astype(np.float32), y=np.arange(n) % classes)
+
+
+def test_changed_data_file_is_a_new_run(tmp_path: Path) -> None:
+    data = tmp_path / "mine.npz"
+    _npz(data, 200, 2, 0)
+    cfg = {**TINY, "data": str(data)}
+    (a,) = run_sweep("s", [cfg], tmp_path / "run", workers=1, progress=False)
+    assert a.done and a.final["n_train"] == 160
+    assert a.config["data_identity"]["size"] == data.stat().st_size
+    _npz(data, 1000, 7, 1)  # same path, new content
+    (b,) = run_sweep("s", [cfg], tmp_path / "run", workers=1, progress=False)
+    assert b.run_id != a.run_id and b.done and b.final["n_train"] == 800
+    assert prepare_configs([{"data": "digits"}])[0]["data_identity"] == {"builtin": "digits", "version": 1}
+
+
+# --------------------------------------------------------------------------------------------
+# case 8: results do not depend on --workers; a run is reproducible bit for bit
+# --------------------------------------------------------------------------------------------
+# Batches of 128 make torch split BN's reductions over threads: on main this config's BN run gave
+# val loss 1.6749141767 with --workers 1 (2 threads) and 1.6749140067 with --workers 2 (1 each).
+CNN = {"runner": "train", "data": "digits", "model": "cnn", "norm": "gn:16", "epochs": 1,
+       "batch_size": 128, "max_steps": 8, "seed": 0, "data_options": {"limit": 1024}}
+_TIMING = ("time", "peak_rss")
+
+
+def _metrics(r) -> dict:
+    return {k: v for k, v in r.final.items() if not any(t in k for t in _TIMING)}
+
+
+@pytest.mark.slow
+def test_workers_do_not_change_results(tmp_path: Path) -> None:
+    cfgs = [CNN, {**CNN, "norm": "bn"}]
+    one = run_sweep("w", cfgs, tmp_path / "w1", workers=1, progress=False)
+    two = run_sweep("w", cfgs, tmp_path / "w2", workers=2, progress=False)
+    assert [r.run_id for r in one] == [r.run_id for r in two]
+    assert all(r.done for r in one + two), [r.error for r in one + two]
+    assert [_metrics(r) for r in one] == [_metrics(r) for r in two]
+    assert [[{k: v for k, v in e.items() if not any(t in k for t in _TIMING)} for e in r.epochs]
+            for r in one] == [[{k: v for k, v in e.items() if not any(t in k for t in _TIMING)}
+                               for e in r.epochs] for r in two]
+
+
+def test_run_is_bitwise_reproducible_in_a_fresh_process(tmp_path: Path) -> None:
+    script = (
+        "import json, sys\n"
+        "from normlab.lab.sweep import run_sweep\n"
+        "(r,) = run_sweep('b', [json.loads(sys.argv[1])], sys.argv[2], workers=1, progress=False)\n"
+        "print(json.dumps({k: v for k, v in r.final.items() if 'time' not in k and 'rss' not in k}))\n"
+    )
+    here = run_sweep("b", [CNN], tmp_path / "here", workers=1, progress=False)[0]
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(CNN), str(tmp_path / "fresh")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr
+    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert fresh == json.loads(json.dumps(_metrics(here)))
+    assert fresh["final_val_loss"].hex() == here.final["final_val_loss"].hex()

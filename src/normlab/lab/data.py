@@ -58,8 +58,10 @@ deterministic stratified subset for classification, the first ``limit`` otherwis
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -80,6 +82,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 __all__ = [
     "DataBundle",
+    "data_identity",
     "dataset_names",
     "import_object",
     "load_dataset",
@@ -1283,3 +1286,89 @@ def load_dataset(
     bundle.train = _limit(bundle.train, limit, classification, "limit")
     bundle.val = _limit(bundle.val, val_limit, classification, "val_limit")
     return bundle
+
+
+# --------------------------------------------------------------------------------------------
+# Content identity (part of every run's config, so changed data means new runs)
+# --------------------------------------------------------------------------------------------
+#: Version of each built-in data set's generator: bump it when a loader's output changes.
+BUILTIN_VERSIONS: dict[str, int] = {}
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> tuple[int, str]:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    digest = _FILE_HASHES.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        digest = _FILE_HASHES[key] = h.hexdigest()
+    return st.st_size, digest
+
+
+def _files_identity(files: Sequence[Path], root: Path | None) -> dict[str, Any]:
+    h = hashlib.sha256()
+    total = 0
+    for f in files:
+        size, digest = _file_sha256(f)
+        total += size
+        rel = f.relative_to(root).as_posix() if root is not None else f.name
+        h.update(f"{rel}\0{size}\0{digest}\n".encode())
+    return {"files": len(files), "size": total, "sha256": h.hexdigest()}
+
+
+def data_identity(spec: str) -> dict[str, Any] | None:
+    """What the data named by ``spec`` *is*, for run ids: content for files, version for built-ins.
+
+    * a file or ``IMAGES,LABELS`` pair: number of files, total size and a SHA-256 over the files'
+      SHA-256 digests; a directory: the same over every file below it (hidden ones excepted);
+    * a built-in data set: its name and generator version (``mnist1d``: the package's version);
+    * ``module:function``: the spec and the SHA-256 of the module's source file, when found.
+
+    ``None`` when ``spec`` names nothing loadable (loading it will report the error).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        return None
+    spec = spec.strip()
+    if spec in _REGISTRY:
+        ident: dict[str, Any] = {"builtin": spec, "version": BUILTIN_VERSIONS.get(spec, 1)}
+        if spec == "mnist1d":
+            try:
+                from importlib.metadata import version
+
+                ident["mnist1d"] = version("mnist1d")
+            except Exception:  # not installed: loading reports it
+                pass
+        return ident
+    if "," in spec:
+        files = [Path(p.strip()).expanduser() for p in spec.split(",", 1)]
+        if all(f.is_file() for f in files):
+            return _files_identity(files, None)
+        return None
+    path = Path(spec).expanduser()
+    if path.is_file():
+        files = [path]
+        if "idx3" in path.name:
+            with contextlib.suppress(FileNotFoundError):
+                files.append(_companion_labels(path))
+        return _files_identity(files, None)
+    if path.is_dir():
+        files = sorted(
+            (f for f in path.rglob("*") if f.is_file()
+             and not any(part.startswith(".") for part in f.relative_to(path).parts)),
+            key=lambda f: f.relative_to(path).as_posix(),
+        )
+        return _files_identity(files, path)
+    if _MODULE_FUNCTION.match(spec):
+        ident = {"function": spec}
+        try:
+            found = importlib.util.find_spec(spec.partition(":")[0])
+        except (ImportError, ValueError):
+            found = None
+        if found is not None and found.origin and os.path.isfile(found.origin):
+            ident["source_sha256"] = _file_sha256(Path(found.origin))[1]
+        return ident
+    return None
