@@ -82,6 +82,12 @@ OVERRIDE_OPTIONS: dict[str, str] = {
 }
 
 
+#: Most seeds a command may ask for, and most runs one study's grid may have (checked before
+#: the run configs are built, so an absurd grid is an error, not an out-of-memory crash).
+MAX_SEEDS = 10_000
+MAX_RUNS = 100_000
+
+
 class StudyError(ValueError):
     """A user-facing error about a study (unknown name, option it does not have, bad setting)."""
 
@@ -310,6 +316,9 @@ def apply_overrides(cfg: Any, *, study: str | None = None, **options: Any) -> An
                 f"unknown override {opt!r}; valid: {', '.join(sorted(OVERRIDE_OPTIONS))}"
             )
         fname = OVERRIDE_OPTIONS[opt]
+        if fname not in fields and f"{fname}s" in fields and isinstance(value, str):
+            # --model / --data on a study that sweeps several: one (or a comma-separated list)
+            fname, value = f"{fname}s", [v.strip() for v in value.split(",") if v.strip()]
         if fname not in fields:
             have = [o for o, f in OVERRIDE_OPTIONS.items() if f in fields]
             flag = "--" + opt.replace("_", "-")
@@ -318,6 +327,8 @@ def apply_overrides(cfg: Any, *, study: str | None = None, **options: Any) -> An
                 + (", ".join("--" + o.replace("_", "-") for o in have) or "none of the common options")
             )
         current = getattr(cfg, fname, _field_default(fields[fname]))
+        if opt == "seeds" and isinstance(value, int) and value > MAX_SEEDS:
+            raise StudyError(f"--seeds: expected at most {MAX_SEEDS} seeds, got {value}")
         if opt == "seeds" and isinstance(value, int) and not isinstance(current, int):
             if value < 1:
                 raise StudyError(f"--seeds must be >= 1, got {value}")
