@@ -139,6 +139,8 @@ def inspect_store(path: str | os.PathLike[str]) -> None:
         # have the latest values yet.
         app_id = int(conn.execute("PRAGMA application_id").fetchone()[0]) & 0xFFFFFFFF
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.OperationalError as exc:  # e.g. a WAL store in a read-only folder
+        raise StoreError(f"{p}: cannot read the results store ({exc}); is its folder read-only?") from None
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{p}: the results store is corrupt ({exc}); " + _recover_hint(p)) from None
     finally:
