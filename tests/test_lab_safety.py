@@ -339,3 +339,42 @@ def test_run_is_bitwise_reproducible_in_a_fresh_process(tmp_path: Path) -> None:
     fresh = json.loads(proc.stdout.strip().splitlines()[-1])
     assert fresh == json.loads(json.dumps(_metrics(here)))
     assert fresh["final_val_loss"].hex() == here.final["final_val_loss"].hex()
+
+
+# --------------------------------------------------------------------------------------------
+# case 3: the numba cache folder cannot be planted by another local user
+# --------------------------------------------------------------------------------------------
+def test_numba_cache_folder_must_be_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stat
+    import tempfile
+
+    ckc = pytest.importorskip("normlab.core.cpu_kernels_common")
+    import numba
+
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")  # no NUMBA_CACHE_DIR
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("NORMLAB_NUMBA_CACHE_DIR", str(shared))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    # the documented order, skipping the group/other-writable folder; never the package's
+    # __pycache__ (writable here, and used first before)
+    assert ckc._choose_cache_dir() == (True, str(tmp_path / "xdg" / "numba"))
+    assert stat.S_IMODE(os.stat(tmp_path / "xdg" / "numba").st_mode) == 0o700
+    (tmp_path / "xdg" / "numba").chmod(0o777)
+    fallback = tmp_path / "tmp" / f"normlab-numba-cache-{os.getuid()}"
+    assert ckc._choose_cache_dir() == (True, str(fallback))
+    assert stat.S_IMODE(os.stat(fallback).st_mode) == 0o700
+    # another user pre-created the last-resort folder world-writable: caching is off
+    fallback.chmod(0o777)
+    assert ckc._choose_cache_dir() == (False, None)
+    if os.geteuid() == 0:  # a folder owned by someone else, however private, is refused too
+        fallback.chmod(0o700)
+        os.chown(fallback, 65534, 65534)
+        assert ckc._choose_cache_dir() == (False, None)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "xdg")
+    monkeypatch.setenv("NORMLAB_NUMBA_CACHE_DIR", str(link))
+    assert ckc._choose_cache_dir() == (False, None)
