@@ -66,11 +66,7 @@ def _cwd_importable() -> None:
     """Make the current folder importable, as ``python -m`` does (for ``--model mod:fn``)."""
     cwd = os.getcwd()
     if not any(os.path.abspath(p or os.curdir) == cwd for p in sys.path):
-        sys.path.insert(0, cwd)
-    # Spawned workers get sys.path from this process; PYTHONPATH covers their re-import too.
-    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    if cwd not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([cwd] + [q for q in paths if q])
+        sys.path.insert(0, cwd)  # spawned sweep workers start with this process's sys.path
 
 
 def _parse_data_options(items: list[str] | None, num_classes: int | None) -> dict[str, Any]:
