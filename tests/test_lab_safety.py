@@ -312,33 +312,49 @@ def _metrics(r) -> dict:
     return {k: v for k, v in r.final.items() if not any(t in k for t in _TIMING)}
 
 
+_SWEEP = (
+    "import json, sys\n"
+    "from normlab.lab.sweep import run_sweep\n"
+    "if __name__ == '__main__':\n"
+    "    rs = run_sweep('w', json.loads(sys.argv[1]), sys.argv[2], workers=int(sys.argv[3]),\n"
+    "                   progress=False)\n"
+    "    print(json.dumps([[r.run_id, r.status, r.error, r.final, r.epochs] for r in rs]))\n"
+)
+
+
+def _fresh_sweep(configs: list, run_dir: Path, workers: int) -> list:
+    """A sweep as a user starts it: a fresh Python process (no state left by other tests)."""
+    script = run_dir.parent / "sweep_script.py"
+    script.write_text(_SWEEP)
+    proc = subprocess.run([sys.executable, str(script), json.dumps(configs), str(run_dir),
+                           str(workers)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _strip_timing(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not any(t in k for t in _TIMING)}
+
+
 @pytest.mark.slow
 def test_workers_do_not_change_results(tmp_path: Path) -> None:
     cfgs = [CNN, {**CNN, "norm": "bn"}]
-    one = run_sweep("w", cfgs, tmp_path / "w1", workers=1, progress=False)
-    two = run_sweep("w", cfgs, tmp_path / "w2", workers=2, progress=False)
-    assert [r.run_id for r in one] == [r.run_id for r in two]
-    assert all(r.done for r in one + two), [r.error for r in one + two]
-    assert [_metrics(r) for r in one] == [_metrics(r) for r in two]
-    assert [[{k: v for k, v in e.items() if not any(t in k for t in _TIMING)} for e in r.epochs]
-            for r in one] == [[{k: v for k, v in e.items() if not any(t in k for t in _TIMING)}
-                               for e in r.epochs] for r in two]
+    one = _fresh_sweep(cfgs, tmp_path / "w1", 1)
+    two = _fresh_sweep(cfgs, tmp_path / "w2", 2)
+    assert [r[0] for r in one] == [r[0] for r in two]
+    assert all(r[1] == "done" for r in one + two), [r[2] for r in one + two]
+    assert [_strip_timing(r[3]) for r in one] == [_strip_timing(r[3]) for r in two]
+    assert [[_strip_timing(e) for e in r[4]] for r in one] == [[_strip_timing(e) for e in r[4]]
+                                                              for r in two]
 
 
+@pytest.mark.slow
 def test_run_is_bitwise_reproducible_in_a_fresh_process(tmp_path: Path) -> None:
-    script = (
-        "import json, sys\n"
-        "from normlab.lab.sweep import run_sweep\n"
-        "(r,) = run_sweep('b', [json.loads(sys.argv[1])], sys.argv[2], workers=1, progress=False)\n"
-        "print(json.dumps({k: v for k, v in r.final.items() if 'time' not in k and 'rss' not in k}))\n"
-    )
-    here = run_sweep("b", [CNN], tmp_path / "here", workers=1, progress=False)[0]
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(CNN), str(tmp_path / "fresh")],
-                          capture_output=True, text=True, timeout=300, env={**os.environ})
-    assert proc.returncode == 0, proc.stderr
-    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert fresh == json.loads(json.dumps(_metrics(here)))
-    assert fresh["final_val_loss"].hex() == here.final["final_val_loss"].hex()
+    (a,) = _fresh_sweep([CNN], tmp_path / "a", 1)
+    (b,) = _fresh_sweep([CNN], tmp_path / "b", 1)
+    assert a[1] == b[1] == "done"
+    assert _strip_timing(a[3]) == _strip_timing(b[3])
+    assert float(a[3]["final_val_loss"]).hex() == float(b[3]["final_val_loss"]).hex()
 
 
 # --------------------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def _prepare(
     import dataclasses
     import math
 
-    from normlab.lab.studies import MAX_RUNS, StudyError, apply_overrides
+    from normlab.lab.studies import MAX_RUNS, StudyError, apply_overrides, merge_data_options
 
     cfg = study.default_config(quick)
     cfg = apply_overrides(cfg, study=study.name, **overrides)
@@ -189,14 +189,9 @@ def _prepare(
     if len(configs) > MAX_RUNS:
         raise StudyError(f"study {study.name!r}: {len(configs)} runs, more than the limit of {MAX_RUNS}")
     if data_options:
-        for c in configs:
-            if "data" not in c:
-                continue
-            if not isinstance(c.get("data_options", {}), dict):
-                raise StudyError(f"study {study.name!r} does not take --data-option")
-            c["data_options"] = {**c.get("data_options", {}), **data_options}
         if not any("data" in c for c in configs):
             raise StudyError(f"study {study.name!r} has no data to pass --data-option to")
+        configs = merge_data_options(configs, data_options)
     return cfg, configs
 
 
@@ -281,7 +276,7 @@ def _execute(
     *,
     force: bool = False,
     dry_run: bool = False,
-    check_builtin: bool = False,
+    data_options: dict[str, Any] | None = None,
 ) -> None:
     """Run the sweeps of ``plan`` in ``out`` (one pool), build the report, print its path."""
     import signal
@@ -300,7 +295,7 @@ def _execute(
         _fail(f"--out: cannot use {out} ({exc.strerror or exc})")
     jobs = [(study.name, c) for study, _cfg, configs, _q in plan for c in configs]
     try:
-        _validate([c for _s, c in jobs], check_builtin)
+        _validate([c for _s, c in jobs], bool(data_options))
     except ValueError as exc:
         _fail(str(exc))
     n_studies = len(plan)
@@ -310,7 +305,8 @@ def _execute(
         return
     # The configs are recorded by the sweep once it holds the directory's lock, so a command
     # refused because another sweep is running there changes nothing.
-    meta = dict(config_meta(study, cfg, quick=quick) for study, cfg, _c, quick in plan)
+    meta = dict(config_meta(study, cfg, quick=quick, data_options=data_options)
+                for study, cfg, _c, quick in plan)
     if not quiet:
         typer.echo(summary, err=True)
 
@@ -403,7 +399,7 @@ def study_cmd(
         _fail(str(exc))
     out_dir = out if out is not None else DEFAULT_RUNS_DIR / study.name
     _execute([(study, cfg, configs, quick)], out_dir, workers, quiet, force=force,
-             dry_run=dry_run, check_builtin=bool(data_options))
+             dry_run=dry_run, data_options=data_options)
 
 
 @app.command("demo")
