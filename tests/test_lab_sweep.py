@@ -18,7 +18,7 @@ import pytest
 import lab_fake_runners  # noqa: F401  (registers the fake-* runners)
 from normlab.lab import runners
 from normlab.lab.store import DB_NAME, Store
-from normlab.lab.sweep import SweepLockedError, _dir_lock, available_cores, run_many, run_sweep
+from normlab.lab.sweep import SweepLockedError, _dir_lock, run_many, run_sweep
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -118,10 +118,11 @@ def test_pool_sweep_threads_and_processes(tmp_path: Path) -> None:
     results = run_sweep("pool", configs, tmp_path, workers=2, progress=False)
     assert all(r.status == "done" for r in results), [r.error for r in results]
     assert all(r.final.get("pid", -1) != os.getpid() for r in results[:4])
-    expected = max(1, available_cores() // 2)
+    # A run's threads come from its config (default 1), never from the number of workers.
     for r in results[4:]:
-        assert r.final["threads"] == expected
-        assert r.final["omp"] == str(expected)
+        assert r.config["threads"] == 1
+        assert r.final["threads"] == 1
+        assert r.final["omp"] == "1"
     assert all(len(r.epochs) == 2 for r in results[:4])
 
 

@@ -8,10 +8,17 @@ Commands::
     normlab demo [--out DIR] [--workers N]  every study's quick profile, one report
     normlab bench ...                       benchmarks (from normlab.bench)
 
-Bad input (unknown study, option a study does not have, malformed list) prints a one-line error
-and exits with status 2, without a traceback. A sweep with failed runs still writes its report and
-exits with status 1. Heavy modules (torch, matplotlib, studies) are imported only by the commands
-that need them, so ``normlab --help`` is instant.
+Every failure prints one line, ``Error: ...``, without a traceback. Exit status 2: bad input
+(unknown study, option a study does not have, malformed list, data or model that does not load,
+an ``--out`` that is not a run directory, a foreign or corrupt ``results.sqlite``); 1: a sweep with
+failed runs (its report is still written); 130: interrupted (Ctrl-C); 143: terminated (SIGTERM).
+Interrupted or terminated, the run directory is resumable: the same command continues it.
+
+Before a sweep starts, its data and model are validated once (data loads, labels and features
+are sane, the model's output fits the classes on one batch), so bad input is one error, not one
+failed run per config. The current folder is importable for ``--model``/``--data`` specs
+``module:function`` (as with ``python -m``). Heavy modules (torch, matplotlib, studies) are
+imported only by the commands that need them, so ``normlab --help`` is instant.
 """
 
 from __future__ import annotations
@@ -45,8 +52,41 @@ app = typer.Typer(
 
 def _fail(message: str, code: int = 2) -> NoReturn:
     """Print ``Error: message`` on stderr and exit with ``code`` (2 = bad input)."""
-    typer.echo(f"Error: {message}", err=True)
+    line = " ".join(str(message).split())  # one line, whatever the message held
+    typer.echo(f"Error: {line}", err=True)
     raise typer.Exit(code)
+
+
+def _os_error(exc: OSError, what: str) -> str:
+    where = exc.filename if exc.filename is not None else what
+    return f"cannot write {where}: {exc.strerror or exc}"
+
+
+def _cwd_importable() -> None:
+    """Make the current folder importable, as ``python -m`` does (for ``--model mod:fn``)."""
+    cwd = os.getcwd()
+    if not any(os.path.abspath(p or os.curdir) == cwd for p in sys.path):
+        sys.path.insert(0, cwd)  # spawned sweep workers start with this process's sys.path
+
+
+def _parse_data_options(items: list[str] | None, num_classes: int | None) -> dict[str, Any]:
+    """``--data-option key=value`` (value as JSON when it parses: numbers, lists, true/false)."""
+    import json
+
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            _fail(f"--data-option: expected key=value, got {item!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        options[key] = value
+    if num_classes is not None:
+        options["num_classes"] = num_classes
+    return options
 
 
 def _parse_list(text: str | None, option: str, convert: Callable[[str], T]) -> list[T] | None:
@@ -90,6 +130,7 @@ def _root(
     ),
 ) -> None:
     """normlab: normalization layers for PyTorch, and a lab that tests the literature's claims."""
+    _cwd_importable()
 
 
 # -- studies ---------------------------------------------------------------------------------------
@@ -122,21 +163,109 @@ def studies_cmd(
 
 
 def _prepare(
-    study: Study, quick: bool, overrides: dict[str, Any]
+    study: Study, quick: bool, overrides: dict[str, Any], data_options: dict[str, Any] | None = None
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Config (profile + overrides, validated) and run configs of one study."""
-    from normlab.lab.studies import StudyError, apply_overrides
+    import dataclasses
+    import math
+
+    from normlab.lab.studies import MAX_RUNS, StudyError, apply_overrides, merge_data_options
 
     cfg = study.default_config(quick)
     cfg = apply_overrides(cfg, study=study.name, **overrides)
     study.validate(cfg)
+    axes = [getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if f.name in ("norms", "batch_sizes", "seeds", "models", "data")]
+    size = math.prod(len(a) for a in axes if isinstance(a, (list, tuple)) and a)
+    if size > MAX_RUNS:
+        raise StudyError(f"study {study.name!r}: the grid has {size} combinations, more than the "
+                         f"limit of {MAX_RUNS} runs; use fewer seeds, norms or batch sizes")
     try:
         configs = study.runs(cfg)
     except ValueError as exc:  # a setting runs() cannot turn into runs (e.g. unknown norm)
         raise StudyError(f"study {study.name!r}: {exc}") from exc
     if not configs:
         raise StudyError(f"study {study.name!r} has no runs for this configuration")
+    if len(configs) > MAX_RUNS:
+        raise StudyError(f"study {study.name!r}: {len(configs)} runs, more than the limit of {MAX_RUNS}")
+    if data_options:
+        if not any("data" in c for c in configs):
+            raise StudyError(f"study {study.name!r} has no data to pass --data-option to")
+        configs = merge_data_options(configs, data_options)
     return cfg, configs
+
+
+def _validate(configs: list[dict[str, Any]], check_builtin: bool) -> None:
+    """Load each distinct data set once and run each distinct model on one batch of it.
+
+    Built-in data (and built-in models on it) are checked only when ``check_builtin`` (the user
+    passed data options): they are tested with the library. Raises ``ValueError`` with one line.
+    """
+    import json
+
+    from normlab.lab.data import dataset_names, load_dataset
+
+    builtin = set(dataset_names())
+    loaded: dict[str, Any] = {}
+    checked: set[str] = set()
+    for c in configs:
+        spec = c.get("data")
+        if not isinstance(spec, str):
+            continue
+        user_model = isinstance(c.get("model"), str) and ":" in c["model"]
+        if spec in builtin and not check_builtin and not user_model:
+            continue
+        opts = c.get("data_options") or {}
+        key = json.dumps([spec, opts, c.get("data_seed", 0), c.get("val_fraction", 0.2)],
+                         sort_keys=True, default=str)
+        if key not in loaded:
+            try:
+                loaded[key] = load_dataset(spec, seed=int(c.get("data_seed", 0)),
+                                           val_fraction=c.get("val_fraction", 0.2), **opts)
+            except (ValueError, TypeError, OSError) as exc:
+                raise ValueError(str(exc) if str(exc).startswith(("data", spec)) or spec in str(exc)
+                                 else f"data {spec!r}: {exc}") from None
+        bundle = loaded[key]
+        if not isinstance(c.get("model"), str) or not isinstance(c.get("norm"), str):
+            continue
+        mkey = json.dumps([key, c["model"], c.get("model_options") or {}], sort_keys=True, default=str)
+        if mkey in checked or (not user_model and spec in builtin):
+            continue
+        checked.add(mkey)
+        _check_model(c, bundle)
+
+
+def _check_model(c: dict[str, Any], bundle: Any) -> None:
+    """Build the config's model for ``bundle`` and check its output shape on one batch."""
+    import torch
+
+    from normlab.lab.models import build_model
+
+    spec = c["model"]
+    try:
+        model = build_model(spec, norm=c["norm"], input_shape=bundle.input_shape,
+                            num_classes=bundle.num_classes, **(c.get("model_options") or {}))
+        x = bundle.train.tensors[0][:2]
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(str(exc)) from None
+    except Exception as exc:
+        raise ValueError(f"model {spec!r}: building it or running it on one batch of "
+                         f"{bundle.name} failed ({type(exc).__name__}: {exc})") from None
+    k = bundle.num_classes or 1
+    ok = isinstance(out, torch.Tensor) and (tuple(out.shape) == (len(x), k) or
+                                            (bundle.num_classes == 0 and tuple(out.shape) == (len(x),)))
+    if not ok:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        what = f"{k} classes" if bundle.num_classes else "regression: 1 output"
+        raise ValueError(f"model {spec!r}: expected outputs of shape ({len(x)}, {k}) for a batch of "
+                         f"{len(x)} ({what} in {bundle.name}), got {shape}")
+
+
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception so that the sweep shuts down like on Ctrl-C."""
 
 
 def _execute(
@@ -144,34 +273,70 @@ def _execute(
     out: Path,
     workers: int | None,
     quiet: bool,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    data_options: dict[str, Any] | None = None,
 ) -> None:
     """Run the sweeps of ``plan`` in ``out`` (one pool), build the report, print its path."""
-    from normlab.lab.report import build_report
-    from normlab.lab.studies import config_meta
-    from normlab.lab.sweep import SweepLockedError, run_many
+    import signal
+    import sqlite3
 
+    from normlab.lab.report import build_report
+    from normlab.lab.store import StoreError
+    from normlab.lab.studies import config_meta
+    from normlab.lab.sweep import RunDirError, SweepLockedError, check_run_dir, run_many
+
+    try:
+        check_run_dir(out, force=force)  # reads only: refused folders and files stay untouched
+    except (RunDirError, StoreError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"--out: cannot use {out} ({exc.strerror or exc})")
+    jobs = [(study.name, c) for study, _cfg, configs, _q in plan for c in configs]
+    try:
+        _validate([c for _s, c in jobs], bool(data_options))
+    except ValueError as exc:
+        _fail(str(exc))
+    n_studies = len(plan)
+    summary = f"{len(jobs)} run(s) of {n_studies} stud{'y' if n_studies == 1 else 'ies'} in {out}"
+    if dry_run:
+        typer.echo(f"{summary}: data and model validated; dry run, nothing written")
+        return
     # The configs are recorded by the sweep once it holds the directory's lock, so a command
     # refused because another sweep is running there changes nothing.
-    meta = dict(config_meta(study, cfg, quick=quick) for study, cfg, _c, quick in plan)
-    jobs = [(study.name, c) for study, _cfg, configs, _q in plan for c in configs]
+    meta = dict(config_meta(study, cfg, quick=quick, data_options=data_options)
+                for study, cfg, _c, quick in plan)
     if not quiet:
-        n_studies = len(plan)
-        typer.echo(f"{len(jobs)} run(s) of {n_studies} stud{'y' if n_studies == 1 else 'ies'} "
-                   f"in {out}", err=True)
+        typer.echo(summary, err=True)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    resume = (f"Finished runs are saved in {out}; the run directory is resumable: run the same "
+              "command again to continue.")
     try:
         results = run_many(jobs, out, workers=workers, progress=not quiet, meta=meta)
+        index = build_report(out)
     except SweepLockedError as exc:
         _fail(str(exc), code=1)
     except KeyboardInterrupt:
-        typer.echo(
-            f"\nInterrupted. Finished runs are saved in {out}; run the same command again to "
-            "resume.",
-            err=True,
-        )
+        typer.echo(f"\nInterrupted. {resume}", err=True)
         raise typer.Exit(130) from None
+    except _Terminated:
+        typer.echo(f"\nTerminated (SIGTERM). {resume}", err=True)
+        raise typer.Exit(143) from None
+    except StoreError as exc:
+        _fail(str(exc))
+    except sqlite3.DatabaseError as exc:
+        _fail(f"{out / 'results.sqlite'}: {exc}")
+    except OSError as exc:
+        _fail(_os_error(exc, str(out)))
     except ValueError as exc:  # e.g. a run config naming an unknown runner
         _fail(str(exc))
-    index = build_report(out)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     typer.echo(str(index))
     failed = {r.run_id for r in results if r.status == "failed"}
     if failed:
@@ -187,7 +352,7 @@ def study_cmd(
     batch_sizes: str | None = typer.Option(
         None, "--batch-sizes", metavar="LIST", help="Comma-separated batch sizes, e.g. 2,4,32."
     ),
-    seeds: int | None = typer.Option(None, "--seeds", min=1, metavar="N", help="Number of seeds (0..N-1)."),
+    seeds: int | None = typer.Option(None, "--seeds", metavar="N", help="Number of seeds (0..N-1)."),
     epochs: int | None = typer.Option(None, "--epochs", min=1, metavar="N", help="Epochs per run."),
     data: str | None = typer.Option(None, "--data", metavar="SPEC", help="Data set spec."),
     model: str | None = typer.Option(None, "--model", metavar="SPEC", help="Model spec."),
@@ -197,10 +362,27 @@ def study_cmd(
     out: Path | None = typer.Option(
         None, "--out", metavar="DIR", help="Run directory (default: runs/<study>); resumes if it has results."
     ),
+    data_option: list[str] | None = typer.Option(
+        None, "--data-option", metavar="KEY=VALUE",
+        help="Data loader option (repeatable), e.g. image_size=[32,32] or task=classification.",
+    ),
+    num_classes: int | None = typer.Option(
+        None, "--num-classes", min=1, metavar="K", help="Number of classes (labels in 0..K-1)."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Write into an existing folder that is not a normlab run directory."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Validate the study, data and model; run nothing, write nothing."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Run one study (resuming what an earlier run left) and build its report."""
     from normlab.lab.studies import StudyError, get_study
+
+    if seeds is not None and seeds < 1:
+        _fail(f"--seeds must be >= 1, got {seeds}")
+    data_options = _parse_data_options(data_option, num_classes)
 
     overrides = {
         "norms": _parse_list(norms, "--norms", str),
@@ -212,11 +394,12 @@ def study_cmd(
     }
     try:
         study = get_study(name)
-        cfg, configs = _prepare(study, quick, overrides)
+        cfg, configs = _prepare(study, quick, overrides, data_options)
     except StudyError as exc:
         _fail(str(exc))
     out_dir = out if out is not None else DEFAULT_RUNS_DIR / study.name
-    _execute([(study, cfg, configs, quick)], out_dir, workers, quiet)
+    _execute([(study, cfg, configs, quick)], out_dir, workers, quiet, force=force,
+             dry_run=dry_run, data_options=data_options)
 
 
 @app.command("demo")
@@ -227,6 +410,12 @@ def demo_cmd(
     ),
     include_hidden: bool = typer.Option(
         False, "--include-hidden", help="Also run hidden studies (e.g. smoke)."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Write into an existing folder that is not a normlab run directory."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Validate every study's runs; run nothing, write nothing."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -249,7 +438,7 @@ def demo_cmd(
             plan.append((study, cfg, configs, True))
     except StudyError as exc:
         _fail(str(exc))
-    _execute(plan, out, workers, quiet)
+    _execute(plan, out, workers, quiet, force=force, dry_run=dry_run)
 
 
 @app.command("report")
@@ -257,12 +446,24 @@ def report_cmd(
     run_dir: Path = typer.Argument(..., metavar="DIR", help="A run directory (holding results.sqlite)."),
 ) -> None:
     """Rebuild the report of a run directory (HTML, Markdown summary, CSV)."""
-    from normlab.lab.report import build_report
-    from normlab.lab.store import DB_NAME
+    import sqlite3
 
-    if not (run_dir / DB_NAME).is_file():
+    from normlab.lab.report import build_report
+    from normlab.lab.store import DB_NAME, StoreError, inspect_store
+
+    db = run_dir / DB_NAME
+    if not db.is_file():
         _fail(f"{run_dir} is not a run directory (no {DB_NAME} in it)")
-    typer.echo(str(build_report(run_dir)))
+    try:
+        inspect_store(db)
+        index = build_report(run_dir)
+    except StoreError as exc:
+        _fail(str(exc))
+    except sqlite3.DatabaseError as exc:
+        _fail(f"{db}: {exc}; the run directory may be read-only or damaged")
+    except OSError as exc:
+        _fail(_os_error(exc, str(run_dir / "report")) + " (the report needs a writable run directory)")
+    typer.echo(str(index))
 
 
 # -- bench (lazy sub-app) --------------------------------------------------------------------------

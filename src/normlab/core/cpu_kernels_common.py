@@ -14,14 +14,16 @@ Compile flags
     without any fast-math flag (see ``split_mean``).
 
 On-disk cache (compiled on first use, reused by later processes)
-    numba stores compiled kernels next to the source in ``__pycache__``. When that directory is
-    not writable (a read-only install, a system site-packages), the cache goes to, in order:
-    ``$NUMBA_CACHE_DIR`` if set (numba's own setting, always honoured first),
-    ``$NORMLAB_NUMBA_CACHE_DIR`` if set, numba's user-wide cache (``~/.cache/numba``), and finally
-    ``<tempdir>/normlab-numba-cache-<uid>``. If none is writable, the kernels are compiled in
-    every process (``cache=False``) instead of failing. The override is applied only while the
-    normlab kernels are decorated, so other numba code in the process is unaffected.
-    ``CACHE_DIR`` below records the choice (``None``: numba's default in-tree ``__pycache__``).
+    The cache goes to, in order (the README's order): ``$NUMBA_CACHE_DIR`` if set (numba's own
+    setting, always honoured first), ``$NORMLAB_NUMBA_CACHE_DIR`` if set, numba's user-wide cache
+    (``~/.cache/numba``), and finally ``<tempdir>/normlab-numba-cache-<uid>`` — never the
+    installed package's ``__pycache__``. A cache file is code that is loaded and run, so a folder
+    is used only as ``ssh`` uses ``~/.ssh``: created private (0700), and only if it is a real
+    directory owned by this user and not writable by group or others (another local user who
+    pre-creates ``/tmp/normlab-numba-cache-<uid>`` cannot plant kernels). If no folder passes,
+    the kernels are compiled in every process (``cache=False``) instead of failing. The override
+    is applied only while the normlab kernels are decorated, so other numba code in the process
+    is unaffected. ``CACHE_DIR`` below records the choice (``None``: ``$NUMBA_CACHE_DIR``).
     numba invalidates a kernel's cache when the kernel's source file changes; ``kernel`` also
     ties it to this module's source (flags, block sizes, helpers).
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 
 import numba
@@ -49,8 +52,15 @@ BLOCK = 512
 
 
 def _writable(path: str) -> bool:
+    """Whether ``path`` is a safe cache folder (created 0700 if missing) that we can write."""
     try:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+        uid = os.getuid() if hasattr(os, "getuid") else None
+        if not stat.S_ISDIR(st.st_mode):  # a symlink or a file planted in its place
+            return False
+        if uid is not None and (st.st_uid != uid or st.st_mode & 0o022):
+            return False  # someone else's, or others may write (and plant) cache files
         tempfile.TemporaryFile(dir=path).close()
         return True
     except OSError:
@@ -58,10 +68,8 @@ def _writable(path: str) -> bool:
 
 
 def _choose_cache_dir() -> tuple[bool, str | None]:
-    """(cache enabled, directory to force or None for numba's default)."""
+    """(cache enabled, directory to force or None for numba's own ``NUMBA_CACHE_DIR``)."""
     if numba.config.CACHE_DIR:  # NUMBA_CACHE_DIR: numba uses it for everything
-        return True, None
-    if _writable(os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")):
         return True, None
     candidates = [os.environ.get("NORMLAB_NUMBA_CACHE_DIR")]
     try:

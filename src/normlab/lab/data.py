@@ -39,7 +39,8 @@ The user's data (a path; ``~`` is expanded):
 * CIFAR-10/100 "python version" directory: ``data_batch_1..5`` + ``test_batch`` (labels
   ``b'labels'``, 10 classes) or ``train`` + ``test`` (``b'fine_labels'``, 100 classes; option
   ``coarse=True`` for the 20 ``b'coarse_labels'``). The test batch is the validation set. These
-  files are pickles: load only files you trust.
+  files are pickles; they are read by a restricted unpickler that rebuilds only builtin
+  containers and NumPy arrays and refuses any other global (a crafted pickle cannot run code).
 * A folder of images per class, ``root/<class>/*.png`` (png, jpg, jpeg, bmp, gif, webp, tif),
   or ``root/train/<class>/...`` with ``root/val/`` (or ``valid``/``test``). Class indices follow
   the sorted class names. Images are converted to 1 channel when all are grayscale, else to RGB
@@ -57,15 +58,19 @@ deterministic stratified subset for classification, the first ``limit`` otherwis
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
+import hashlib
 import importlib
 import importlib.util
 import inspect
+import math
 import os
 import pickle
 import re
 import struct
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +82,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 __all__ = [
     "DataBundle",
+    "data_identity",
     "dataset_names",
     "import_object",
     "load_dataset",
@@ -142,6 +148,8 @@ def _as_inputs(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     """float32 tensor; uint8 data is scaled to [0, 1] (the usual storage of images)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
+        if x.is_complex():
+            raise TypeError(f"inputs: expected real numbers, got dtype {x.dtype}")
         if x.dtype == torch.uint8:
             return x.float().div_(255.0)
         return x.float().contiguous()
@@ -150,7 +158,55 @@ def _as_inputs(x: np.ndarray | torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(arr.astype(np.float32) / 255.0)
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         raise TypeError(f"inputs: expected numeric data, got dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise TypeError(f"inputs: expected real numbers, got dtype {arr.dtype}")
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+#: Largest number of classes inferred from the labels (max label + 1); more needs an explicit
+#: ``num_classes`` option (a stray label of 10⁹ would otherwise build a 10⁹-way output layer).
+MAX_INFERRED_CLASSES = 100_000
+
+
+def _infer_num_classes(where: str, *labels: torch.Tensor) -> int:
+    """``max label + 1`` over ``labels``, refused above :data:`MAX_INFERRED_CLASSES`."""
+    top = max(int(y.max()) for y in labels if len(y))
+    if top + 1 > MAX_INFERRED_CLASSES:
+        raise ValueError(
+            f"{where}: labels: expected class indices in [0, {MAX_INFERRED_CLASSES}), got maximum "
+            f"label {top}; pass num_classes (--num-classes) if there really are {top + 1} classes"
+        )
+    return top + 1
+
+
+def _first_bad(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+def _check_values(arr: np.ndarray | torch.Tensor, where: str, array: str) -> None:
+    """Numeric arrays must hold finite real numbers: complex, NaN and Inf are errors.
+
+    The message names the file (``where``), the array and the index of the first bad value.
+    """
+    if isinstance(arr, torch.Tensor):
+        if arr.is_complex():
+            raise ValueError(f"{where}: array {array!r} holds complex numbers ({arr.dtype}); "
+                             "expected real numbers")
+        if arr.is_floating_point() and not bool(torch.isfinite(arr).all()):
+            arr = arr.detach().cpu().numpy()
+        else:
+            return
+    if np.iscomplexobj(arr):
+        raise ValueError(f"{where}: array {array!r} holds complex numbers ({arr.dtype}); "
+                         "expected real numbers")
+    if np.issubdtype(arr.dtype, np.floating):
+        finite = np.isfinite(arr)
+        if not finite.all():
+            idx = _first_bad(~finite)
+            raise ValueError(
+                f"{where}: array {array!r} has a non-finite value ({arr[idx]}) at index {idx}; "
+                "expected finite real numbers"
+            )
 
 
 def _is_integral(y: np.ndarray) -> bool:
@@ -260,6 +316,8 @@ def _bundle(
             f"{tuple(x_va.shape[1:])}"
         )
     for part, x, y in (("train", x_tr, y_tr), ("validation", x_va, y_va)):
+        _check_values(x, name, f"{part} inputs")
+        _check_values(y, name, f"{part} labels")
         if len(x) != len(y):
             raise ValueError(f"{name}: {part} part has {len(x)} inputs but {len(y)} labels")
         if num_classes and len(y) and int(y.max()) >= num_classes:
@@ -294,7 +352,7 @@ def _from_arrays(
     split_seed = seed if fixed_split_seed is None else fixed_split_seed
     tr, va = _split(len(labels), y if task == "classification" else None, val_fraction, split_seed)
     if task == "classification" and num_classes is None:
-        num_classes = int(labels.max()) + 1 if len(labels) else 0
+        num_classes = _infer_num_classes(name, labels) if len(labels) else 0
     return _bundle(
         x[tr],
         labels[tr],
@@ -559,11 +617,32 @@ def _load_npz(
         raise ValueError(f"kind: expected one of {list(KINDS)}, got {kind!r}")
     if task is not None and task not in ("classification", "regression"):
         raise ValueError(f"task: expected 'classification' or 'regression', got {task!r}")
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != b"PK\x03\x04" and magic != b"PK\x05\x06":
+        raise ValueError(f"{where}: not a readable .npz archive (expected a zip file of .npy arrays)")
+    arrays: dict[str, np.ndarray] = {}
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+            for k in npz.files:
+                try:
+                    arrays[k] = npz[k]
+                except ValueError as exc:
+                    if "pickle" not in str(exc):
+                        raise
+                    # NumPy's message would suggest allow_pickle=True, which runs code.
+                    raise ValueError(
+                        f"{where}: array {k!r} holds Python objects; normlab loads only numeric "
+                        "arrays (save it with a numeric dtype)"
+                    ) from None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise ValueError(f"{where}: not a readable .npz archive ({exc})") from exc
+    except ValueError as exc:
+        if str(exc).startswith(where):
+            raise
+        raise ValueError(f"{where}: not a readable .npz archive ({exc})") from exc
+    for key, arr in arrays.items():
+        _check_values(arr, where, key)
 
     x_tr = _npz_get(arrays, ("x_train", "X_train"))
     y_tr = _npz_get(arrays, ("y_train",))
@@ -600,7 +679,7 @@ def _load_npz(
     xv, _ = _npz_inputs(x_va, kind, where)
     yt, yv = _labels(y_tr, task, where), _labels(y_va, task, where)
     if task == "classification" and num_classes is None:
-        num_classes = int(max(yt.max(), yv.max())) + 1
+        num_classes = _infer_num_classes(where, yt, yv)
     return _bundle(
         xt, yt, xv, yv, kind=inferred, name=name, num_classes=num_classes if task == "classification" else 0
     )
@@ -656,11 +735,11 @@ def read_idx(path: str | Path, *, expected_magic: int | None = None) -> np.ndarr
         raise ValueError(f"{name}: truncated header ({len(raw)} bytes, expected {header})")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = _IDX_DTYPES[type_code]
-    expected = int(np.prod(dims)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize  # Python ints: huge headers cannot overflow
     found = len(raw) - header
     if found != expected:
         raise ValueError(
-            f"{name}: expected {expected} bytes of data for shape {tuple(dims)}, found {found}"
+            f"{path}: expected {expected} bytes of data for shape {tuple(dims)}, found {found}"
             + (" (truncated)" if found < expected else "")
         )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
@@ -714,7 +793,7 @@ def _load_mnist(
     xv, yv = _idx_pair(val_images, val_labels)
     yt, yvt = _labels(y, "classification", images.name), _labels(yv, "classification", val_labels.name)
     if num_classes is None:
-        num_classes = int(max(yt.max(), yvt.max())) + 1
+        num_classes = _infer_num_classes(str(images), yt, yvt)
     return _bundle(x, yt, xv, yvt, kind="image", name=name, num_classes=num_classes)
 
 
@@ -733,12 +812,65 @@ def _load_mnist_dir(root: Path, **kw: Any) -> DataBundle:
 # --------------------------------------------------------------------------------------------
 # CIFAR python batches
 # --------------------------------------------------------------------------------------------
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds only builtin containers and NumPy arrays (data, never code).
+
+    A pickle names the callables that rebuild its objects (``GLOBAL``/``STACK_GLOBAL``), and the
+    plain unpickler imports and calls whatever it names: a crafted file runs arbitrary code.
+    Here every global is looked up in :data:`SAFE_GLOBALS` (NumPy's array reconstruction, dtype
+    and scalar constructors, ``collections.OrderedDict``) and anything else is refused.
+    """
+
+    SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("numpy.core.numeric", "_frombuffer"),
+            ("numpy._core.numeric", "_frombuffer"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("collections", "OrderedDict"),
+            ("builtins", "bytearray"),
+        }
+    )
+
+    def __init__(self, file: Any, where: str) -> None:
+        super().__init__(file, encoding="bytes")
+        self._where = where
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):  # how protocol 2 spells a bytes object
+            return _latin1_encode
+        if (module, name) not in self.SAFE_GLOBALS:
+            raise _ForbiddenGlobal(
+                f"{self._where}: refusing to unpickle the global {module}.{name}: a CIFAR batch "
+                "holds only dicts, lists, bytes and NumPy arrays (this file would run code)"
+            )
+        return super().find_class(module, name)
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles of ``bytes`` use it (latin-1 only)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"unexpected _codecs.encode({type(text).__name__}, {encoding!r})")
+    return text.encode("latin-1")
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle names a callable outside :attr:`_ArrayUnpickler.SAFE_GLOBALS`."""
+
+
 def _unpickle(path: Path) -> dict[bytes, Any]:
+    """Read a CIFAR python batch with :class:`_ArrayUnpickler` (never plain ``pickle.load``)."""
     try:
         with path.open("rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _ArrayUnpickler(f, str(path)).load()
+    except _ForbiddenGlobal as exc:
+        raise ValueError(str(exc)) from None
     except Exception as exc:  # pickle raises many types for malformed input
-        raise ValueError(f"{path.name}: not a CIFAR python batch (unpickling failed: {exc})") from exc
+        raise ValueError(f"{path}: not a CIFAR python batch (unpickling failed: {exc})") from exc
     if not isinstance(obj, dict):
         raise ValueError(f"{path.name}: expected a pickled dict, got {type(obj).__name__}")
     # Files pickled by Python 3 have str keys: use bytes keys throughout.
@@ -938,6 +1070,18 @@ def import_object(spec: str, what: str) -> Any:
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+            raise ValueError(f"{what}: cannot import module {module_name!r} of {spec!r} ({exc})") from exc
+        cwd = os.getcwd()
+        on_path = any(os.path.abspath(p or os.curdir) == cwd for p in sys.path)
+        where = (f"the current folder {cwd} and the Python path" if on_path else
+                 f"the Python path, which does not include the current folder {cwd}")
+        raise ValueError(
+            f"{what}: cannot import module {module_name!r} of {spec!r}: no module named {exc.name!r} in "
+            f"{where} (check the "
+            "spelling, or run from the folder that holds it)"
+        ) from None
     except ImportError as exc:
         raise ValueError(f"{what}: cannot import module {module_name!r} of {spec!r} ({exc})") from exc
     try:
@@ -1008,7 +1152,7 @@ def _load_function(
         )
     ytl, yvl = _labels(yt.numpy(), task, spec), _labels(yv.numpy(), task, spec)
     if task == "classification" and num_classes is None:
-        num_classes = int(y_all.max()) + 1
+        num_classes = _infer_num_classes(spec, ytl, yvl)
     return _bundle(
         xt, ytl, _as_inputs(xv), yvl, kind=inferred, name=spec,
         num_classes=num_classes if task == "classification" else 0,
@@ -1142,3 +1286,89 @@ def load_dataset(
     bundle.train = _limit(bundle.train, limit, classification, "limit")
     bundle.val = _limit(bundle.val, val_limit, classification, "val_limit")
     return bundle
+
+
+# --------------------------------------------------------------------------------------------
+# Content identity (part of every run's config, so changed data means new runs)
+# --------------------------------------------------------------------------------------------
+#: Version of each built-in data set's generator: bump it when a loader's output changes.
+BUILTIN_VERSIONS: dict[str, int] = {}
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> tuple[int, str]:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    digest = _FILE_HASHES.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        digest = _FILE_HASHES[key] = h.hexdigest()
+    return st.st_size, digest
+
+
+def _files_identity(files: Sequence[Path], root: Path | None) -> dict[str, Any]:
+    h = hashlib.sha256()
+    total = 0
+    for f in files:
+        size, digest = _file_sha256(f)
+        total += size
+        rel = f.relative_to(root).as_posix() if root is not None else f.name
+        h.update(f"{rel}\0{size}\0{digest}\n".encode())
+    return {"files": len(files), "size": total, "sha256": h.hexdigest()}
+
+
+def data_identity(spec: str) -> dict[str, Any] | None:
+    """What the data named by ``spec`` *is*, for run ids: content for files, version for built-ins.
+
+    * a file or ``IMAGES,LABELS`` pair: number of files, total size and a SHA-256 over the files'
+      SHA-256 digests; a directory: the same over every file below it (hidden ones excepted);
+    * a built-in data set: its name and generator version (``mnist1d``: the package's version);
+    * ``module:function``: the spec and the SHA-256 of the module's source file, when found.
+
+    ``None`` when ``spec`` names nothing loadable (loading it will report the error).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        return None
+    spec = spec.strip()
+    if spec in _REGISTRY:
+        ident: dict[str, Any] = {"builtin": spec, "version": BUILTIN_VERSIONS.get(spec, 1)}
+        if spec == "mnist1d":
+            try:
+                from importlib.metadata import version
+
+                ident["mnist1d"] = version("mnist1d")
+            except Exception:  # not installed: loading reports it
+                pass
+        return ident
+    if "," in spec:
+        files = [Path(p.strip()).expanduser() for p in spec.split(",", 1)]
+        if all(f.is_file() for f in files):
+            return _files_identity(files, None)
+        return None
+    path = Path(spec).expanduser()
+    if path.is_file():
+        files = [path]
+        if "idx3" in path.name:
+            with contextlib.suppress(FileNotFoundError):
+                files.append(_companion_labels(path))
+        return _files_identity(files, None)
+    if path.is_dir():
+        files = sorted(
+            (f for f in path.rglob("*") if f.is_file()
+             and not any(part.startswith(".") for part in f.relative_to(path).parts)),
+            key=lambda f: f.relative_to(path).as_posix(),
+        )
+        return _files_identity(files, path)
+    if _MODULE_FUNCTION.match(spec):
+        ident = {"function": spec}
+        try:
+            found = importlib.util.find_spec(spec.partition(":")[0])
+        except (ImportError, ValueError):
+            found = None
+        if found is not None and found.origin and os.path.isfile(found.origin):
+            ident["source_sha256"] = _file_sha256(Path(found.origin))[1]
+        return ident
+    return None

@@ -35,16 +35,29 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "APPLICATION_ID",
     "DB_NAME",
     "RunResult",
     "StaleAttemptError",
     "Store",
+    "StoreError",
     "canonical_json",
     "run_id",
 ]
 
 DB_NAME = "results.sqlite"
 SCHEMA_VERSION = 1
+#: ``PRAGMA application_id`` of a normlab store ("NLAB"): how a file is recognised as one before
+#: anything is written to it (``PRAGMA user_version`` holds :data:`SCHEMA_VERSION`).
+APPLICATION_ID = 0x4E4C4142
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_REQUIRED_COLUMNS = {
+    "runs": {"run_id", "study", "config", "status", "final", "error", "created", "started",
+             "finished", "attempts", "pid"},
+    "study_runs": {"study", "run_id"},
+    "epochs": {"run_id", "epoch", "metrics"},
+    "meta": {"key", "value"},
+}
 STATUSES = ("pending", "running", "done", "failed")
 
 _SCHEMA = """
@@ -82,6 +95,71 @@ CREATE TABLE IF NOT EXISTS meta (
 
 class StaleAttemptError(RuntimeError):
     """A write for a run attempt that is no longer the current one (the run was reset/reclaimed)."""
+
+
+class StoreError(ValueError):
+    """The file is not a normlab results store, or it is corrupt; the message says how to recover."""
+
+
+def _recover_hint(path: Path) -> str:
+    return (f"move it away (e.g. `mv {path} {path}.bad`) and run the same command again to "
+            "recompute the runs, or use another --out directory")
+
+
+def inspect_store(path: str | os.PathLike[str]) -> None:
+    """Check, reading only, that an existing ``path`` is a normlab store (not foreign, not corrupt).
+
+    Nothing is written: a foreign or damaged file stays byte-identical. Raises :class:`StoreError`
+    with one line naming the file and what to do.
+    """
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            head = fh.read(100)
+    except OSError as exc:
+        raise StoreError(f"{p}: cannot read the results store ({exc.strerror or exc})") from None
+    if not head.startswith(_SQLITE_MAGIC):
+        raise StoreError(f"{p}: not a normlab results store (not an SQLite database); "
+                         + _recover_hint(p))
+    if len(head) < 100:
+        raise StoreError(f"{p}: the results store is truncated ({len(head)} bytes); "
+                         + _recover_hint(p))
+    try:
+        conn = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=60.0)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{p}: cannot open the results store ({exc})") from None
+    try:
+        conn.execute("PRAGMA busy_timeout = 60000")
+        check = conn.execute("PRAGMA quick_check(1)").fetchone()
+        if check is None or check[0] != "ok":
+            raise sqlite3.DatabaseError(check[0] if check else "quick_check failed")
+        tables = {name: {c[1] for c in conn.execute(f"PRAGMA table_info('{name}')")}
+                  for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        # Read through SQLite, not from the file header: in WAL mode the header on disk may not
+        # have the latest values yet.
+        app_id = int(conn.execute("PRAGMA application_id").fetchone()[0]) & 0xFFFFFFFF
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.OperationalError as exc:  # e.g. a WAL store in a read-only folder
+        raise StoreError(f"{p}: cannot read the results store ({exc}); is its folder read-only?") from None
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{p}: the results store is corrupt ({exc}); " + _recover_hint(p)) from None
+    finally:
+        conn.close()
+    if app_id not in (0, APPLICATION_ID):
+        raise StoreError(f"{p}: not a normlab results store (SQLite application_id "
+                         f"0x{app_id:08X}, expected 0x{APPLICATION_ID:08X}); it was left untouched")
+    if app_id == APPLICATION_ID and version > SCHEMA_VERSION:
+        raise StoreError(f"{p}: written by a newer normlab (store schema {version}, this version "
+                         f"reads up to {SCHEMA_VERSION}); upgrade normlab")
+    if app_id == 0 and not tables:
+        return  # an empty SQLite file: nothing of anyone's to lose
+    missing = {t: cols - tables.get(t, set()) for t, cols in _REQUIRED_COLUMNS.items()}
+    missing = {t: m for t, m in missing.items() if m}
+    if missing:
+        found = ", ".join(sorted(tables)) or "none"
+        what = "not a normlab results store" if app_id == 0 else "a damaged normlab results store"
+        raise StoreError(f"{p}: {what} (SQLite tables: {found}); it was left untouched: "
+                         "move it away or use another --out directory")
 
 
 def _json_default(obj: Any) -> Any:
@@ -160,6 +238,22 @@ def _now() -> float:
     return time.time()
 
 
+def _matches_id(rid: str, config_text: Any) -> bool:
+    """Whether a stored config is the one its run id is the hash of."""
+    return isinstance(config_text, str) and hashlib.sha256(config_text.encode("utf-8")).hexdigest() == rid
+
+
+#: First characters that make a spreadsheet treat a cell as a formula (CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula gets a leading ``'``."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 class Store:
     """Access to one ``results.sqlite`` file.
 
@@ -175,6 +269,12 @@ class Store:
             p = p / DB_NAME
         p.parent.mkdir(parents=True, exist_ok=True)
         self.path = p
+        #: ids of rows found corrupt (config not hashing to the id) and left out of results().
+        self.corrupt: set[str] = set()
+        #: ids of rows that :meth:`add_runs` found corrupt and reset to the caller's config.
+        self.repaired: list[str] = []
+        if p.exists() and p.stat().st_size > 0:
+            inspect_store(p)  # read-only: a foreign or damaged file is never written to
         # isolation_level=None: autocommit; multi-statement writes use explicit BEGIN IMMEDIATE
         # so that they take the write lock up front (no deadlock-prone lock upgrades).
         self._conn = sqlite3.connect(str(p), timeout=timeout, isolation_level=None)
@@ -192,6 +292,9 @@ class Store:
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
                 (json.dumps(SCHEMA_VERSION),),
             )
+            if self._conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+                self._conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -265,6 +368,26 @@ class Store:
                 "INSERT OR IGNORE INTO study_runs(study, run_id) VALUES (?, ?)",
                 [(study, rid) for rid, _ in rows],
             )
+            # A stored row must be the config its id is the hash of. One that is not (tampered
+            # with, or damaged) is never executed nor reported: it gets the caller's config back
+            # and starts afresh.
+            wanted = dict(rows)
+            bad = []
+            for rid, text in c.execute(
+                "SELECT run_id, config FROM runs WHERE run_id IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(wanted)),),
+            ):
+                if text != wanted[rid]:
+                    bad.append(rid)
+            for rid in bad:
+                c.execute("DELETE FROM epochs WHERE run_id = ?", (rid,))
+                c.execute(
+                    "UPDATE runs SET config = ?, status = 'pending', final = NULL, error = NULL, "
+                    "started = NULL, finished = NULL, attempts = 0, pid = NULL WHERE run_id = ?",
+                    (wanted[rid], rid),
+                )
+        self.repaired += [r for r in bad if r not in self.repaired]
+        self.corrupt.difference_update(bad)
         return [rid for rid, _ in rows]
 
     def claim(self, run_id: str) -> int | None:
@@ -391,6 +514,12 @@ class Store:
         row = self._conn.execute("SELECT config FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             raise KeyError(f"unknown run_id {run_id!r}")
+        if not _matches_id(run_id, row[0]):
+            self.corrupt.add(run_id)
+            raise StoreError(
+                f"{self.path}: run {run_id[:12]} is corrupt (its stored config does not hash to "
+                "its id); it is not executed"
+            )
         return json.loads(row[0])
 
     def status(self, run_id: str) -> str:
@@ -451,6 +580,9 @@ class Store:
             ).fetchall()
         by_id: dict[str, RunResult] = {}
         for rid, st, cfg, status, final, error, attempts, started, finished in rows:
+            if not _matches_id(rid, cfg):
+                self.corrupt.add(rid)  # tampered with or damaged: not a result of its config
+                continue
             by_id[rid] = RunResult(
                 run_id=rid,
                 config=json.loads(cfg),
@@ -508,6 +640,7 @@ class Store:
                     **fin,
                 }
             )
+            flat_rows[-1] = {k: _csv_safe(v) for k, v in flat_rows[-1].items()}
         header = ["run_id", "study", "status", "attempts", "started", "finished", "epochs"]
         header += sorted(cfg_keys) + sorted(fin_keys) + ["error"]
         out = Path(path)
@@ -517,6 +650,13 @@ class Store:
             writer.writeheader()
             writer.writerows(flat_rows)
         return out
+
+
+class _NonFinite(float):
+    """A NaN/inf metric: written as ``nan``/``inf``/``-inf`` (a number, not formula text)."""
+
+    def __str__(self) -> str:
+        return str(float(self))
 
 
 def _iso(ts: float | None) -> str:
@@ -534,7 +674,7 @@ def _flatten(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
         elif isinstance(v, (list, tuple)):
             out[key] = json.dumps(v)
         elif isinstance(v, float) and not math.isfinite(v):
-            out[key] = str(v)
+            out[key] = _NonFinite(v)
         else:
             out[key] = v
     return out

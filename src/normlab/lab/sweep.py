@@ -12,8 +12,19 @@ pending, their partial epochs deleted, and run again from scratch. A lock file i
 directory keeps two sweeps from working on the same directory at once, which is what makes
 resetting "running" rows safe.
 
-Threads: with ``W`` workers on ``C`` cores, each worker uses ``max(1, C // W)`` torch threads, so
-workers × threads ≤ cores (over-subscription makes everything slower).
+Threads: a run's thread count is part of its config (``"threads"``, default 1, added here when a
+config has none) and is applied with ``torch.set_num_threads`` around the run, in a worker or in
+this process; ``workers`` only says how many runs go at once, so it never changes a result
+(floating-point sums split over another number of threads round differently).
+
+Data: a config naming its data under ``"data"`` gets ``"data_identity"`` (the content hash of the
+user's files, or the built-in generator's version, :func:`normlab.lab.data.data_identity`), so a
+changed data file gives new run ids instead of stale results. Both keys are removed from the
+config before the runner sees it.
+
+Trust: a run executes only a config the current call generated: rows whose stored config does
+not hash to their id are reset to the caller's config (:meth:`Store.add_runs`), and
+:meth:`Store.config` refuses to hand out such a row.
 """
 
 from __future__ import annotations
@@ -35,9 +46,23 @@ from typing import Any, TextIO
 from normlab.lab.runners import get_runner, runner_module, runner_name
 from normlab.lab.store import DB_NAME, RunResult, StaleAttemptError, Store
 
-__all__ = ["SweepLockedError", "available_cores", "run_many", "run_sweep"]
+__all__ = [
+    "MARKER_NAME",
+    "RunDirError",
+    "SweepLockedError",
+    "available_cores",
+    "check_run_dir",
+    "prepare_configs",
+    "run_many",
+    "run_sweep",
+]
 
 LOCK_NAME = ".sweep.lock"
+#: The file that marks a folder as a normlab run directory (written by every sweep).
+MARKER_NAME = ".normlab-run"
+#: Config keys the sweep adds and consumes (never passed to the runner).
+RESERVED_KEYS = ("threads", "data_identity")
+DEFAULT_THREADS = 1
 # NUMBA_NUM_THREADS: the fused CPU kernels run on numba's pool, which must share the budget too.
 _THREAD_ENV = (
     "OMP_NUM_THREADS",
@@ -50,6 +75,68 @@ _THREAD_ENV = (
 
 class SweepLockedError(RuntimeError):
     """Another sweep is running in the same run directory."""
+
+
+class RunDirError(ValueError):
+    """The ``--out`` folder cannot be used as a run directory (the message says why)."""
+
+
+def check_run_dir(run_dir: str | os.PathLike[str], *, force: bool = False) -> str:
+    """Check that ``run_dir`` may be written to as a run directory; returns its state.
+
+    ``"new"`` (missing or empty), ``"run dir"`` (has the :data:`MARKER_NAME` marker, or a
+    normlab ``results.sqlite``: a run directory of an older normlab) or ``"forced"`` (another
+    non-empty folder, accepted because ``force``). Otherwise :class:`RunDirError`: normlab never
+    overwrites the files of a folder that is not its own. A ``results.sqlite`` that is not a
+    normlab store is refused even with ``force`` (:class:`~normlab.lab.store.StoreError`).
+    Nothing is written.
+    """
+    from normlab.lab.store import inspect_store
+
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--out: expected a directory, got the file {path}")
+    if not path.exists():
+        return "new"
+    try:
+        entries = [e.name for e in os.scandir(path)]
+    except OSError as exc:
+        raise RunDirError(f"--out: cannot read {path} ({exc.strerror or exc})") from None
+    db = path / DB_NAME
+    if db.exists() and db.stat().st_size > 0:
+        inspect_store(db)  # a foreign or corrupt store: StoreError, file untouched
+    if MARKER_NAME in entries or DB_NAME in entries:
+        return "run dir"
+    if not entries:
+        return "new"
+    if force:
+        return "forced"
+    shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+    raise RunDirError(
+        f"--out: {path} is not a normlab run directory (it holds {shown}; no {MARKER_NAME} "
+        "marker); choose an empty or new folder, or pass --force to write into it anyway"
+    )
+
+
+def prepare_configs(configs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of ``configs`` with ``threads`` (default 1) and, for data specs, ``data_identity``.
+
+    Idempotent. Raises ``ValueError`` for a ``threads`` that is not a positive int.
+    """
+    from normlab.lab.data import data_identity
+
+    out = []
+    for i, cfg in enumerate(configs):
+        cfg = dict(cfg)
+        threads = cfg.setdefault("threads", DEFAULT_THREADS)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"run config {i}: threads: expected a positive int, got {threads!r}")
+        if isinstance(cfg.get("data"), str) and "data_identity" not in cfg:
+            ident = data_identity(cfg["data"])
+            if ident is not None:
+                cfg["data_identity"] = ident
+        out.append(cfg)
+    return out
 
 
 def available_cores() -> int:
@@ -89,7 +176,6 @@ def _dir_lock(run_dir: Path) -> Iterator[None]:
 # -- worker side ------------------------------------------------------------------------------
 
 _WORKER_STORES: dict[str, Store] = {}
-_WORKER_THREADS: int | None = None
 
 
 def _die_with_parent() -> None:
@@ -113,34 +199,36 @@ def _die_with_parent() -> None:
         pass
 
 
-def _apply_threads() -> None:
-    """Set torch's thread count to this worker's share, if torch is loaded."""
-    if _WORKER_THREADS is None:
-        return
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.get_num_threads() != _WORKER_THREADS:
-        torch.set_num_threads(_WORKER_THREADS)
-
-
 def _init_worker(threads: int, imports: Sequence[str]) -> None:
-    """Pool initializer: thread budget, parent-death signal, runner modules."""
-    global _WORKER_THREADS
+    """Pool initializer: thread environment, parent-death signal, runner modules."""
     _die_with_parent()
     # Ctrl-C is the main process's business: it stops the pool (and the workers die with it);
     # workers that handled SIGINT themselves would only print a traceback each.
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _WORKER_THREADS = threads
-    # Environment first: torch (and numpy's BLAS) read these when they are first imported, so a
-    # runner that imports torch lazily also starts with the right pool size. torch.set_num_threads
-    # is applied as well when torch is already loaded (and re-checked before every run).
+    # Environment first: OpenMP, BLAS and numba size their pools from these when they start,
+    # which caps what a run may ask for; each run then sets its own count (_run_threads).
     for var in _THREAD_ENV:
         os.environ[var] = str(threads)
     from normlab.lab.runners import import_modules
 
     import_modules(list(imports))
-    _apply_threads()
+
+
+@contextlib.contextmanager
+def _run_threads(n: int) -> Iterator[None]:
+    """torch (and so the CPU kernels) use ``n`` threads for the run; restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if previous != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
 
 
 def _worker_store(db_path: str) -> Store:
@@ -157,14 +245,16 @@ def _execute(db_path: str, run_id: str) -> tuple[str, str, str | None]:
     if attempt is None:  # done, or taken by someone else in the meantime
         return run_id, store.status(run_id), None
     try:
-        config = store.config(run_id)
+        config = store.config(run_id)  # refused (StoreError) unless it hashes to run_id
+        threads = config.get("threads", DEFAULT_THREADS)
+        config = {k: v for k, v in config.items() if k not in RESERVED_KEYS}
         runner = get_runner(runner_name(config))
-        _apply_threads()
 
         def log(epoch: int, metrics: dict[str, Any]) -> None:
             store.log_epoch(run_id, epoch, metrics, attempt=attempt)
 
-        final = runner(config, log)
+        with _run_threads(int(threads)):
+            final = runner(config, log)
         if final is None:
             final = {}
         if not isinstance(final, dict):
@@ -324,11 +414,12 @@ def run_many(
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
     run_dir = Path(run_dir)
+    for i, (_s, c) in enumerate(jobs):
+        if not isinstance(c, dict):
+            raise TypeError(f"jobs[{i}]: config must be a dict, got {type(c).__name__}")
+    prepared = prepare_configs([c for _s, c in jobs])
+    job_list = [_Job(s, c) for (s, _c), c in zip(jobs, prepared)]
     run_dir.mkdir(parents=True, exist_ok=True)
-    job_list = [_Job(s, c) for s, c in jobs]
-    for i, job in enumerate(job_list):
-        if not isinstance(job.config, dict):
-            raise TypeError(f"jobs[{i}]: config must be a dict, got {type(job.config).__name__}")
     from normlab.lab.runners import import_modules
 
     import_modules(list(imports))  # so that runners defined there are found here too
@@ -338,6 +429,9 @@ def run_many(
     with _dir_lock(run_dir):
         store = Store(run_dir / DB_NAME)
         try:
+            marker = run_dir / MARKER_NAME
+            if not marker.exists():
+                marker.write_text("normlab run directory: results.sqlite holds its runs\n")
             store.set_meta("versions", _versions())
             for key, value in (meta or {}).items():
                 store.set_meta(key, value)
@@ -349,6 +443,13 @@ def run_many(
             for study, idx in by_study.items():
                 for i, rid in zip(idx, store.add_runs(study, [job_list[i].config for i in idx])):
                     ids[i] = rid
+            if store.repaired:
+                print(
+                    f"warning: {store.path}: {len(store.repaired)} run row(s) did not match "
+                    "their id (tampered with or damaged); they were reset and run again from "
+                    "this command's configs",
+                    file=stream or sys.stderr,
+                )
             todo_set = set(store.pending(include_failed=retry_failed))
             # Keep the caller's order, without duplicates (identical configs are one run).
             todo = list(dict.fromkeys(r for r in ids if r in todo_set))
@@ -401,7 +502,7 @@ def _run_pool(
     in flight they are reset and retried in a new pool, and one in flight during two crashes is
     marked failed.
     """
-    threads = max(1, available_cores() // n_workers)
+    threads = max([DEFAULT_THREADS] + [int(store.config(r).get("threads", 1)) for r in todo])
     db_path = str(store.path)
     remaining = list(todo)
     crashes: dict[str, int] = {}

@@ -276,6 +276,28 @@ def evaluate(
     return total_loss / n, (correct / n if task == "classification" else None)
 
 
+@torch.no_grad()
+def _check_outputs(model: nn.Module, data: DataBundle, spec: str) -> None:
+    """The model must give one output per class (1 for regression): checked on two samples.
+
+    Eval mode and no autograd: nothing in the model changes (no running-statistics update).
+    """
+    x = data.train.tensors[0][:2]
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(x)
+    finally:
+        model.train(was_training)
+    k = data.num_classes or 1
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+    if shape != (len(x), k) and not (data.num_classes == 0 and shape == (len(x),)):
+        raise ValueError(
+            f"model {spec!r}: expected outputs of shape ({len(x)}, {k}) for a batch of {len(x)} "
+            f"({data.num_classes} classes in {data.name}), got {shape or type(out).__name__}"
+        )
+
+
 def _call_hooks(hooks: Sequence[Any], method: str, *args: Any) -> list[Any]:
     return [getattr(h, method)(*args) for h in hooks if callable(getattr(h, method, None))]
 
@@ -330,6 +352,7 @@ def train(
             **cfg.model_options,
         )
         task = data.task
+        _check_outputs(model, data, cfg.model)
         batch_gen = torch.Generator().manual_seed(cfg.seed)
 
         if needs_data_init(model):

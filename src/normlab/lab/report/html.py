@@ -29,13 +29,14 @@ from typing import Any
 
 from normlab.lab.report.assets import CSP, CSS
 from normlab.lab.stats import format_interval
-from normlab.lab.store import DB_NAME, RunResult, Store, run_id
+from normlab.lab.store import DB_NAME, RunResult, Store
 from normlab.lab.studies import (
     Card,
     Figure,
     Study,
     StudyError,
     broken_studies,
+    expected_run_ids,
     get_study,
     load_study_config,
 )
@@ -139,7 +140,7 @@ def _collect(store: Store, name: str, figroot: Path, strict: bool) -> _Section:
     # Only the runs of the recorded config: a directory re-used with another grid keeps the old
     # runs in the store, and mixing them in would silently change the answer.
     try:
-        expected = {run_id(c) for c in study.runs(cfg)}
+        expected = expected_run_ids(store, study, cfg)
         runs = [r for r in all_runs if r.run_id in expected]
         if len(runs) < len(all_runs):
             sec.notes.append(

@@ -62,7 +62,9 @@ __all__ = [
     "get_study",
     "group_values",
     "load_all",
+    "expected_run_ids",
     "load_study_config",
+    "merge_data_options",
     "save_png",
     "save_study_config",
     "select",
@@ -80,6 +82,12 @@ OVERRIDE_OPTIONS: dict[str, str] = {
     "data": "data",
     "model": "model",
 }
+
+
+#: Most seeds a command may ask for, and most runs one study's grid may have (checked before
+#: the run configs are built, so an absurd grid is an error, not an out-of-memory crash).
+MAX_SEEDS = 10_000
+MAX_RUNS = 100_000
 
 
 class StudyError(ValueError):
@@ -310,6 +318,9 @@ def apply_overrides(cfg: Any, *, study: str | None = None, **options: Any) -> An
                 f"unknown override {opt!r}; valid: {', '.join(sorted(OVERRIDE_OPTIONS))}"
             )
         fname = OVERRIDE_OPTIONS[opt]
+        if fname not in fields and f"{fname}s" in fields and isinstance(value, str):
+            # --model / --data on a study that sweeps several: one (or a comma-separated list)
+            fname, value = f"{fname}s", [v.strip() for v in value.split(",") if v.strip()]
         if fname not in fields:
             have = [o for o, f in OVERRIDE_OPTIONS.items() if f in fields]
             flag = "--" + opt.replace("_", "-")
@@ -318,6 +329,8 @@ def apply_overrides(cfg: Any, *, study: str | None = None, **options: Any) -> An
                 + (", ".join("--" + o.replace("_", "-") for o in have) or "none of the common options")
             )
         current = getattr(cfg, fname, _field_default(fields[fname]))
+        if opt == "seeds" and isinstance(value, int) and value > MAX_SEEDS:
+            raise StudyError(f"--seeds: expected at most {MAX_SEEDS} seeds, got {value}")
         if opt == "seeds" and isinstance(value, int) and not isinstance(current, int):
             if value < 1:
                 raise StudyError(f"--seeds must be >= 1, got {value}")
@@ -341,9 +354,45 @@ def _meta_key(study_name: str) -> str:
     return f"study:{study_name}:config"
 
 
-def config_meta(study: Study, cfg: Any, *, quick: bool = False) -> tuple[str, dict[str, Any]]:
-    """The store meta entry (key, value) recording the Config a study is run with."""
-    return _meta_key(study.name), {"config": dataclasses.asdict(cfg), "quick": quick}
+def config_meta(
+    study: Study, cfg: Any, *, quick: bool = False, data_options: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The store meta entry (key, value) recording the Config a study is run with.
+
+    ``data_options``: the command line's ``--data-option`` values, merged into every run config
+    that has data (:func:`merge_data_options`); recorded so that the report finds those runs.
+    """
+    value: dict[str, Any] = {"config": dataclasses.asdict(cfg), "quick": quick}
+    if data_options:
+        value["data_options"] = dict(data_options)
+    return _meta_key(study.name), value
+
+
+def merge_data_options(
+    configs: list[dict[str, Any]], data_options: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """Run configs with ``data_options`` added to the ``data_options`` of those that have data."""
+    if not data_options:
+        return configs
+    out = []
+    for c in configs:
+        if "data" in c:
+            current = c.get("data_options") or {}
+            if not isinstance(current, dict):
+                raise StudyError(f"run config {c!r}: data_options is not a dict")
+            c = {**c, "data_options": {**current, **data_options}}
+        out.append(c)
+    return out
+
+
+def expected_run_ids(store: Store, study: Study, cfg: Any) -> set[str]:
+    """Ids of the runs a recorded study config stands for, as the sweep computed them."""
+    from normlab.lab.store import run_id
+    from normlab.lab.sweep import prepare_configs
+
+    stored = store.get_meta(_meta_key(study.name)) or {}
+    configs = merge_data_options(study.runs(cfg), stored.get("data_options"))
+    return {run_id(c) for c in prepare_configs(configs)}
 
 
 def save_study_config(store: Store, study: Study, cfg: Any, *, quick: bool = False) -> None:

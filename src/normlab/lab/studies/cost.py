@@ -361,9 +361,9 @@ def validate(cfg: Config) -> None:
 
     for n in cfg.norms:
         get_norm(n)  # ValueError with the list of valid names
-    bad = [m for m in cfg.models if m not in ("cnn", "resnet", "mlp")]
+    bad = [m for m in cfg.models if m not in ("cnn", "resnet", "mlp") and ":" not in m]
     if bad:
-        raise ValueError(f"models: expected cnn, resnet or mlp, got {bad}")
+        raise ValueError(f"models: expected cnn, resnet, mlp or 'package.module:function', got {bad}")
     if "none" not in cfg.norms:
         raise ValueError("norms must include 'none' (the baseline for parameters and time)")
     if cfg.epochs < 1 or cfg.timing_repeats < 3:
