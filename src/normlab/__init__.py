@@ -15,8 +15,10 @@ from normlab.nn import (
     InstanceNorm2d,
     InstanceNorm3d,
     LayerNorm,
+    LayerNorm2d,
     MeanOnlyBatchNorm,
     RMSNorm,
+    Standardizer,
 )
 
 __version__ = "0.1.0"
@@ -30,8 +32,10 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
+    "LayerNorm2d",
     "MeanOnlyBatchNorm",
     "RMSNorm",
+    "Standardizer",
     "available_backends",
     "functional",
     "use_backend",

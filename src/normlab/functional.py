@@ -37,6 +37,7 @@ __all__ = [
     "group_norm",
     "instance_norm",
     "layer_norm",
+    "layer_norm_2d",
     "mean_only_batch_norm",
     "rms_norm",
 ]
@@ -305,6 +306,35 @@ def layer_norm(
     _check_param(weight, shape, "weight")
     _check_param(bias, shape, "bias")
     return ops.layer_norm(input, len(shape), weight, bias, eps, backend=backend)[0]
+
+
+def layer_norm_2d(
+    input: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    r"""Channels-first layer normalization of (N, C, \*) input: statistics over C per position.
+
+    .. math:: y_{n,:,s} = \gamma \odot \frac{x_{n,:,s} - \mu_{ns}}{\sqrt{\sigma^2_{ns} + \epsilon}} + \beta
+
+    (ConvNeXt's LayerNorm). γ, β of shape (C,).
+    """
+    if traced(input):
+        view = (1, -1) + (1,) * (input.dim() - 2)
+        mean = input.mean(1, keepdim=True)
+        var = (input - mean).pow(2).mean(1, keepdim=True)
+        y = (input - mean) * torch.rsqrt(var + eps)
+        y = y if weight is None else y * weight.view(view)
+        return y if bias is None else y + bias.view(view)
+    check_input(input, min_dim=2)
+    check_eps(eps)
+    c = input.shape[1]
+    _check_param(weight, (c,), "weight")
+    _check_param(bias, (c,), "bias")
+    return ops.layer_norm_channels(input, weight, bias, eps, backend=backend)[0]
 
 
 def rms_norm(

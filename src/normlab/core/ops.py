@@ -9,6 +9,8 @@ Operators (``torch.ops.normlab.*``; outputs in brackets are statistics, shapes g
     group_norm_backward(dy, x, weight?, mean, rstd, num_groups, eps, backend, mask)  -> (dx, dγ, dβ)
     layer_norm(x, weight?, bias?, normalized_ndim, eps, rms, backend) -> (y, [mean, var, rstd]) lead dims
     layer_norm_backward(dy, x, weight?, mean, rstd, normalized_ndim, eps, rms, backend, mask) -> (dx, dγ, dβ)
+    layer_norm_channels(x, weight?, bias?, eps, backend)            -> (y, [mean, var, rstd])  (N, *S)
+    layer_norm_channels_backward(dy, x, weight?, mean, rstd, eps, backend, mask)      -> (dx, dγ, dβ)
 
 Each operator has a real implementation that picks a backend (:mod:`normlab.core.dispatch`: the
 fused CPU kernels where they apply, the pure-torch reference elsewhere), a fake implementation
@@ -39,7 +41,7 @@ from torch import Tensor
 
 from normlab.core import dispatch, reference
 
-__all__ = ["stat_dtype", "batch_norm", "batch_norm_eval", "group_norm", "layer_norm"]
+__all__ = ["stat_dtype", "batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_channels"]
 
 def stat_dtype(x: Tensor) -> torch.dtype:
     """dtype of the statistics an operator returns for input ``x`` (see the module docstring)."""
@@ -167,6 +169,24 @@ def _layer_norm_backward_impl(dy, x, weight, mean, rstd, normalized_ndim, eps, r
     return dx, _grad(dw if mask[1] else None, x, shape, dt), _grad(db if mask[2] else None, x, shape, dt)
 
 
+def _lnc_shapes(x):
+    return (x.shape[0],) + tuple(x.shape[2:])
+
+
+def _layer_norm_channels_impl(x, weight, bias, eps, backend):
+    y, mean, var, rstd = _backend("layer_norm_channels", x, backend).layer_norm_channels(x, weight, bias, eps)
+    s = _lnc_shapes(x)
+    return _canonical(y, x, True), _stat(mean, x, s), _stat(var, x, s), _stat(rstd, x, s)
+
+
+def _layer_norm_channels_backward_impl(dy, x, weight, mean, rstd, eps, backend, mask):
+    dx, dw, db = _backend("layer_norm_channels", x, backend).layer_norm_channels_backward(
+        dy, x, weight, mean, rstd, eps, mask=tuple(mask))
+    shape, dt = _param_meta(weight, x, (x.shape[1],))
+    dx = _canonical(dx, x, True) if mask[0] else x.new_empty((0,))
+    return dx, _grad(dw if mask[1] else None, x, shape, dt), _grad(db if mask[2] else None, x, shape, dt)
+
+
 # ------------------------------------------------------------------------------ fake impls
 
 
@@ -210,6 +230,14 @@ def _layer_norm_backward_fake(dy, x, weight, mean, rstd, normalized_ndim, eps, r
     return _fake_grads(x, weight, _ln_shapes(x, normalized_ndim)[1], mask, False)
 
 
+def _layer_norm_channels_fake(x, weight, bias, eps, backend):
+    return (_empty_out(x, True), *_fake_stats(x, _lnc_shapes(x)))
+
+
+def _layer_norm_channels_backward_fake(dy, x, weight, mean, rstd, eps, backend, mask):
+    return _fake_grads(x, weight, (x.shape[1],), mask, True)
+
+
 # ------------------------------------------------------------------------ operator library
 
 _T = Tensor
@@ -245,6 +273,12 @@ _ops = {
     "layer_norm_backward": _define("layer_norm_backward", _layer_norm_backward_impl, _layer_norm_backward_fake, {
         "dy": _T, "x": _T, "weight": _OT, "mean": _T, "rstd": _T, "normalized_ndim": int, "eps": float,
         "rms": bool, "backend": str, "mask": Sequence[bool], "return": _GRADS}),
+    "layer_norm_channels": _define("layer_norm_channels", _layer_norm_channels_impl, _layer_norm_channels_fake, {
+        "x": _T, "weight": _OT, "bias": _OT, "eps": float, "backend": str, "return": _STATS}),
+    "layer_norm_channels_backward": _define(
+        "layer_norm_channels_backward", _layer_norm_channels_backward_impl, _layer_norm_channels_backward_fake, {
+            "dy": _T, "x": _T, "weight": _OT, "mean": _T, "rstd": _T, "eps": float, "backend": str,
+            "mask": Sequence[bool], "return": _GRADS}),
 }
 
 
@@ -323,6 +357,17 @@ def _ln_backward(ctx, dy, *_):
     return _finish(ctx, *grads, 4)
 
 
+def _lnc_backward(ctx, dy, *_):
+    x, weight, mean, rstd = ctx.saved_tensors
+    eps, backend = ctx.args
+    if torch.is_grad_enabled():
+        fwd = lambda x_, w_, b_: reference.layer_norm_channels(x_, w_, b_, eps)[0]  # noqa: E731
+        return (*_composite_grads(ctx, fwd, x, weight, dy, ctx.bias_meta), None, None)
+    mask = list(ctx.needs_input_grad[:3])
+    grads = _run("layer_norm_channels_backward", ctx.compiled)(dy, x, weight, mean, rstd, eps, backend, mask)
+    return _finish(ctx, *grads, 2)
+
+
 def _bn_eval_setup(ctx, inputs, output):  # noqa: ARG001 - output is y, not needed
     x, mean, var, weight, bias, eps, center_only, _ = inputs
     ctx.save_for_backward(x, mean, var, weight)
@@ -363,6 +408,7 @@ def _setup_op(ctx, inputs, output):
 _ops["batch_norm"].register_autograd(_bn_backward, setup_context=_setup_op)
 _ops["group_norm"].register_autograd(_gn_backward, setup_context=_setup_op)
 _ops["layer_norm"].register_autograd(_ln_backward, setup_context=_setup_op)
+_ops["layer_norm_channels"].register_autograd(_lnc_backward, setup_context=_setup_op)
 _ops["batch_norm_eval"].register_autograd(_bn_eval_backward, setup_context=_bn_eval_setup)
 
 
@@ -374,6 +420,8 @@ _IMPLS = {
     "group_norm_backward": _group_norm_backward_impl,
     "layer_norm": _layer_norm_impl,
     "layer_norm_backward": _layer_norm_backward_impl,
+    "layer_norm_channels": _layer_norm_channels_impl,
+    "layer_norm_channels_backward": _layer_norm_channels_backward_impl,
 }
 
 
@@ -398,6 +446,7 @@ _EAGER = {
     "batch_norm": _eager_function("batch_norm", _bn_backward),
     "group_norm": _eager_function("group_norm", _gn_backward),
     "layer_norm": _eager_function("layer_norm", _ln_backward),
+    "layer_norm_channels": _eager_function("layer_norm_channels", _lnc_backward),
     "batch_norm_eval": _eager_function("batch_norm_eval", _bn_eval_backward, setup=_bn_eval_setup, n_out=1),
 }
 
@@ -414,6 +463,7 @@ _COMPOSITE = {
         x, m, v, w, b, eps, center_only=center),
     "group_norm": lambda x, w, b, g, eps, _: reference.group_norm(x, g, w, b, eps),
     "layer_norm": lambda x, w, b, k, eps, rms, _: reference.layer_norm(x, k, w, b, eps, rms=rms),
+    "layer_norm_channels": lambda x, w, b, eps, _: reference.layer_norm_channels(x, w, b, eps),
 }
 
 
@@ -457,3 +507,8 @@ def group_norm(x, num_groups: int, weight, bias, eps: float, backend: str | None
 def layer_norm(x, normalized_ndim: int, weight, bias, eps: float, rms: bool = False, backend: str | None = None):
     """(y, mean, var, rstd) through ``normlab::layer_norm``."""
     return call("layer_norm", x, weight, bias, int(normalized_ndim), float(eps), rms, backend or "")
+
+
+def layer_norm_channels(x, weight, bias, eps: float, backend: str | None = None):
+    """(y, mean, var, rstd) of channels-first layer norm through ``normlab::layer_norm_channels``."""
+    return call("layer_norm_channels", x, weight, bias, float(eps), backend or "")

@@ -44,6 +44,8 @@ __all__ = [
     "group_norm_backward",
     "layer_norm",
     "layer_norm_backward",
+    "layer_norm_channels",
+    "layer_norm_channels_backward",
     "compute_dtype",
     "supports",
 ]
@@ -249,6 +251,19 @@ def layer_norm_backward(dy, x, weight, mean, rstd, normalized_ndim: int, eps: fl
     dims = tuple(range(x.dim() - normalized_ndim, x.dim()))
     wshape = tuple(x.shape[x.dim() - normalized_ndim:])
     return _normalize_backward(dy, x, weight, dims, eps, RMS if rms else STANDARD, mask, wshape)
+
+
+def layer_norm_channels(x: Tensor, weight, bias, eps: float):
+    """Channels-first layer norm of (N, C, *): statistics over C per (sample, position), (N, *S)."""
+    y, mean, var, rstd = normalize(x, (1,), _channel_view(weight, x.dim()), _channel_view(bias, x.dim()), eps)
+    return y, mean.squeeze(1), var.squeeze(1), rstd.squeeze(1)
+
+
+def layer_norm_channels_backward(dy, x, weight, mean, rstd, eps: float, *, mask=(True, True, True)):
+    """(dx, dγ (C,), dβ (C,)) of channels-first layer norm."""
+    wshape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    dx, dw, db = _normalize_backward(dy, x, _channel_view(weight, x.dim()), (1,), eps, STANDARD, mask, wshape)
+    return dx, _flat(dw), _flat(db)
 
 
 def _restore(y: Tensor, like: Tensor) -> Tensor:

@@ -3,7 +3,7 @@
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, MeanOnlyBatchNorm
 from normlab.nn.groupnorm import GroupNorm
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
-from normlab.nn.layernorm import LayerNorm, RMSNorm
+from normlab.nn.layernorm import LayerNorm, LayerNorm2d, RMSNorm
 from normlab.nn.rnn import BatchNormLSTM, LayerNormLSTM, NormLSTM, WeightNormLSTM
 from normlab.nn.standardizer import Standardizer
 
@@ -17,6 +17,7 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
+    "LayerNorm2d",
     "LayerNormLSTM",
     "MeanOnlyBatchNorm",
     "NormLSTM",

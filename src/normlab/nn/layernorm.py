@@ -71,3 +71,34 @@ class RMSNorm(nn.RMSNorm):
         if F.traced(input):
             return super().forward(input)
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, backend=self.backend)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    r"""Channels-first layer normalization of (N, C, \*) input: statistics over C at every position.
+
+    .. math:: y_{n,:,s} = \gamma \odot \frac{x_{n,:,s} - \mu_{ns}}{\sqrt{\sigma^2_{ns} + \epsilon}} + \beta
+
+    The LayerNorm of ConvNeXt and timm's ``LayerNorm2d``: one (μ, σ²) per sample and position,
+    over the C channels; γ, β per channel. A subclass of torch.nn.LayerNorm with
+    ``normalized_shape = (C,)`` (timm's constructor: ``num_channels, eps=1e-6, affine=True``), so
+    state dicts of timm's layer load unchanged. Computed natively on (N, C, \*) memory, NCHW or
+    channels_last, without permuting the tensor.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-6,
+        affine: bool = True,
+        *,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        backend: str | None = None,
+    ) -> None:
+        F.check_eps(eps)
+        super().__init__(F._normalized_shape(num_channels), eps, affine, bias, device, dtype)
+        self.backend = backend
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.layer_norm_2d(input, self.weight, self.bias, self.eps, backend=self.backend)
