@@ -21,7 +21,9 @@ Memory layouts
 Kernel families (passes over memory: see each module)
     * ``cpu_kernels_rows``: layer norm, RMS norm, group/instance norm on contiguous input;
     * ``cpu_kernels_batch``: batch norm on contiguous input (per-channel planes);
-    * ``cpu_kernels_cl``: batch norm and group/instance norm on channels-last input.
+    * ``cpu_kernels_cl``: batch norm and group/instance norm on channels-last input;
+    * ``cpu_kernels_cols``: channels-first layer norm (statistics over C) on NCHW input
+      (on channels-last input it is a row layer norm).
     Each family is one forward and one backward kernel (float32 and float64 each compile
     once); the choice of family, the physical 2-D shape the kernel sees and the flags are a
     ``_Plan`` cached per (op, shape, strides, options), so a call does little Python work.
@@ -75,6 +77,7 @@ from torch import Tensor
 from normlab.core import reference
 from normlab.core.cpu_kernels_batch import planes_bwd, planes_fwd
 from normlab.core.cpu_kernels_cl import cl_bwd, cl_fwd
+from normlab.core.cpu_kernels_cols import POS_BLOCK, cols_bwd, cols_fwd
 from normlab.core.cpu_kernels_common import CACHE, CACHE_DIR
 from normlab.core.cpu_kernels_rows import rows_bwd, rows_fwd
 
@@ -83,6 +86,7 @@ __all__ = [
     "batch_norm_eval",
     "group_norm",
     "layer_norm",
+    "layer_norm_channels",
     "supports",
     "set_buffer_pool",
     "clear_buffer_pool",
@@ -92,7 +96,7 @@ __all__ = [
     "CACHE_DIR",
 ]
 
-OPS = ("batch_norm", "batch_norm_eval", "group_norm", "layer_norm")
+OPS = ("batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_channels")
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
@@ -568,6 +572,51 @@ def layer_norm_backward(dy, x, weight, mean, rstd, normalized_ndim: int, eps: fl
     return _backward(_ln_key(x, normalized_ndim, eps, rms), dy, x, weight, mean, rstd, mask)
 
 
+def _as_base(v: Tensor) -> Tensor:
+    """A base tensor (not a view) over v's memory: what an operator may return."""
+    return torch.empty(0, dtype=v.dtype).set_(v.untyped_storage(), v.storage_offset(), v.size(), v.stride())
+
+
+def _rows_layout(x: Tensor) -> bool:
+    """Channels-first layer norm on memory where C is innermost is a plain row layer norm."""
+    return x.dim() == 2 or _channels_last(x)
+
+
+def layer_norm_channels(x: Tensor, weight, bias, eps: float):
+    """Layer norm over C of (N, C, *): (y, mean, var, rstd), float64 statistics (N, *S)."""
+    if _rows_layout(x):
+        y, mean, var, rstd = layer_norm(x.movedim(1, -1), 1, weight, bias, eps)
+        return _as_base(y.movedim(-1, 1)), mean, var, rstd
+    x = x.contiguous()
+    n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    xa = x.numpy().reshape(n, c, s)
+    y = _pool.empty(tuple(x.shape), x.stride(), x.dtype)
+    stats = [np.empty((n, s)) for _ in range(3)]
+    units = n * -(-s // POS_BLOCK)
+    cols_fwd(xa, _param(weight, c, x.dtype, 1.0), _param(bias, c, x.dtype, 0.0), eps,
+             min(_threads(x.numel()), units), y.numpy().reshape(n, c, s), *stats)
+    lead = (n,) + tuple(x.shape[2:])
+    return (y, *(torch.from_numpy(a).view(lead) for a in stats))
+
+
+def layer_norm_channels_backward(dy, x, weight, mean, rstd, eps: float, *, mask=(True, True, True)):
+    """(dx, dγ, dβ) of channels-first layer norm (None where not in ``mask``)."""
+    if _rows_layout(x):
+        dx, dw, db = layer_norm_backward(dy.movedim(1, -1), x.movedim(1, -1), weight, mean, rstd, 1, eps,
+                                         mask=mask)
+        return (None if dx is None else _as_base(dx.movedim(-1, 1))), dw, db
+    x = x.contiguous()
+    dy = dy.to(x.dtype).contiguous()
+    n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    dx = _pool.empty(tuple(x.shape), x.stride(), x.dtype)
+    dw, db = np.empty(c, _NP_DTYPE[x.dtype]), np.empty(c, _NP_DTYPE[x.dtype])
+    units = n * -(-s // POS_BLOCK)
+    cols_bwd(x.numpy().reshape(n, c, s), dy.numpy().reshape(n, c, s), _param(weight, c, x.dtype, 1.0),
+             _f64(mean).reshape(n, s), _f64(rstd).reshape(n, s), min(_threads(x.numel()), units),
+             dx.numpy().reshape(n, c, s), dw, db)
+    return (dx if mask[0] else None), torch.from_numpy(dw), torch.from_numpy(db)
+
+
 def warmup(dtypes=(torch.float32, torch.float64)) -> None:
     """Compile (or load from the disk cache) every kernel for ``dtypes`` now."""
     for dt in dtypes:
@@ -580,3 +629,5 @@ def warmup(dtypes=(torch.float32, torch.float64)) -> None:
             batch_norm_eval(xi, w, w, w, w, 1e-5)
         y, mean, _, rstd = layer_norm(x, 2, None, None, 1e-5)
         layer_norm_backward(y, x, None, mean, rstd, 2, 1e-5)
+        y, mean, _, rstd = layer_norm_channels(x, w, w, 1e-5)
+        layer_norm_channels_backward(y, x, w, mean, rstd, 1e-5)
