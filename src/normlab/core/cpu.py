@@ -100,8 +100,8 @@ OPS = ("batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def supports(op: str, x: Tensor) -> bool:
-    """float32/float64 strided CPU tensors with elements; (N, C, ...) for batch/group norm."""
+def _takes(op: str, x: Tensor) -> bool:
+    """float32/float64 strided CPU tensors with elements; (N, C, ...) except for layer norm."""
     if op not in OPS or not isinstance(x, Tensor):
         return False
     if x.device.type != "cpu" or x.layout != torch.strided or x.dtype not in _NP_DTYPE:
@@ -109,6 +109,57 @@ def supports(op: str, x: Tensor) -> bool:
     if x.numel() == 0 or x.is_conj() or x.is_neg():
         return False
     return x.dim() >= 1 if op == "layer_norm" else x.dim() >= 2
+
+
+def supports(op: str, x: Tensor) -> bool:
+    """The kernels take ``x`` and can run now (see :func:`wait_ready`).
+
+    Kernels compile on first use (a few seconds each, once per dtype; later processes load them
+    from the disk cache in milliseconds; ``warmup()`` or ``make`` prebuilds the cache). With
+    ``NORMLAB_CPU_COMPILE=background`` the first call for a dtype instead starts compiling every
+    kernel of that dtype in a background thread and returns False until they are ready, so the
+    caller falls back to the reference backend rather than wait: an interactive first step costs
+    what the reference costs. That mode trades bitwise reproducibility (which steps ran on which
+    backend depends on timing) for latency, so it is opt-in.
+    """
+    return _takes(op, x) and (COMPILE_MODE != "background" or _ready(x.dtype, wait=False))
+
+
+def wait_ready(op: str, x: Tensor) -> bool:
+    """Like :func:`supports`, but waits for the kernels (the backend was asked for by name)."""
+    return _takes(op, x) and (COMPILE_MODE != "background" or _ready(x.dtype, wait=True))
+
+
+# --------------------------------------------------------------------------------------------
+# compilation
+# --------------------------------------------------------------------------------------------
+
+COMPILE_MODE = os.environ.get("NORMLAB_CPU_COMPILE", "lazy")  # "lazy" | "background"
+_compiled: dict[torch.dtype, threading.Event] = {}
+_compile_lock = threading.Lock()
+
+
+def _ready(dtype: torch.dtype, wait: bool) -> bool:
+    """Background mode: are dtype's kernels compiled (starting their compilation if not)?"""
+    event = _compiled.get(dtype)
+    if event is None:
+        with _compile_lock:
+            event = _compiled.get(dtype)
+            if event is None:
+                event = _compiled[dtype] = threading.Event()
+                _start_pool()  # in the caller's thread: the pool keeps torch's thread count
+                threading.Thread(target=_warm, args=(dtype, event), daemon=True,
+                                 name=f"normlab-compile-{dtype}").start()
+    if wait:
+        event.wait()
+    return event.is_set()
+
+
+def _warm(dtype: torch.dtype, event: threading.Event) -> None:
+    try:
+        warmup((dtype,))
+    finally:
+        event.set()
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,6 +187,26 @@ def _start_pool() -> None:
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
     _pool_started = True
+
+
+# numba's workqueue threading layer aborts the process when two Python threads launch parallel
+# kernels at once (omp and tbb are thread-safe); kernels launched under that layer take a lock.
+_launch_lock = threading.RLock()
+
+
+_serialize: bool | None = None
+
+
+def _launch(kernel, *args) -> None:
+    global _serialize
+    if _serialize is None:
+        _start_pool()
+        _serialize = numba.threading_layer() == "workqueue"
+    if _serialize:
+        with _launch_lock:
+            kernel(*args)
+    else:
+        kernel(*args)
 
 
 def _threads(numel: int) -> int:
@@ -391,16 +462,16 @@ class _Plan:
             var = np.zeros(nstat) if var_in is None else _f64(var_in)
         rstd = np.empty(nstat)
         if self.family == "rows":
-            rows_fwd(xa, w, b, self.seg, self.groups, self.rms, self.eps, min(nt, xa.shape[0]),
+            _launch(rows_fwd, xa, w, b, self.seg, self.groups, self.rms, self.eps, min(nt, xa.shape[0]),
                      ya, mean, var, rstd)
         elif self.family == "planes":
             n, c, _ = self.phys
-            planes_fwd(xa, n, w, b, self.eps, self.train, self.center, min(nt, c), ya, mean,
+            _launch(planes_fwd, xa, n, w, b, self.eps, self.train, self.center, min(nt, c), ya, mean,
                        var, rstd)
         else:
             n, s, _ = self.phys
             g = self.groups
-            cl_fwd(xa, n, w, b, g, self.train, self.center, self.eps, _row_chunks(n, s, nt), ya,
+            _launch(cl_fwd, xa, n, w, b, g, self.train, self.center, self.eps, _row_chunks(n, s, nt), ya,
                    mean.reshape(n, g), var.reshape(n, g), rstd.reshape(n, g))
         return y, mean, var, rstd
 
@@ -416,16 +487,16 @@ class _Plan:
                               None if weight is None else weight.dtype, need_w, self.pcount, x.dtype)
         db, gb = _grad_buffer(*(bias_meta or (None, None)), need_b, self.pcount, x.dtype)
         if self.family == "rows":
-            rows_bwd(xa, dya, w, self.seg, self.groups, self.rms, mean, rstd,
+            _launch(rows_bwd, xa, dya, w, self.seg, self.groups, self.rms, mean, rstd,
                      min(nt, xa.shape[0]), dxa, dw, db)
         elif self.family == "planes":
             n, c, _ = self.phys
-            planes_bwd(xa, dya, n, w, mean, rstd, self.train, self.center, min(nt, c), dxa,
+            _launch(planes_bwd, xa, dya, n, w, mean, rstd, self.train, self.center, min(nt, c), dxa,
                        dw, db)
         else:
             n, s, _ = self.phys
             g = self.groups
-            cl_bwd(xa, dya, n, w, g, self.train, self.center, _row_chunks(n, s, nt),
+            _launch(cl_bwd, xa, dya, n, w, g, self.train, self.center, _row_chunks(n, s, nt),
                    mean.reshape(n, g), rstd.reshape(n, g), dxa, dw, db)
         if need_w and gw is None:  # a parameter dtype the kernels do not write
             gw = torch.from_numpy(dw).reshape(weight.shape).to(weight.dtype)
@@ -593,7 +664,7 @@ def layer_norm_channels(x: Tensor, weight, bias, eps: float):
     y = _pool.empty(tuple(x.shape), x.stride(), x.dtype)
     stats = [np.empty((n, s)) for _ in range(3)]
     units = n * -(-s // POS_BLOCK)
-    cols_fwd(xa, _param(weight, c, x.dtype, 1.0), _param(bias, c, x.dtype, 0.0), eps,
+    _launch(cols_fwd, xa, _param(weight, c, x.dtype, 1.0), _param(bias, c, x.dtype, 0.0), eps,
              min(_threads(x.numel()), units), y.numpy().reshape(n, c, s), *stats)
     lead = (n,) + tuple(x.shape[2:])
     return (y, *(torch.from_numpy(a).view(lead) for a in stats))
@@ -611,7 +682,7 @@ def layer_norm_channels_backward(dy, x, weight, mean, rstd, eps: float, *, mask=
     dx = _pool.empty(tuple(x.shape), x.stride(), x.dtype)
     dw, db = np.empty(c, _NP_DTYPE[x.dtype]), np.empty(c, _NP_DTYPE[x.dtype])
     units = n * -(-s // POS_BLOCK)
-    cols_bwd(x.numpy().reshape(n, c, s), dy.numpy().reshape(n, c, s), _param(weight, c, x.dtype, 1.0),
+    _launch(cols_bwd, x.numpy().reshape(n, c, s), dy.numpy().reshape(n, c, s), _param(weight, c, x.dtype, 1.0),
              _f64(mean).reshape(n, s), _f64(rstd).reshape(n, s), min(_threads(x.numel()), units),
              dx.numpy().reshape(n, c, s), dw, db)
     return (dx if mask[0] else None), torch.from_numpy(dw), torch.from_numpy(db)

@@ -30,15 +30,25 @@ _loaded: dict[str, ModuleType | None] = {}
 _forced = threading.local()
 
 
+_ORDER: list[str] = []
+
+
+def _order() -> list[str]:
+    if len(_ORDER) != len(_REGISTRY):
+        _ORDER[:] = sorted(_REGISTRY, key=lambda n: _REGISTRY[n][1])
+    return _ORDER
+
+
 def register_backend(name: str, module_path: str, priority: int = 50) -> None:
     """Add a backend module (imported on first use) at ``priority`` (lower is preferred)."""
     _REGISTRY[name] = (module_path, priority)
     _loaded.pop(name, None)
+    _ORDER.clear()
 
 
 def available_backends() -> list[str]:
     """Names of the registered backends that import on this machine, in priority order."""
-    return [n for n in sorted(_REGISTRY, key=lambda n: _REGISTRY[n][1]) if _load(n) is not None]
+    return [n for n in _order() if _load(n) is not None]
 
 
 def _load(name: str) -> ModuleType | None:
@@ -86,10 +96,11 @@ def backend_module(op: str, x: Tensor, backend: str | None = None) -> ModuleType
     if name is not None:
         _check_name(name)
         module = _load(name)
-        if module is not None and module.supports(op, x):
+        # asked for by name: wait for it to be ready (e.g. the CPU kernels compiling) if it can
+        if module is not None and getattr(module, "wait_ready", module.supports)(op, x):
             return module
         return _load("reference")
-    for candidate in sorted(_REGISTRY, key=lambda n: _REGISTRY[n][1]):
+    for candidate in _order():
         module = _load(candidate)
         if module is not None and module.supports(op, x):
             return module

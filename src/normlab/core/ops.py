@@ -43,11 +43,7 @@ from normlab.core import dispatch, reference
 
 __all__ = ["stat_dtype", "batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_channels"]
 
-def stat_dtype(x: Tensor) -> torch.dtype:
-    """dtype of the statistics an operator returns for input ``x`` (see the module docstring)."""
-    if x.dtype == torch.float64 or (x.dtype == torch.float32 and x.device.type == "cpu"):
-        return torch.float64
-    return torch.float32
+stat_dtype = reference.stat_dtype
 
 
 # ---------------------------------------------------------------------------------- layouts

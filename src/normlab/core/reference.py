@@ -63,6 +63,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def stat_dtype(x: Tensor) -> torch.dtype:
+    """dtype of the statistics the ``normlab::`` operators return for ``x``: float64 for float64
+    inputs and for float32 on the CPU (the fused kernels accumulate in float64), else float32."""
+    if x.dtype == torch.float64 or (x.dtype == torch.float32 and x.device.type == "cpu"):
+        return torch.float64
+    return torch.float32
+
+
 def _moments(x: Tensor, dims: tuple[int, ...], mode: str, eps: float):
     """Statistics of ``x`` (already in the compute dtype) over ``dims``, kept dims of size 1.
 
@@ -137,12 +145,15 @@ def normalize(
         y = y * weight.to(acc)
     if bias is not None:
         y = y + bias.to(acc)
-    mean = None if mode == RMS else _mean(shift, corr)
+    mean = None if mode == RMS else _mean(shift, corr, stat_dtype(x))
     return y.to(x.dtype), mean, var, rstd
 
 
-def _mean(shift: Tensor, corr: Tensor) -> Tensor:
-    # shift + corr is NaN where the group holds ±Inf (Inf − Inf); torch reports the Inf itself.
+def _mean(shift: Tensor, corr: Tensor, dtype: torch.dtype) -> Tensor:
+    # The sum is formed in the statistics' dtype so that a float64 mean keeps the correction
+    # (a fused backward may use it); shift + corr is NaN where the group holds ±Inf (Inf − Inf),
+    # and torch reports the Inf itself.
+    shift, corr = shift.detach().to(dtype), corr.detach().to(dtype)
     return torch.where(torch.isinf(shift), shift, shift + corr)
 
 
