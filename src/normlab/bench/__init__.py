@@ -3,7 +3,8 @@
 Commands::
 
     normlab bench kernels [--quick] [--out DIR] [--norms bn,gn,...] [--reps N] [--no-compile]
-    normlab bench e2e     [--quick] [--out DIR] [--models cnn,resnet] [--norms bn,gn] [--steps N]
+    normlab bench e2e     [--quick] [--out DIR] [--models resnet18-bn,bert,...|cnn,resnet] [--threads 1,2]
+                          [--compile/--no-compile] [--contention] [--steps N]
     normlab bench compile [--quick]
 
 ``kernels``: every norm on a CNN shape set (N=32, C=64…512, H×W=8²…64², NCHW and NHWC) and a
@@ -12,8 +13,9 @@ forward+backward, interleaved in one process; speed-ups, effective GB/s and % of
 copy's bandwidth; first-call (compile) time in fresh processes, cold and cached. Writes a table,
 ``kernels.json`` and ``kernels.png`` to ``--out`` (default ``bench-results``).
 
-``e2e``: time per training step of the lab's CNN and ResNet with normlab layers (cpu and
-reference backends) vs the same model with torch layers. Writes ``e2e.json``.
+``e2e``: time per training step of real architectures (``bench/zoo.py``) with torch.nn layers vs
+the same model after ``normlab.convert``, eager and compiled (or of the lab's CNN and ResNet
+with ``--models cnn,resnet``). Writes ``e2e.json``.
 
 Timings are medians; the machine may be shared, so compare numbers from the same run only.
 """
@@ -131,26 +133,43 @@ def compile_cmd(quick: bool = typer.Option(False, "--quick", help="layer-norm ke
 
 @app.command("e2e")
 def e2e_cmd(
-    quick: bool = typer.Option(False, "--quick", help="fewer steps and configurations"),
+    quick: bool = typer.Option(False, "--quick", help="fewer steps, no torch.compile contenders"),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="output directory"),
-    models: str = typer.Option(None, "--models", help="comma-separated: cnn,resnet"),
-    norms: str = typer.Option(None, "--norms", help="comma-separated norms (bn, gn, in, ln, mobn)"),
+    models: str = typer.Option(None, "--models", help="comma-separated zoo models (resnet18-bn, resnet18-gn, "
+                               "convnext, vit, bert, gpt2, qwen3) or the lab's cnn, resnet"),
+    norms: str = typer.Option(None, "--norms", help="lab models only: norms (bn, gn, in, ln, mobn)"),
     steps: int = typer.Option(None, "--steps", help="timed training steps per contender"),
-    batch: int = typer.Option(32, "--batch", help="batch size"),
-    image: int = typer.Option(32, "--image", help="image side (3×image×image inputs)"),
-    channels_last: bool = typer.Option(False, "--channels-last", help="run the models in channels_last"),
+    batch: int = typer.Option(None, "--batch", help="batch size (zoo 16, lab 32)"),
+    image: int = typer.Option(32, "--image", help="lab models only: image side"),
+    threads: str = typer.Option("1,2", "--threads", help="comma-separated torch thread counts (zoo)"),
+    compiled: bool = typer.Option(True, "--compile/--no-compile", help="also time torch.compile'd models (zoo)"),
+    contention: bool = typer.Option(False, "--contention", help="add a row with a competing busy process (zoo)"),
+    channels_last: bool = typer.Option(False, "--channels-last", help="lab models only: channels_last"),
 ) -> None:
-    """Time per training step of the lab's CNN / ResNet: normlab layers vs torch layers."""
+    """Time per training step: real architectures with torch.nn layers vs after normlab.convert.
+
+    Default: the zoo (ResNet-18 BN/GN, ConvNeXt, ViT, BERT, GPT-2, Qwen3; tiny random-init
+    configs), eager and compiled, interleaved in one process, medians, at 1 and 2 threads.
+    """
     from normlab.bench import e2e as E
+    from normlab.bench import zoo
 
     console = _console()
-    chosen_models = _split(models, list(E.MODELS), "--models") or list(E.MODELS)
-    chosen_norms = _split(norms, list(E.NORMS), "--norms") or (["bn", "gn"] if quick else list(E.NORMS))
-    steps = steps or (5 if quick else 15)
+    lab = list(E.MODELS)
+    chosen = _split(models, zoo.available() + lab, "--models") or zoo.available()
     t0 = time.perf_counter()
-    res = E.run(chosen_models, chosen_norms, steps=steps, batch=batch, image=image,
-                channels_last=channels_last, console=console)
-    E.render(res, console)
-    path = E.save(res, out, _meta(quick=quick, steps=steps, batch=batch, image=image,
-                                  channels_last=channels_last))
+    res: dict = {}
+    zoo_names = [m for m in chosen if m not in lab]
+    if zoo_names:
+        nts = tuple(int(t) for t in threads.split(","))
+        res["zoo"] = E.run_zoo(zoo_names, threads=nts, reps=steps or (5 if quick else 15), batch=batch or 16,
+                               compiled=compiled and not quick, contention=contention, console=console)
+        E.render_zoo(res["zoo"], console)
+    lab_names = [m for m in chosen if m in lab]
+    if lab_names:
+        chosen_norms = _split(norms, list(E.NORMS), "--norms") or (["bn", "gn"] if quick else list(E.NORMS))
+        res["lab"] = E.run(lab_names, chosen_norms, steps=steps or (5 if quick else 15), batch=batch or 32,
+                           image=image, channels_last=channels_last, console=console)
+        E.render(res["lab"], console)
+    path = E.save(res, out, _meta(quick=quick, threads=threads, contention=contention))
     console.print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")

@@ -199,8 +199,132 @@ def render(results: list[dict], console=None) -> None:
     console.print(t)
 
 
-def save(results: list[dict], out: Path, meta: dict) -> Path:
+def save(results, out: Path, meta: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "e2e.json"
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# real architectures (bench/zoo.py): torch layers vs the same model after normlab.convert,
+# eager and torch.compile'd, at several thread counts, interleaved in one process
+# --------------------------------------------------------------------------------------------
+
+ZOO_CONTENDERS = ("torch", "normlab", "torch+compile", "normlab+compile")
+
+_BUSY = (
+    "import time, torch\n"
+    "torch.set_num_threads(1)\n"
+    "a = torch.randn(512, 512)\n"
+    "end = time.time() + {seconds}\n"
+    "while time.time() < end:\n"
+    "    a = torch.tanh(a @ a)\n"
+)
+
+
+def _zoo_step(workload, model):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = workload.loss(model, workload.inputs)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def _contenders(name: str, batch: int, compiled: bool):
+    import normlab
+    from normlab.bench import zoo
+
+    w = zoo.build(name, batch)
+    ours = normlab.convert(copy.deepcopy(w.model))
+    models = {"torch": w.model, "normlab": ours}
+    if compiled:
+        models["torch+compile"] = torch.compile(copy.deepcopy(w.model))
+        models["normlab+compile"] = torch.compile(copy.deepcopy(ours))
+    return w, {c: _zoo_step(w, m) for c, m in models.items()}
+
+
+def _time_interleaved(steps_by: dict, reps: int, warmup: int) -> dict[str, list[float]]:
+    for step in steps_by.values():
+        for _ in range(warmup):
+            step()
+    names = list(steps_by)
+    samples = {c: [] for c in names}
+    gc.collect()
+    for rep in range(reps):
+        for c in (names if rep % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            steps_by[c]()
+            samples[c].append(time.perf_counter() - t)
+    return samples
+
+
+def run_zoo(names, *, threads=(1, 2), reps: int = 15, batch: int = 16, compiled: bool = True,
+            contention: bool = False, warmup: int = 3, console=None) -> list[dict]:
+    """Median training-step time per (model, threads, contender); ratios are torch / normlab."""
+    import subprocess
+    import sys
+
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for name in names:
+            w, steps_by = _contenders(name, batch, compiled)
+            settings = [(t, False) for t in threads]
+            if contention:
+                settings.append((max(threads), True))
+            for nt, busy in settings:
+                torch.set_num_threads(nt)
+                proc = None
+                if busy:
+                    proc = subprocess.Popen([sys.executable, "-c", _BUSY.format(seconds=600)])
+                try:
+                    samples = _time_interleaved(steps_by, reps, warmup)
+                finally:
+                    if proc is not None:
+                        proc.kill()
+                        proc.wait()
+                med = {c: statistics.median(v) * 1e3 for c, v in samples.items()}
+                row = {"model": name, "threads": nt, "competing_process": busy,
+                       "norm_layers": sum(1 for m in w.model.modules() if _is_norm(m)),
+                       "step_ms": med,
+                       "normlab_speedup": med["torch"] / med["normlab"],
+                       "samples_ms": {c: [s * 1e3 for s in v] for c, v in samples.items()}}
+                if compiled:
+                    row["normlab_compiled_speedup"] = med["torch+compile"] / med["normlab+compile"]
+                results.append(row)
+                if console:
+                    console.print(f"  {name} ×{nt}{' busy' if busy else ''}: " + ", ".join(
+                        f"{c} {v:.1f} ms" for c, v in med.items()), highlight=False)
+    finally:
+        torch.set_num_threads(before)
+    return results
+
+
+def _is_norm(m: nn.Module) -> bool:
+    from torch.nn.modules.batchnorm import _NormBase
+
+    return isinstance(m, (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or type(m).__name__.endswith("RMSNorm")
+
+
+def render_zoo(results: list[dict], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(title="training step (median ms): torch.nn layers vs normlab.convert(model)")
+    cols = ["model", "threads", "norm layers", *[f"{c} ms" for c in ZOO_CONTENDERS], "eager ×", "compiled ×"]
+    for col in cols:
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in results:
+        s = r["step_ms"]
+        t.add_row(r["model"], f"{r['threads']}{' +busy' if r['competing_process'] else ''}", str(r["norm_layers"]),
+                  *[f"{s[c]:.1f}" if c in s else "-" for c in ZOO_CONTENDERS],
+                  f"{r['normlab_speedup']:.2f}",
+                  f"{r['normlab_compiled_speedup']:.2f}" if "normlab_compiled_speedup" in r else "-")
+    console.print(t)
