@@ -209,13 +209,17 @@ def _launch(kernel, *args) -> None:
         kernel(*args)
 
 
+_numba_threads = threading.local()  # numba's thread count is per calling thread: remember it
+
+
 def _threads(numel: int) -> int:
     """numba's thread count := torch's (capped by numba's pool), 1 for small problems."""
     if not _pool_started:
         _start_pool()
     n = 1 if numel < PARALLEL_MIN_NUMEL else max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != n:
+    if getattr(_numba_threads, "n", None) != n:
         numba.set_num_threads(n)
+        _numba_threads.n = n
     return n
 
 
@@ -585,7 +589,8 @@ def _forward(plan: _Plan, x: Tensor, weight, bias, mean_in=None, var_in=None):
     if plan.train and x.dtype == torch.float64 and _overflowed(mean, var):
         return None
     shape = plan.stat_shape
-    return y, *(torch.from_numpy(a).view(shape) for a in (mean, var, rstd))
+    return (y, torch.from_numpy(mean.reshape(shape)), torch.from_numpy(var.reshape(shape)),
+            torch.from_numpy(rstd.reshape(shape)))
 
 
 def _backward(plan: _Plan, dy, x, weight, mean, rstd, mask):

@@ -78,12 +78,10 @@ def _canonical(y: Tensor, x: Tensor, per_channel: bool) -> Tensor:
     return y if ok else _empty_out(x, per_channel).copy_(y)
 
 
-def _stat(t: Tensor | None, x: Tensor) -> Tensor:
-    """A returned statistic in stat_dtype(x) (backends give the op's shapes); a missing one is empty."""
+def _stats(x: Tensor, *stats) -> tuple:
+    """The returned statistics in stat_dtype(x) (backends give the op's shapes); missing: empty."""
     sd = stat_dtype(x)
-    if t is None:
-        return x.new_empty((0,), dtype=sd)
-    return t if t.dtype == sd else t.to(sd)
+    return tuple(x.new_empty((0,), dtype=sd) if t is None else (t if t.dtype == sd else t.to(sd)) for t in stats)
 
 
 def _grad(t: Tensor | None, x: Tensor, shape, dtype) -> Tensor:
@@ -107,7 +105,7 @@ def _batch_norm_impl(x, weight, bias, eps, center_only, backend):
     if center_only:
         var = rstd = None
     s = _bn_shapes(x)
-    return _canonical(y, x, True), _stat(mean, x), _stat(var, x), _stat(rstd, x)
+    return _canonical(y, x, True), *_stats(x, mean, var, rstd)
 
 
 def _param_meta(weight, x, shape):
@@ -137,7 +135,7 @@ def _gn_shapes(x, g):
 def _group_norm_impl(x, weight, bias, num_groups, eps, backend):
     y, mean, var, rstd = _backend("group_norm", x, backend).group_norm(x, num_groups, weight, bias, eps)
     s = _gn_shapes(x, num_groups)
-    return _canonical(y, x, True), _stat(mean, x), _stat(var, x), _stat(rstd, x)
+    return _canonical(y, x, True), *_stats(x, mean, var, rstd)
 
 
 def _group_norm_backward_impl(dy, x, weight, mean, rstd, num_groups, eps, backend, mask):
@@ -155,7 +153,7 @@ def _ln_shapes(x, k):
 def _layer_norm_impl(x, weight, bias, normalized_ndim, eps, rms, backend):
     y, mean, var, rstd = _backend("layer_norm", x, backend).layer_norm(x, normalized_ndim, weight, bias, eps, rms=rms)
     lead, _ = _ln_shapes(x, normalized_ndim)
-    return _canonical(y, x, False), _stat(None if rms else mean, x), _stat(var, x), _stat(rstd, x)
+    return _canonical(y, x, False), *_stats(x, None if rms else mean, var, rstd)
 
 
 def _layer_norm_backward_impl(dy, x, weight, mean, rstd, normalized_ndim, eps, rms, backend, mask):
@@ -173,7 +171,7 @@ def _lnc_shapes(x):
 def _layer_norm_channels_impl(x, weight, bias, eps, backend):
     y, mean, var, rstd = _backend("layer_norm_channels", x, backend).layer_norm_channels(x, weight, bias, eps)
     s = _lnc_shapes(x)
-    return _canonical(y, x, True), _stat(mean, x), _stat(var, x), _stat(rstd, x)
+    return _canonical(y, x, True), *_stats(x, mean, var, rstd)
 
 
 def _layer_norm_channels_backward_impl(dy, x, weight, mean, rstd, eps, backend, mask):
