@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["fold_batch_norm", "foldable_pairs"]
+__all__ = ["fold_batch_norm", "fold_batchnorm", "foldable_pairs"]
 
 _LINEAR_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -177,3 +177,8 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         _fold_pair(conv, bn)
         _set_submodule(folded, bn_name, nn.Identity())
     return folded
+
+
+#: ``normlab.fold_batchnorm``: the same function under the name of its siblings
+#: (``freeze_batchnorm``, ``recalibrate_batchnorm``); ``fold_batch_norm`` stays for existing code.
+fold_batchnorm = fold_batch_norm
