@@ -133,14 +133,23 @@ class ConversionReport:
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)}, left alone {len(self.left_alone)}"]
-        lines += [f"  {_show(p)}: {a.__name__} -> {b.__name__}" for p, a, b in self.converted]
-        lines += [f"  left alone {_show(p)} ({c.__name__}): {r}" for p, c, r in self.left_alone]
+        lines += [f"  {_show(p)}: {_name(a)} -> {_name(b)}" for p, a, b in self.converted]
+        lines += [f"  left alone {_show(p)} ({_name(c)}): {r}" for p, c, r in self.left_alone]
         lines += [f"  note {_show(p)}: {m}" for p, m in self.notes]
         return "\n".join(lines)
 
 
 def _show(path: str) -> str:
     return path or "<model>"
+
+
+def _name(cls: type) -> str:
+    mod = cls.__module__
+    if mod.startswith("torch.nn."):
+        mod = "torch.nn"
+    elif mod.startswith("normlab.nn"):
+        mod = "normlab.nn.utils" if ".utils" in mod else "normlab"
+    return f"{mod}.{cls.__qualname__}"
 
 
 # ----------------------------------------------------------------------------- building layers
@@ -658,7 +667,7 @@ def convert(model: nn.Module, method: str | None = None, *, inplace: bool = Fals
         else:
             parent._modules[name] = new
     if not report and (rep.left_alone or rep.notes):
-        lines = [f"{_show(p)} ({c.__name__}): {r}" for p, c, r in rep.left_alone]
+        lines = [f"{_show(p)} ({_name(c)}): {r}" for p, c, r in rep.left_alone]
         lines += [f"{_show(p)}: {msg}" for p, msg in rep.notes]
         head = f"normlab.convert: left {len(rep.left_alone)} layer(s) alone" + (", notes" if rep.notes else "")
         warnings.warn(head + ":\n  " + "\n  ".join(lines), UserWarning, stacklevel=2)
