@@ -356,3 +356,10 @@ def test_fold_batchnorm_is_fold_batch_norm_and_matches_torch_fusion():
     ref = fuse_conv_bn_eval(t[0].eval(), t[1].eval())
     assert_close(folded[0].weight, ref.weight, rtol=1e-6, atol=1e-7)
     assert_close(folded(X), t.eval()(X), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_batchnorm_keeps_a_batch_stats_mode_layer():
+    n = pair()[1]
+    n[1].stats_mode = "batch"
+    folded = normlab.fold_batchnorm(n)
+    assert type(folded[1]) is nl.BatchNorm2d and type(folded[5]) is nn.Identity

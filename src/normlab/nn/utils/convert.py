@@ -84,6 +84,7 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
 
 import normlab.nn as nl
+from normlab.core.dispatch import use_backend
 from normlab.nn.batchnorm import _BatchNorm
 from normlab.nn.instancenorm import _InstanceNorm
 from normlab.nn.utils.norm_act import BatchNormAct2d, GroupNormAct
@@ -264,7 +265,8 @@ def _verify(old: nn.Module, new: nn.Module, c: int | None, shape: tuple[int, ...
             for scale in scales:
                 x = (torch.randn(_probe_shape(new, c, shape), generator=gen, dtype=torch.float64) + 0.5) * scale
                 try:
-                    with torch.no_grad():
+                    # the reference backend: pure torch, no kernel compilation for float64
+                    with torch.no_grad(), use_backend("reference"):
                         ya, yb = a(x.to(dev)), b(x.to(dev))
                 except Exception as exc:  # noqa: BLE001 - any failure means "not the same layer"
                     raise _Leave(f"probe as {type(new).__name__} failed: {type(exc).__name__}: {exc}") from None

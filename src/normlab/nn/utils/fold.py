@@ -45,7 +45,10 @@ def _is_mean_only(bn: nn.Module) -> bool:
 
 def _foldable_bn(bn: nn.Module) -> bool:
     # Without running statistics, BatchNorm uses the batch's statistics even in eval mode:
-    # it is not a fixed affine map and cannot be folded.
+    # it is not a fixed affine map and cannot be folded. Nor can a normlab BatchNorm whose
+    # stats_mode is "batch" (batch statistics in eval too).
+    if getattr(bn, "stats_mode", None) == "batch":
+        return False
     return bn.running_mean is not None and (_is_mean_only(bn) or bn.running_var is not None)
 
 
