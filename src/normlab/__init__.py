@@ -2,6 +2,9 @@
 
 Layers mirror :mod:`torch.nn` (``normlab.BatchNorm2d`` is a drop-in for ``torch.nn.BatchNorm2d``);
 functional forms live in :mod:`normlab.functional`; :func:`use_backend` forces a backend.
+:func:`convert` puts normlab's layers into any model (or swaps its normalization method);
+:func:`fold_batchnorm`, :func:`freeze_batchnorm` and :func:`recalibrate_batchnorm` are the
+BatchNorm tools.
 """
 
 from normlab import functional
@@ -20,6 +23,13 @@ from normlab.nn import (
     RMSNorm,
     Standardizer,
 )
+from normlab.nn.utils import (
+    ConversionReport,
+    convert,
+    fold_batchnorm,
+    freeze_batchnorm,
+    recalibrate_batchnorm,
+)
 
 __version__ = "0.1.0"
 
@@ -27,6 +37,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "ConversionReport",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
@@ -37,6 +48,10 @@ __all__ = [
     "RMSNorm",
     "Standardizer",
     "available_backends",
+    "convert",
+    "fold_batchnorm",
+    "freeze_batchnorm",
     "functional",
+    "recalibrate_batchnorm",
     "use_backend",
 ]

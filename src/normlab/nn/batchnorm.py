@@ -22,9 +22,26 @@ class _BatchNorm(RunningStats):
     freezing) treats it as one. Extras (keyword-only): ``backend`` forces a backend for this layer.
     A channels_last input gives a channels_last output; an empty batch gives an empty output and
     leaves the running statistics untouched.
+
+    **Statistics mode** (``layer.stats_mode``, independent of train/eval; not in the state_dict):
+
+    * ``None`` (default): torch's behaviour (batch statistics and running-average updates in
+      training, running statistics in eval);
+    * ``"batch"``: batch statistics in train *and* eval; running averages are updated only in
+      training mode (an eval-mode forward mutates nothing);
+    * ``"running"``: the running statistics even in training, never updated (BN is then a
+      fixed per-channel affine map; γ and β still train);
+    * ``"frozen"``: as ``"running"``, and setting it turns ``requires_grad`` off for γ and β
+      (leaving ``"frozen"`` for another mode turns back on what it turned off). This is what
+      :func:`normlab.freeze_batchnorm` sets.
+
+    ``"running"`` and ``"frozen"`` need running statistics (``track_running_stats=True``).
     """
 
     _dims: tuple[int, ...] = ()
+    _STATS_MODES = (None, "batch", "running", "frozen")
+    #: class-level default, so layers pickled before stats_mode existed load with None
+    _stats_mode: str | None = None
 
     def __init__(
         self,
@@ -47,13 +64,48 @@ class _BatchNorm(RunningStats):
         check_dims(input, self._dims, type(self).__name__)
         F.check_channels(input, self.num_features)
 
+    @property
+    def stats_mode(self) -> str | None:
+        """Which statistics normalize: None (train/eval decides), "batch", "running" or "frozen"."""
+        return self._stats_mode
+
+    @stats_mode.setter
+    def stats_mode(self, mode: str | None) -> None:
+        if mode not in self._STATS_MODES:
+            raise ValueError(f"stats_mode: expected one of {list(self._STATS_MODES)}, got {mode!r}")
+        if mode in ("running", "frozen") and (self.running_mean is None or self.running_var is None):
+            raise ValueError(
+                f"stats_mode: {mode!r} needs running statistics, and this {type(self).__name__} was "
+                "built with track_running_stats=False"
+            )
+        previous = self._stats_mode
+        if mode == "frozen" and previous != "frozen":
+            params = [p for p in (self.weight, self.bias) if p is not None]
+            self._unfrozen = [p for p in params if p.requires_grad]  # what "frozen" turned off
+            for p in params:
+                p.requires_grad_(False)
+        elif previous == "frozen" and mode != "frozen":
+            for p in self.__dict__.pop("_unfrozen", []):
+                p.requires_grad_(True)
+        self._stats_mode = mode
+
     def forward(self, input: Tensor) -> Tensor:
-        if F.traced(input):
+        mode = self._stats_mode
+        traced = F.traced(input)
+        if traced and mode is None:
             return super().forward(input)  # torch's own layer: standard operators in the graph
-        self._check_input_dim(input)
-        momentum = self._momentum_for_step()
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
+        if not traced:
+            self._check_input_dim(input)
+        if mode is None:
+            momentum = self._momentum_for_step()
+            batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+            track = not self.training or self.track_running_stats
+        elif mode == "batch":  # batch statistics; running averages only in training
+            momentum = self._momentum_for_step()
+            batch_stats, track = True, self.training and self.track_running_stats
+        else:  # "running" / "frozen": fixed running statistics, nothing updated, nothing counted
+            momentum = 0.0 if self.momentum is None else self.momentum
+            batch_stats, track = False, True
         return F.batch_norm(
             input,
             self.running_mean if track else None,

@@ -1,6 +1,15 @@
-"""Utilities: weight normalization (a reparametrization) and batch-norm folding for inference."""
+"""Utilities: model conversion, BatchNorm tools (fold, freeze, recalibrate), weight normalization.
 
-from normlab.nn.utils.fold import fold_batch_norm, foldable_pairs
+Importing this package registers normlab's BatchNorm classes with torch's eager-mode fuser
+(``torch.ao.quantization.fuse_modules``), see :mod:`normlab.nn.utils.fuser`.
+"""
+
+from normlab.nn.utils.convert import METHODS, ConversionReport, convert
+from normlab.nn.utils.fold import fold_batch_norm, fold_batchnorm, foldable_pairs
+from normlab.nn.utils.freeze import freeze_batchnorm
+from normlab.nn.utils.fuser import register_fuser_methods
+from normlab.nn.utils.norm_act import BatchNormAct2d, GroupNormAct
+from normlab.nn.utils.recalibrate import recalibrate_batchnorm
 from normlab.nn.utils.weight_norm import (
     WeightNorm,
     init_weight_norm_,
@@ -9,12 +18,23 @@ from normlab.nn.utils.weight_norm import (
     weight_norm,
 )
 
+register_fuser_methods()
+
 __all__ = [
+    "METHODS",
+    "BatchNormAct2d",
+    "ConversionReport",
+    "GroupNormAct",
     "WeightNorm",
+    "convert",
     "fold_batch_norm",
+    "fold_batchnorm",
     "foldable_pairs",
+    "freeze_batchnorm",
     "init_weight_norm_",
     "is_weight_normed",
+    "recalibrate_batchnorm",
+    "register_fuser_methods",
     "remove_weight_norm",
     "weight_norm",
 ]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["fold_batch_norm", "foldable_pairs"]
+__all__ = ["fold_batch_norm", "fold_batchnorm", "foldable_pairs"]
 
 _LINEAR_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -45,7 +45,10 @@ def _is_mean_only(bn: nn.Module) -> bool:
 
 def _foldable_bn(bn: nn.Module) -> bool:
     # Without running statistics, BatchNorm uses the batch's statistics even in eval mode:
-    # it is not a fixed affine map and cannot be folded.
+    # it is not a fixed affine map and cannot be folded. Nor can a normlab BatchNorm whose
+    # stats_mode is "batch" (batch statistics in eval too).
+    if getattr(bn, "stats_mode", None) == "batch":
+        return False
     return bn.running_mean is not None and (_is_mean_only(bn) or bn.running_var is not None)
 
 
@@ -177,3 +180,8 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         _fold_pair(conv, bn)
         _set_submodule(folded, bn_name, nn.Identity())
     return folded
+
+
+#: ``normlab.fold_batchnorm``: the same function under the name of its siblings
+#: (``freeze_batchnorm``, ``recalibrate_batchnorm``); ``fold_batch_norm`` stays for existing code.
+fold_batchnorm = fold_batch_norm
