@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
+	# compile the CPU kernels once into numba's disk cache (first calls then load in milliseconds)
+	$(PY) -c "from normlab.core import cpu; cpu.warmup()"
 	touch $@
 
 .PHONY: demo test bench
