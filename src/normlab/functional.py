@@ -180,16 +180,24 @@ def mean_only_batch_norm(
 
 
 def _traced_mean_only(input, running_mean, bias, training, momentum):
-    """Mean-only batch norm in standard operators (torch has no twin to emit)."""
-    view = (1, -1) + (1,) * (input.dim() - 2)
+    """Mean-only batch norm in standard operators (torch has no twin to emit).
+
+    Rank-free, so that a torch.fx Proxy (which has no rank) traces too: the statistics are taken
+    over ``input.transpose(0, 1).flatten(1)`` and broadcast with the channels swapped to the last
+    dim. The running mean is updated by one ``copy_`` of an expression in which the buffer is an
+    operand, so every tracer records it (an in-place ``mul_`` on the buffer alone would run once
+    at fx trace time instead of in the graph).
+    """
     if training or running_mean is None:
-        mean = input.mean([0] + list(range(2, input.dim())))
+        mean = input.transpose(0, 1).flatten(1).mean(1)
         if training and running_mean is not None:
-            _update_running(running_mean, mean.detach(), momentum)
+            with torch.no_grad():
+                running_mean.copy_(torch.add(mean.detach() * momentum, running_mean, alpha=1.0 - momentum))
     else:
         mean = running_mean
-    y = input - mean.view(view)
-    return y if bias is None else y + bias.view(view)
+    y = input.transpose(1, -1) - mean
+    y = y if bias is None else y + bias
+    return y.transpose(1, -1)
 
 
 # ----------------------------------------------------------------------------- group / instance
