@@ -95,6 +95,21 @@ def _check_param(t: Tensor | None, shape: tuple[int, ...], name: str) -> None:
 
 @torch.no_grad()
 def _update_running(running: Tensor, batch: Tensor, momentum: float) -> None:
+    if torch._C._are_functorch_transforms_active():
+        # torch's kernels update running statistics with plain values, so torch.func.grad/jvp of
+        # a training InstanceNorm with running statistics work. Here the update is torch ops, which
+        # a grad/jvp transform wraps, and writing a wrapped value into the buffer is refused: write
+        # the unwrapped (primal) value. Batched (vmap) values stay batched, and fail as torch's do.
+        new = torch.add(running * (1.0 - momentum), batch.to(running.dtype), alpha=momentum)
+        f = torch._C._functorch
+        while f.is_functorch_wrapped_tensor(new) and not f.is_batchedtensor(new):
+            new = f.get_unwrapped(new)
+        if f.is_batchedtensor(new):
+            running.copy_(new)  # refused by vmap, as torch's
+        else:
+            with torch._C._DisableFuncTorch():
+                running.copy_(new)
+        return
     running.mul_(1.0 - momentum).add_(batch.to(running.dtype), alpha=momentum)
 
 
