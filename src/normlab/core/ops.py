@@ -482,13 +482,17 @@ def call(name: str, *args):
 
     Under torch.compile the operator itself (dynamo records one opaque node; inductor calls the
     kernel); under a functorch transform (vmap, grad, jvp, ...) the reference composite, which
-    functorch decomposes; otherwise the same implementation as the operator, called directly
+    functorch decomposes; under a dispatch mode or for a tensor subclass the operator; otherwise the same implementation as the operator, called directly
     and through autograd only when a gradient can be needed.
     """
     if torch.compiler.is_compiling():
         return _ops[name](*args)
     if _functorch_active():
         return _COMPOSITE[name](*args)
+    if torch._C._len_torch_dispatch_stack() or type(args[0]) is not Tensor:
+        # A dispatch mode (FakeTensorMode, FlopCounterMode, ...) or a tensor subclass (FakeTensor,
+        # ...): through the dispatcher, so that they see the operator (the fake impl for fakes).
+        return _ops[name](*args)
     grad_args = args[:5] if name == "batch_norm_eval" else args[:3]
     if _needs_grad(*grad_args):
         return _EAGER[name].apply(*args)
