@@ -175,7 +175,7 @@ def test_compile_zero_graph_breaks_explain(build):
 
 
 class Widths(nn.Module):
-    def __init__(self, lib, widths=(8, 12, 16, 24, 32)):
+    def __init__(self, lib, widths=(8, 12, 16, 24)):
         super().__init__()
         layers = []
         for a, b in zip(widths, widths[1:] + widths[:1]):
@@ -188,7 +188,7 @@ class Widths(nn.Module):
 
 @pytest.mark.slow
 def test_compile_recompiles_do_not_multiply_with_widths_and_torch_twin_compiles_after():
-    """Five LayerNorm/RMSNorm widths in one model: one graph, and no more frame compiles than torch's
+    """Four LayerNorm/RMSNorm widths in one model: one graph, and no more frame compiles than torch's
     twin over three batch sizes; compiling the torch twin afterwards in the same process works."""
     m, t = pair(Widths)
     xs = [torch.randn(n, 8, generator=torch.Generator().manual_seed(n)) for n in (3, 5, 7)]
@@ -281,7 +281,7 @@ ONNX_OPS = {  # what the graph must hold: the standard operator or (opset lacks 
     "LayerNorm": {"LayerNormalization"},
     "RMSNorm": {"RMSNormalization", "ReduceMean"},
     "LayerNorm2d": {"LayerNormalization", "ReduceMean"},
-    "MeanOnlyBatchNorm": {"ReduceMean", "BatchNormalization"},
+    "MeanOnlyBatchNorm": {"Sub"},  # eval: x - running_mean + bias
 }
 
 
@@ -338,7 +338,10 @@ def test_onnx_newer_opsets_use_the_native_operator(name, opset, op, tmp_path):
 def test_onnx_cnn(dynamo, tmp_path):
     m, t = _prepared(cnn)
     ops, y = _onnx_run(m, X_CNN, str(tmp_path / "cnn.onnx"), dynamo)
-    assert {"BatchNormalization", "LayerNormalization"} <= ops and ops & {"InstanceNormalization", "GroupNormalization"}
+    ops_t, _ = _onnx_run(t, X_CNN, str(tmp_path / "torch.onnx"), dynamo)
+    assert "LayerNormalization" in ops and ops & {"InstanceNormalization", "GroupNormalization"}, ops
+    # eval-mode Conv+BN: the exporter folds BN into the conv for torch's model; it must do the same here
+    assert ("BatchNormalization" in ops) == ("BatchNormalization" in ops_t), (ops, ops_t)
     torch.testing.assert_close(y, t(X_CNN), rtol=0, atol=1e-5)
 
 
