@@ -95,6 +95,21 @@ def _check_param(t: Tensor | None, shape: tuple[int, ...], name: str) -> None:
 
 @torch.no_grad()
 def _update_running(running: Tensor, batch: Tensor, momentum: float) -> None:
+    if torch._C._are_functorch_transforms_active():
+        # torch's kernels update running statistics with plain values, so torch.func.grad/jvp of
+        # a training InstanceNorm with running statistics work. Here the update is torch ops, which
+        # a grad/jvp transform wraps, and writing a wrapped value into the buffer is refused: write
+        # the unwrapped (primal) value. Batched (vmap) values stay batched, and fail as torch's do.
+        new = torch.add(running * (1.0 - momentum), batch.to(running.dtype), alpha=momentum)
+        f = torch._C._functorch
+        while f.is_functorch_wrapped_tensor(new) and not f.is_batchedtensor(new):
+            new = f.get_unwrapped(new)
+        if f.is_batchedtensor(new):
+            running.copy_(new)  # refused by vmap, as torch's
+        else:
+            with torch._C._DisableFuncTorch():
+                running.copy_(new)
+        return
     running.mul_(1.0 - momentum).add_(batch.to(running.dtype), alpha=momentum)
 
 
@@ -180,16 +195,24 @@ def mean_only_batch_norm(
 
 
 def _traced_mean_only(input, running_mean, bias, training, momentum):
-    """Mean-only batch norm in standard operators (torch has no twin to emit)."""
-    view = (1, -1) + (1,) * (input.dim() - 2)
+    """Mean-only batch norm in standard operators (torch has no twin to emit).
+
+    Rank-free, so that a torch.fx Proxy (which has no rank) traces too: the statistics are taken
+    over ``input.transpose(0, 1).flatten(1)`` and broadcast with the channels swapped to the last
+    dim. The running mean is updated by one ``copy_`` of an expression in which the buffer is an
+    operand, so every tracer records it (an in-place ``mul_`` on the buffer alone would run once
+    at fx trace time instead of in the graph).
+    """
     if training or running_mean is None:
-        mean = input.mean([0] + list(range(2, input.dim())))
+        mean = input.transpose(0, 1).flatten(1).mean(1)
         if training and running_mean is not None:
-            _update_running(running_mean, mean.detach(), momentum)
+            with torch.no_grad():
+                running_mean.copy_(torch.add(mean.detach() * momentum, running_mean, alpha=1.0 - momentum))
     else:
         mean = running_mean
-    y = input - mean.view(view)
-    return y if bias is None else y + bias.view(view)
+    y = input.transpose(1, -1) - mean
+    y = y if bias is None else y + bias
+    return y.transpose(1, -1)
 
 
 # ----------------------------------------------------------------------------- group / instance

@@ -588,9 +588,29 @@ def _forward(plan: _Plan, x: Tensor, weight, bias, mean_in=None, var_in=None):
     y, mean, var, rstd = plan.forward(x, weight, bias, mean_in, var_in)
     if plan.train and x.dtype == torch.float64 and _overflowed(mean, var):
         return None
+    if plan.train and not plan.rms:
+        _inf_means(mean, lambda: _group_means(plan, x))
     shape = plan.stat_shape
     return (y, torch.from_numpy(mean.reshape(shape)), torch.from_numpy(var.reshape(shape)),
             torch.from_numpy(rstd.reshape(shape)))
+
+
+def _inf_means(mean: np.ndarray, exact) -> None:
+    """Where a group holds ±Inf the kernels' shifted sums give NaN (Inf − Inf); torch's mean is
+    +Inf or −Inf there (NaN only if both signs or a NaN occur). Rare: recompute those groups."""
+    bad = np.isnan(mean)
+    if bad.any():
+        mean[bad] = exact().reshape(mean.shape)[bad]
+
+
+def _group_means(plan: _Plan, x: Tensor) -> np.ndarray:
+    """float64 means of x over each statistic group of ``plan`` (the slow, obvious way)."""
+    xd = x.detach().double()
+    if plan.op == "batch_norm":
+        return xd.transpose(0, 1).reshape(x.shape[1], -1).mean(1).numpy()
+    if plan.op == "group_norm":
+        return xd.reshape(x.shape[0], plan.groups, -1).mean(-1).numpy()
+    return xd.reshape(-1, plan.pcount).mean(-1).numpy()
 
 
 def _backward(plan: _Plan, dy, x, weight, mean, rstd, mask):
@@ -671,6 +691,7 @@ def layer_norm_channels(x: Tensor, weight, bias, eps: float):
     units = n * -(-s // POS_BLOCK)
     _launch(cols_fwd, xa, _param(weight, c, x.dtype, 1.0), _param(bias, c, x.dtype, 0.0), eps,
              min(_threads(x.numel()), units), y.numpy().reshape(n, c, s), *stats)
+    _inf_means(stats[0], lambda: x.double().mean(1).numpy())
     lead = (n,) + tuple(x.shape[2:])
     return (y, *(torch.from_numpy(a).view(lead) for a in stats))
 

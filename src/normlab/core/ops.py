@@ -27,6 +27,7 @@ Conventions every implementation follows (the fake one states them):
 * statistics are float64 for float64 inputs and for float32 on the CPU (the fused kernels
   accumulate in float64), float32 otherwise; a statistic an op does not have (the variance of
   mean-only batch norm, the mean of RMS norm) is an empty tensor;
+* the statistics of an empty input are zeros;
 * ``mask`` says which of (dx, dγ, dβ) are wanted; the others come back empty.
 
 :func:`call` is the entry the functional API uses: in eager mode it runs the same implementation
@@ -79,8 +80,15 @@ def _canonical(y: Tensor, x: Tensor, per_channel: bool) -> Tensor:
 
 
 def _stats(x: Tensor, *stats) -> tuple:
-    """The returned statistics in stat_dtype(x) (backends give the op's shapes); missing: empty."""
+    """The returned statistics in stat_dtype(x) (backends give the op's shapes); missing: empty.
+
+    Statistics of an empty reduction (batch norm of a 0-sample batch, group norm of 0 positions)
+    are defined as 0 (torch returns uninitialised memory): deterministic, so eager and compiled
+    runs agree (opcheck compares them without equal_nan); nothing consumes them.
+    """
     sd = stat_dtype(x)
+    if x.numel() == 0:
+        return tuple(x.new_empty((0,), dtype=sd) if t is None else torch.zeros_like(t, dtype=sd) for t in stats)
     return tuple(x.new_empty((0,), dtype=sd) if t is None else (t if t.dtype == sd else t.to(sd)) for t in stats)
 
 
@@ -471,13 +479,17 @@ def call(name: str, *args):
 
     Under torch.compile the operator itself (dynamo records one opaque node; inductor calls the
     kernel); under a functorch transform (vmap, grad, jvp, ...) the reference composite, which
-    functorch decomposes; otherwise the same implementation as the operator, called directly
+    functorch decomposes; under a dispatch mode or for a tensor subclass the operator; otherwise the same implementation as the operator, called directly
     and through autograd only when a gradient can be needed.
     """
     if torch.compiler.is_compiling():
         return _ops[name](*args)
     if _functorch_active():
         return _COMPOSITE[name](*args)
+    if torch._C._len_torch_dispatch_stack() or type(args[0]) is not Tensor:
+        # A dispatch mode (FakeTensorMode, FlopCounterMode, ...) or a tensor subclass (FakeTensor,
+        # ...): through the dispatcher, so that they see the operator (the fake impl for fakes).
+        return _ops[name](*args)
     grad_args = args[:5] if name == "batch_norm_eval" else args[:3]
     if _needs_grad(*grad_args):
         return _EAGER[name].apply(*args)

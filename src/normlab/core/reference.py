@@ -280,6 +280,10 @@ def layer_norm_channels_backward(dy, x, weight, mean, rstd, eps: float, *, mask=
 def _restore(y: Tensor, like: Tensor) -> Tensor:
     """Reshape y back to ``like``'s shape keeping channels_last when ``like`` had it."""
     y = y.reshape(like.shape)
+    if torch._C._are_functorch_transforms_active():
+        # vmap cannot query memory formats ("NYI: querying is_contiguous inside of vmap"); under a
+        # functorch transform (the composite path of the operators) the layout is not kept.
+        return y
     for fmt in (torch.channels_last, torch.channels_last_3d):
         if like.dim() == (4 if fmt is torch.channels_last else 5):
             if like.is_contiguous(memory_format=fmt) and not like.is_contiguous():

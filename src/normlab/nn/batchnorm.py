@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from normlab import functional as F
 from normlab.nn._base import NormBase, RunningStats, check_dims
@@ -61,6 +61,8 @@ class _BatchNorm(RunningStats):
         self.backend = backend
 
     def _check_input_dim(self, input: Tensor) -> None:
+        if isinstance(input, fx.Proxy):
+            return  # torch.fx.symbolic_trace: a Proxy has no rank or shape to check
         check_dims(input, self._dims, type(self).__name__)
         F.check_channels(input, self.num_features)
 
@@ -170,6 +172,10 @@ class MeanOnlyBatchNorm(NormBase):
         )
 
     def forward(self, input: Tensor) -> Tensor:
+        if F.traced(input):  # export / jit.trace / fx: standard operators (a Proxy has no shape to check)
+            return F.mean_only_batch_norm(input, self.running_mean, self.bias,
+                                          training=self.training or self.running_mean is None,
+                                          momentum=self._momentum_for_step())
         if not isinstance(input, Tensor) or input.dim() < 2:
             check_dims(input, (2, 3, 4, 5), type(self).__name__)
         F.check_channels(input, self.num_features)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+import torch
+from torch import Tensor, fx, nn
 
 from normlab import functional as F
 from normlab.nn._base import RunningStats, check_dims
@@ -39,6 +40,12 @@ class _InstanceNorm(RunningStats):
         self.backend = backend
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            # torch's forward branches on the rank (unbatched input), which a Proxy lacks: record
+            # one call of a function that does it at run time (torch.fx.wrap below)
+            return _instance_norm_fx(input, self._spatial + 2, self.running_mean, self.running_var, self.weight,
+                                     self.bias, self.training or not self.track_running_stats,
+                                     0.0 if self.momentum is None else self.momentum, self.eps)
         if F.traced(input):
             return super().forward(input)
         batched = self._spatial + 2
@@ -79,3 +86,14 @@ class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
     """Instance normalization of (N, C, D, H, W) or (C, D, H, W) input."""
 
     _spatial = 3
+
+
+def _instance_norm_fx(input, batched_ndim, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
+    """What a torch.fx GraphModule calls for an InstanceNorm layer: torch's forward, at run time."""
+    unbatched = input.dim() == batched_ndim - 1
+    x = input.unsqueeze(0) if unbatched else input
+    y = nn.functional.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    return y.squeeze(0) if unbatched else y
+
+
+torch.fx.wrap("_instance_norm_fx")
