@@ -23,6 +23,20 @@ from normlab.nn import (
     RMSNorm,
     Standardizer,
 )
+from normlab.nn import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    DynamicErf,
+    DynamicTanh,
+    EvoNormB0,
+    EvoNormS0,
+    FilterResponseNorm2d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    StdConv2d,
+)
 from normlab.nn.utils import (
     ConversionReport,
     convert,
@@ -54,4 +68,16 @@ __all__ = [
     "functional",
     "recalibrate_batchnorm",
     "use_backend",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "DynamicErf",
+    "DynamicTanh",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm2d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "StdConv2d",
 ]

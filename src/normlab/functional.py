@@ -383,3 +383,436 @@ def rms_norm(
     _check_trailing(input, shape)
     _check_param(weight, shape, "weight")
     return ops.layer_norm(input, len(shape), weight, None, eps, rms=True, backend=backend)[0]
+
+
+# ============================================================================================
+# Methods beyond the classic five (issue 10): Batch Renormalization, Ghost BatchNorm, Weight
+# Standardization, Filter Response Normalization, EvoNorm-S0/B0, Dynamic Tanh, Dynamic erf.
+# The batch-statistics methods compute through the normlab:: operators (BN's fused kernel);
+# EvoNorm needs *differentiable* group/batch standard deviations inside a non-linear formula and
+# is written in plain torch ops, as are the point-wise DyT/Derf. Every function is free of
+# data-dependent Python branching (no .item()), so torch.compile(fullgraph=True) and
+# torch.export trace them.
+# ============================================================================================
+
+__all__ += [
+    "batch_renorm",
+    "dynamic_erf",
+    "dynamic_tanh",
+    "evonorm_b0",
+    "evonorm_s0",
+    "filter_response_norm",
+    "ghost_batch_norm",
+    "weight_standardize",
+]
+
+
+def _chan_view(x: Tensor) -> tuple[int, ...]:
+    return (1, -1) + (1,) * (x.dim() - 2)
+
+
+def _check_limit(value, name: str, low: float) -> None:
+    """A number limit (r_max ≥ 1, d_max ≥ 0); tensors (from a schedule) are not inspected."""
+    if isinstance(value, Tensor):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+        raise ValueError(f"{name}: expected a number >= {low:g}, got {value!r}")
+
+
+def _needs_running(running_mean, running_var, what: str) -> None:
+    if running_mean is None or running_var is None:
+        raise ValueError(f"running_mean/running_var: {what} needs running statistics, got None")
+
+
+def _check_batch_stats(input: Tensor, m: int, eps: float, what: str) -> None:
+    if eps == 0:
+        raise ValueError(f"eps: expected a number > 0 for batch statistics ({what}), got 0")
+    if m == 1:
+        raise ValueError(
+            f"input: {what} in training needs more than 1 value per channel, got shape {tuple(input.shape)}"
+        )
+
+
+def _update_batch_running(running_mean, running_var, mean, var, m: int, momentum) -> None:
+    """BN's running-average update; ``momentum`` may be a float or a 0-d tensor (not inspected)."""
+    with torch.no_grad():
+        for run, new in ((running_mean, mean), (running_var, var * (m / (m - 1)))):
+            run.mul_(1.0 - momentum).add_(new.to(run.dtype) * momentum)
+
+
+def _bn_batch(input: Tensor, weight, bias, eps: float, backend):
+    """(y, mean, var) of training batch norm: the fused operator, or standard ops when traced."""
+    if traced(input):
+        red = [0] + list(range(2, input.dim()))
+        var, mean = torch.var_mean(input.to(compute_dtype(input.dtype)), red, correction=0)
+        y = TF.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
+        return y, mean.detach(), var.detach()
+    y, mean, var, _ = ops.batch_norm(input, weight, bias, eps, backend=backend)
+    return y, mean, var
+
+
+def batch_renorm(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    r_max: float | Tensor = 3.0,
+    d_max: float | Tensor = 5.0,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    r"""Batch Renormalization (Ioffe 2017) of (N, C, \*) input.
+
+    Training, with μ_B, σ_B = sqrt(σ²_B + ε) the batch statistics of channel c and μ, σ =
+    sqrt(running_var + ε) the running ones *before* this batch's update:
+
+    .. math::
+
+        r = \operatorname{clip}_{[1/r_{max},\, r_{max}]}\Big(\frac{\sigma_B}{\sigma}\Big),\quad
+        d = \operatorname{clip}_{[-d_{max},\, d_{max}]}\Big(\frac{\mu_B - \mu}{\sigma}\Big),\quad
+        y = \gamma\Big(\frac{x - \mu_B}{\sigma_B}\, r + d\Big) + \beta
+
+    r and d are constants for the gradient (stop-gradient); the gradient flows through μ_B, σ_B
+    as in batch norm. r_max = 1, d_max = 0 is batch norm; eval (``training=False``) is batch norm
+    with the running statistics. The running statistics are updated as batch norm's (momentum,
+    unbiased variance). ``r_max``/``d_max`` may be 0-d tensors (a warm-up schedule's value).
+
+    Computation: one ``normlab::batch_norm`` call (the fused kernel) gives x̂ and (μ_B, σ²_B);
+    r, d and the modified per-channel scale γ·r and shift γ·d + β are C-sized tensor ops; then
+    one point-wise pass y = x̂ · (γ r) + (γ d + β).
+    """
+    check_input(input, min_dim=2)
+    check_eps(eps)
+    check_momentum(momentum)
+    _check_limit(r_max, "r_max", 1.0)
+    _check_limit(d_max, "d_max", 0.0)
+    _needs_running(running_mean, running_var, "batch renormalization")
+    c = input.shape[1]
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
+        _check_param(t, (c,), name)
+    if not training:
+        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps, backend=backend)
+    m = input.numel() // c if c else 0
+    _check_batch_stats(input, m, eps, "batch renormalization")
+    xhat, mean, var = _bn_batch(input, None, None, eps, backend)
+    with torch.no_grad():
+        sd = mean.dtype
+        sigma = torch.sqrt(running_var.to(sd) + eps)
+        r_max_t = torch.as_tensor(r_max, dtype=sd, device=mean.device)
+        d_max_t = torch.as_tensor(d_max, dtype=sd, device=mean.device)
+        r = torch.minimum(torch.maximum(torch.sqrt(var + eps) / sigma, 1.0 / r_max_t), r_max_t)
+        d = torch.minimum(torch.maximum((mean - running_mean.to(sd)) / sigma, -d_max_t), d_max_t)
+    pdt = compute_dtype(input.dtype) if weight is None else weight.dtype
+    scale, shift = r.to(pdt), d.to(pdt)
+    if weight is not None:
+        scale, shift = weight * scale, weight * shift
+    if bias is not None:
+        shift = shift + bias
+    view = _chan_view(input)
+    y = torch.addcmul(shift.view(view), xhat, scale.view(view)).to(input.dtype)
+    if running_mean is not None and m > 0:
+        _update_batch_running(running_mean, running_var, mean, var, m, momentum)
+    return y
+
+
+def ghost_batch_norm(
+    input: Tensor,
+    virtual_batch_size: int,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    r"""Ghost batch normalization (Hoffer, Hubara & Soudry 2017) of (N, C, \*) input.
+
+    The batch is split into k = N / g consecutive *virtual batches* of g = ``virtual_batch_size``
+    samples and each is batch-normalized on its own: for virtual batch j and channel c
+
+    .. math:: y = \gamma_c \frac{x - \mu_{jc}}{\sqrt{\sigma^2_{jc} + \epsilon}} + \beta_c
+
+    with μ_jc, σ²_jc over the g samples and every position. g must divide N (an error otherwise;
+    no remainder rule). g = N is batch norm. Running statistics (updated once per call):
+    running_mean ← average of the k virtual-batch means (= the batch mean), running_var ← average
+    of the k unbiased virtual-batch variances, each with ``momentum``. Eval with running
+    statistics is batch norm with them (independent of how the eval batch is split).
+
+    Computation: the (k, g, C, \*) view is rearranged into (g, k·C, \*) (one copy) and batch-
+    normalized by one ``normlab::batch_norm`` call with γ, β repeated k times; one copy back.
+    """
+    check_input(input, min_dim=2)
+    check_eps(eps)
+    check_momentum(momentum)
+    c = input.shape[1]
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
+        _check_param(t, (c,), name)
+    if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
+        raise ValueError(f"virtual_batch_size: expected a positive int, got {virtual_batch_size!r}")
+    use_batch_stats = training or running_mean is None or running_var is None
+    if not use_batch_stats:
+        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps, backend=backend)
+    n, g = input.shape[0], virtual_batch_size
+    if n % g:
+        raise ValueError(
+            f"virtual_batch_size: expected a divisor of the batch size {n}, got {g} "
+            f"(ghost batch norm has no remainder rule: use a batch size that is a multiple of {g})"
+        )
+    k = n // g
+    spatial = tuple(input.shape[2:])
+    m = g * math.prod(spatial)
+    _check_batch_stats(input, m, eps, "ghost batch norm")
+    if n == 0:
+        return input.clone()
+    xs = input.reshape((k, g, c) + spatial).transpose(0, 1).reshape((g, k * c) + spatial)
+    w = None if weight is None else weight.repeat(k)
+    b = None if bias is None else bias.repeat(k)
+    y, mean, var = _bn_batch(xs, w, b, eps, backend)
+    y = y.reshape((g, k, c) + spatial).transpose(0, 1).reshape(input.shape)
+    if training and running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            _update_running(running_mean, mean.view(k, c).mean(0), momentum)
+            _update_running(running_var, (var.view(k, c) * (m / (m - 1))).mean(0), momentum)
+    return y
+
+
+def weight_standardize(weight: Tensor, eps: float = 1e-5, *, backend: str | None = None) -> Tensor:
+    r"""Weight Standardization (Qiao et al. 2019): standardize each output filter of ``weight``.
+
+    .. math:: \hat W_{o} = \frac{W_{o} - \mu_{o}}{\sqrt{\sigma^2_{o} + \epsilon}}
+
+    μ_o, σ²_o (biased) over every element of filter o = ``weight[o]`` (input channels × kernel).
+    Computed as a layer norm without affine of the (out, in·k) matrix (``normlab::layer_norm``).
+    """
+    check_input(weight, "weight", min_dim=2)
+    check_eps(eps)
+    w2 = weight.reshape(weight.shape[0], -1)
+    return layer_norm(w2, (w2.shape[1],), None, None, eps, backend=backend).view(weight.shape)
+
+
+def filter_response_norm(
+    input: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    tau: Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    learned_eps: Tensor | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    r"""Filter Response Normalization with a Thresholded Linear Unit (Singh & Krishnan 2020).
+
+    For (N, C, \*) input, per (sample, channel) over the positions:
+
+    .. math::
+
+        \nu^2 = \operatorname{mean}_{\ast}(x^2),\quad
+        \hat x = \frac{x}{\sqrt{\nu^2 + \epsilon}},\quad
+        z = \max(\gamma \hat x + \beta,\ \tau)
+
+    No centring. ``tau=None`` leaves out the TLU. ``learned_eps`` (a 1-element tensor) makes ε
+    learnable as in the paper: ε_total = ``eps`` + |learned_eps|. With a fixed ε the RMS
+    reduction is ``normlab::layer_norm`` over the positions (rms mode); a learned ε is a tensor,
+    so that path is plain torch ops.
+    """
+    check_input(input, min_dim=3)
+    check_eps(eps)
+    c = input.shape[1]
+    for t, name in ((weight, "weight"), (bias, "bias"), (tau, "tau")):
+        _check_param(t, (c,), name)
+    if learned_eps is not None and learned_eps.numel() != 1:
+        raise ValueError(f"learned_eps: expected a 1-element tensor, got shape {tuple(learned_eps.shape)}")
+    k = input.dim() - 2
+    if learned_eps is None and not traced(input):
+        xhat = ops.layer_norm(input, k, None, None, eps, rms=True, backend=backend)[0]
+    else:
+        xc = input.to(compute_dtype(input.dtype))
+        nu2 = xc.pow(2).mean(tuple(range(2, input.dim())), keepdim=True)
+        e = eps if learned_eps is None else eps + learned_eps.abs().reshape(()).to(xc.dtype)
+        xhat = (xc * torch.rsqrt(nu2 + e)).to(input.dtype)
+    view = _chan_view(input)
+    y = xhat
+    if weight is not None:
+        y = y * weight.view(view)
+    if bias is not None:
+        y = y + bias.view(view)
+    if tau is not None:
+        y = torch.maximum(y, tau.view(view).to(y.dtype))
+    return y.to(input.dtype)
+
+
+def _group_std(x: Tensor, groups: int, eps: float) -> Tensor:
+    """sqrt(biased variance + ε) per (sample, group), broadcast back to x's shape."""
+    n, c = x.shape[0], x.shape[1]
+    var = x.reshape(n, groups, -1).var(-1, correction=0)
+    std = torch.sqrt(var + eps).view((n, groups, 1) + (1,) * (x.dim() - 2))
+    return std.expand((n, groups, c // groups) + tuple(x.shape[2:])).reshape(x.shape)
+
+
+def evonorm_s0(
+    input: Tensor,
+    groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    v: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""EvoNorm-S0 (Liu, Brock, Simonyan & Le 2020), batch-independent, of (N, C, \*) input.
+
+    .. math:: y = \frac{x \cdot \operatorname{sigmoid}(v x)}{\sqrt{s^2_{g}(x) + \epsilon}}\,\gamma + \beta
+
+    with s²_g the biased variance per (sample, group) over the group's C/G channels and every
+    position (GroupNorm's grouping); v, γ, β per channel. ``v=None`` drops the sigmoid gate
+    (y = x / s_g · γ + β). Plain torch ops: the group standard deviation must be differentiable
+    inside a non-linear formula, which the normalization operators' (non-differentiable)
+    statistics outputs are not.
+    """
+    check_input(input, min_dim=2)
+    check_eps(eps)
+    c = input.shape[1]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0 or c % groups:
+        raise ValueError(f"groups: expected a positive divisor of the {c} channels, got {groups!r}")
+    for t, name in ((weight, "weight"), (bias, "bias"), (v, "v")):
+        _check_param(t, (c,), name)
+    xc = input.to(compute_dtype(input.dtype))
+    view = _chan_view(input)
+    num = xc if v is None else xc * torch.sigmoid(v.view(view) * xc)
+    y = num / _group_std(xc, groups, eps)
+    if weight is not None:
+        y = y * weight.view(view)
+    if bias is not None:
+        y = y + bias.view(view)
+    return y.to(input.dtype)
+
+
+def evonorm_b0(
+    input: Tensor,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    v: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""EvoNorm-B0 (Liu, Brock, Simonyan & Le 2020), batch-dependent, of (N, C, \*S) input.
+
+    .. math::
+
+        y = \frac{x}{\max\big(\sqrt{s^2_{b}(x) + \epsilon},\ v x + \sqrt{s^2_{i}(x) + \epsilon}\big)}\,\gamma + \beta
+
+    s²_b: the biased batch variance per channel over (N, \*S) in training (or without running
+    statistics), ``running_var`` in eval; s²_i: the biased variance per (sample, channel) over
+    the positions. Training updates ``running_var`` with the unbiased batch variance and
+    ``momentum``. Plain torch ops (differentiable statistics inside a max).
+    """
+    check_input(input, min_dim=3)
+    check_eps(eps)
+    check_momentum(momentum)
+    c = input.shape[1]
+    for t, name in ((running_var, "running_var"), (weight, "weight"), (bias, "bias"), (v, "v")):
+        _check_param(t, (c,), name)
+    xc = input.to(compute_dtype(input.dtype))
+    view = _chan_view(input)
+    if training or running_var is None:
+        m = input.numel() // c if c else 0
+        _check_batch_stats(input, m, eps, "EvoNorm-B0")
+        var_b = xc.var([0] + list(range(2, input.dim())), correction=0)
+        if training and running_var is not None and m > 0:
+            with torch.no_grad():
+                _update_running(running_var, var_b.detach() * (m / (m - 1)), momentum)
+    else:
+        var_b = running_var.to(xc.dtype)
+    left = torch.sqrt(var_b + eps).view(view)
+    inst = torch.sqrt(xc.var(tuple(range(2, input.dim())), correction=0, keepdim=True) + eps)
+    right = inst if v is None else v.view(view) * xc + inst
+    y = xc / torch.maximum(left, right)
+    if weight is not None:
+        y = y * weight.view(view)
+    if bias is not None:
+        y = y + bias.view(view)
+    return y.to(input.dtype)
+
+
+def _check_scalar(t, name: str) -> None:
+    if isinstance(t, Tensor):
+        if t.numel() != 1:
+            raise ValueError(f"{name}: expected a scalar (1-element tensor), got shape {tuple(t.shape)}")
+    elif isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise TypeError(f"{name}: expected a number or a 1-element tensor, got {type(t).__name__}")
+
+
+def _pointwise_affine(y: Tensor, input: Tensor, weight, bias, channels_last: bool) -> Tensor:
+    if channels_last:
+        shape = tuple(input.shape[input.dim() - (weight if weight is not None else bias).dim():]) \
+            if (weight is not None or bias is not None) else ()
+        for t, name in ((weight, "weight"), (bias, "bias")):
+            if t is not None and (input.dim() < t.dim() or tuple(t.shape) != shape):
+                raise ValueError(
+                    f"{name}: expected the input's trailing dims {list(t.shape)}, got input of shape {list(input.shape)}"
+                )
+        view = None
+    else:
+        if input.dim() < 2:
+            raise ValueError(f"input: expected (N, C, *) input for channels_last=False, got shape {tuple(input.shape)}")
+        for t, name in ((weight, "weight"), (bias, "bias")):
+            _check_param(t, (input.shape[1],), name)
+        view = _chan_view(input)
+    if weight is not None:
+        y = y * (weight if view is None else weight.view(view))
+    if bias is not None:
+        y = y + (bias if view is None else bias.view(view))
+    return y
+
+
+def _as_scalar(t, like: Tensor):
+    return t.reshape(()).to(like.dtype) if isinstance(t, Tensor) else t
+
+
+def dynamic_tanh(
+    input: Tensor,
+    alpha: Tensor | float,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    channels_last: bool = True,
+) -> Tensor:
+    r"""Dynamic Tanh (Zhu, Chen, He, LeCun & Liu 2025): :math:`y = \gamma \odot \tanh(\alpha x) + \beta`.
+
+    α is a scalar; γ, β have the shape of the input's trailing dims (``channels_last=True``, as
+    LayerNorm) or shape (C,) on dim 1 of (N, C, \*) input (``channels_last=False``). Point-wise:
+    no statistics.
+    """
+    check_input(input)
+    _check_scalar(alpha, "alpha")
+    xc = input.to(compute_dtype(input.dtype))
+    y = torch.tanh(_as_scalar(alpha, xc) * xc)
+    return _pointwise_affine(y, input, weight, bias, channels_last).to(input.dtype)
+
+
+def dynamic_erf(
+    input: Tensor,
+    alpha: Tensor | float,
+    shift: Tensor | float = 0.0,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    channels_last: bool = True,
+) -> Tensor:
+    r"""Dynamic erf, Derf (Chen, Lu, Zhu, Sun & Liu 2025): :math:`y = \gamma \odot \operatorname{erf}(\alpha x + s) + \beta`.
+
+    α and s are scalars; γ, β as in :func:`dynamic_tanh`. Point-wise: no statistics.
+    """
+    check_input(input)
+    _check_scalar(alpha, "alpha")
+    _check_scalar(shift, "shift")
+    xc = input.to(compute_dtype(input.dtype))
+    y = torch.erf(_as_scalar(alpha, xc) * xc + _as_scalar(shift, xc))
+    return _pointwise_affine(y, input, weight, bias, channels_last).to(input.dtype)

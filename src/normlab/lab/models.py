@@ -320,6 +320,9 @@ def build_model(
         if "unexpected keyword argument" in str(exc):
             raise ValueError(f"model options for {name!r}: {exc}") from exc
         raise
+    if spec.weight_standardization:
+        for module in [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]:
+            norms.layers.weight_standardization(module)
     if spec.weight_norm:
         _apply_weight_norm(model)
         model.needs_data_init = True

@@ -20,6 +20,16 @@ name       meaning
 ``wn``     weight normalization of every conv/linear weight, no normalization layer
 ``wn+mobn`` weight normalization + mean-only BatchNorm (Salimans & Kingma, 2016)
 ``wn+X``   weight normalization + any other registered name ``X`` (e.g. ``wn+bn``)
+``brn``    Batch Renormalization (Ioffe 2017; r_max=3, d_max=5, no warm-up)
+``gbn:G``  Ghost BatchNorm over virtual batches of ``G`` samples (``gbn`` = ``gbn:16``);
+           the batch size must be a multiple of ``G``
+``ws+gn``  Weight Standardization of every conv weight + GroupNorm (Qiao et al. 2019);
+           ``ws+X`` combines WS with any registered ``X``
+``frn``    Filter Response Norm + TLU (conv2d only; replaces norm *and* activation)
+``evonorm-s0`` EvoNorm-S0 (groups as ``gn``; norm + activation, batch-independent)
+``evonorm-b0`` EvoNorm-B0 (conv only; norm + activation, batch statistics)
+``dyt``    Dynamic Tanh γ·tanh(αx)+β (per channel on dim 1 after a conv, last dim otherwise)
+``derf``   Dynamic erf γ·erf(αx+s)+β (placed as ``dyt``)
 ========== ===============================================================================
 
 Kinds of the tensor the layer receives (``kind`` argument of ``make``):
@@ -64,7 +74,7 @@ KINDS: tuple[str, ...] = ("conv1d", "conv2d", "linear", "sequence")
 def _normlab_layers() -> SimpleNamespace:
     """Collect the layer classes and weight-norm helpers the lab uses from ``normlab.nn``."""
     import normlab.nn as src
-    from normlab.nn.utils import init_weight_norm_, weight_norm
+    from normlab.nn.utils import init_weight_norm_, weight_norm, weight_standardization
 
     return SimpleNamespace(
         BatchNorm1d=src.BatchNorm1d,
@@ -75,6 +85,16 @@ def _normlab_layers() -> SimpleNamespace:
         InstanceNorm2d=src.InstanceNorm2d,
         RMSNorm=src.RMSNorm,
         MeanOnlyBatchNorm=src.MeanOnlyBatchNorm,
+        BatchRenorm1d=src.BatchRenorm1d,
+        BatchRenorm2d=src.BatchRenorm2d,
+        GhostBatchNorm1d=src.GhostBatchNorm1d,
+        GhostBatchNorm2d=src.GhostBatchNorm2d,
+        FilterResponseNorm2d=src.FilterResponseNorm2d,
+        EvoNormS0=src.EvoNormS0,
+        EvoNormB0=src.EvoNormB0,
+        DynamicTanh=src.DynamicTanh,
+        DynamicErf=src.DynamicErf,
+        weight_standardization=weight_standardization,
         weight_norm=weight_norm,
         init_weight_norm_=init_weight_norm_,
     )
@@ -131,6 +151,7 @@ class NormSpec:
         factory: ``factory(num_channels, kind) -> nn.Module``; called by :meth:`make` after the
             arguments were checked. May raise ``ValueError`` for a kind it does not support.
         weight_norm: reparametrize the weights of the conv/linear layers (Salimans & Kingma).
+        weight_standardization: standardize every conv filter (Qiao et al. 2019), for ``ws+X``.
         has_shift: the layer adds a learned per-channel shift after removing the mean, which
             makes a bias in the preceding conv/linear layer redundant (models then drop it).
         description: one line for listings.
@@ -141,6 +162,7 @@ class NormSpec:
     weight_norm: bool = False
     has_shift: bool = False
     description: str = ""
+    weight_standardization: bool = False
 
     def make(self, num_channels: int, kind: str) -> nn.Module:
         """Build the normalization layer for ``num_channels`` channels of a ``kind`` tensor.
@@ -240,6 +262,47 @@ def _make_mobn(c: int, kind: str) -> nn.Module:
     return _for_kind(kind, c, layers.MeanOnlyBatchNorm)
 
 
+def _make_brn(c: int, kind: str) -> nn.Module:
+    if kind == "conv2d":
+        return layers.BatchRenorm2d(c)
+    return _for_kind(kind, c, layers.BatchRenorm1d)
+
+
+def _make_gbn(g: int) -> LayerFactory:
+    def make(c: int, kind: str) -> nn.Module:
+        if kind == "conv2d":
+            return layers.GhostBatchNorm2d(c, virtual_batch_size=g)
+        return _for_kind(kind, c, lambda ch: layers.GhostBatchNorm1d(ch, virtual_batch_size=g))
+
+    return make
+
+
+def _make_frn(c: int, kind: str) -> nn.Module:
+    if kind != "conv2d":
+        raise ValueError(f"norm 'frn': FilterResponseNorm2d normalizes (N, C, H, W) input, got a {kind!r} layer")
+    return layers.FilterResponseNorm2d(c)
+
+
+def _make_evonorm_s0(c: int, kind: str) -> nn.Module:
+    return _for_kind(kind, c, lambda ch: layers.EvoNormS0(ch, groups=default_groups(ch)))
+
+
+def _make_evonorm_b0(c: int, kind: str) -> nn.Module:
+    if kind not in ("conv1d", "conv2d"):
+        raise ValueError(f"norm 'evonorm-b0': needs positions (a conv layer's output), got a {kind!r} layer")
+    return layers.EvoNormB0(c)
+
+
+def _make_pointwise(cls_name: str) -> LayerFactory:
+    def make(c: int, kind: str) -> nn.Module:
+        cls = getattr(layers, cls_name)
+        if kind in ("conv1d", "conv2d"):
+            return cls(c, channels_last=False)
+        return cls(c)  # (N, C) and (N, T, C): the last dim
+
+    return make
+
+
 _REGISTRY: dict[str, NormSpec] = {}
 
 
@@ -285,6 +348,19 @@ def get_norm(name: str) -> NormSpec:
             raise ValueError(f"norm: 'gn:G' needs a positive integer G, got {name!r}")
         g = int(text)
         return NormSpec(key, _make_gn(g), has_shift=True, description=f"GroupNorm, {g} groups")
+    if key.startswith("gbn:"):
+        text = key[4:]
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"norm: 'gbn:G' needs a positive integer virtual batch size G, got {name!r}")
+        g = int(text)
+        return NormSpec(key, _make_gbn(g), has_shift=True, description=f"Ghost BatchNorm, virtual batch {g}")
+    if key.startswith("ws+"):
+        inner = get_norm(key[3:])
+        if inner.weight_standardization:
+            raise ValueError(f"norm: {name!r} applies weight standardization twice")
+        return NormSpec(key, inner.factory, weight_norm=inner.weight_norm, has_shift=inner.has_shift,
+                        description=f"weight standardization + {inner.description or inner.name}",
+                        weight_standardization=True)
     if key.startswith("wn+"):
         inner = get_norm(key[3:])
         if inner.weight_norm:
@@ -298,7 +374,7 @@ def get_norm(name: str) -> NormSpec:
         )
     raise ValueError(
         f"norm: unknown name {name!r}; expected one of {norm_names()}, 'gn:G' (e.g. 'gn:4') "
-        f"or 'wn+NAME'"
+        f"'gbn:G', 'wn+NAME' or 'ws+NAME'"
     )
 
 
@@ -313,6 +389,11 @@ def is_norm_layer(module: nn.Module) -> bool:
         layers.InstanceNorm2d,
         layers.RMSNorm,
         layers.MeanOnlyBatchNorm,
+        layers.FilterResponseNorm2d,
+        layers.EvoNormS0,
+        layers.EvoNormB0,
+        layers.DynamicTanh,
+        layers.DynamicErf,
     )
     return isinstance(module, types)
 
@@ -333,6 +414,15 @@ for _spec in (
         has_shift=True,
         description="weight norm + mean-only BatchNorm",
     ),
+    NormSpec("brn", _make_brn, has_shift=True, description="Batch Renormalization"),
+    NormSpec("gbn", _make_gbn(16), has_shift=True, description="Ghost BatchNorm, virtual batch 16"),
+    NormSpec("ws+gn", _make_gn(None), has_shift=True, weight_standardization=True,
+             description="weight standardization + GroupNorm"),
+    NormSpec("frn", _make_frn, description="Filter Response Norm + TLU"),
+    NormSpec("evonorm-s0", _make_evonorm_s0, description="EvoNorm-S0 (norm + activation)"),
+    NormSpec("evonorm-b0", _make_evonorm_b0, description="EvoNorm-B0 (norm + activation)"),
+    NormSpec("dyt", _make_pointwise("DynamicTanh"), description="Dynamic Tanh"),
+    NormSpec("derf", _make_pointwise("DynamicErf"), description="Dynamic erf"),
 ):
     register_norm(_spec.name, _spec)
 del _spec

@@ -6,6 +6,12 @@ from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm
 from normlab.nn.layernorm import LayerNorm, LayerNorm2d, RMSNorm
 from normlab.nn.rnn import BatchNormLSTM, LayerNormLSTM, NormLSTM, WeightNormLSTM
 from normlab.nn.standardizer import Standardizer
+from normlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, Ramp
+from normlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from normlab.nn.stdconv import StdConv2d
+from normlab.nn.frn import FilterResponseNorm2d
+from normlab.nn.evonorm import EvoNormB0, EvoNormS0
+from normlab.nn.dyt import DynamicErf, DynamicTanh
 
 __all__ = [
     "BatchNorm1d",
@@ -24,4 +30,17 @@ __all__ = [
     "RMSNorm",
     "Standardizer",
     "WeightNormLSTM",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "DynamicErf",
+    "DynamicTanh",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm2d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "Ramp",
+    "StdConv2d",
 ]

@@ -17,6 +17,12 @@ from normlab.nn.utils.weight_norm import (
     remove_weight_norm,
     weight_norm,
 )
+from normlab.nn.utils.weight_standardization import (
+    WeightStandardization,
+    is_weight_standardized,
+    remove_weight_standardization,
+    weight_standardization,
+)
 
 register_fuser_methods()
 
@@ -37,4 +43,8 @@ __all__ = [
     "register_fuser_methods",
     "remove_weight_norm",
     "weight_norm",
+    "WeightStandardization",
+    "is_weight_standardized",
+    "remove_weight_standardization",
+    "weight_standardization",
 ]

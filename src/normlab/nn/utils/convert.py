@@ -51,6 +51,15 @@ Two jobs, one entry point (:func:`convert`):
              β dropped — its state_dict key becomes ``inner.weight``)
   ``mobn``   MeanOnlyBatchNorm (β carried, γ dropped)
   ``none``   ``nn.Identity``
+  ``brn``    BatchRenorm{1,2,3}d by input rank (as ``bn``; a BatchNorm source's running
+             statistics carry over, so eval outputs are unchanged)
+  ``gbn``    GhostBatchNorm{1,2,3}d, virtual batch 16 (``"gbn:G"``: G); statistics as ``brn``
+  ``ws+X``   method ``X`` (e.g. ``ws+gn``) and Weight Standardization of every Conv1d/2d/3d
+             weight (listed in ``report.standardized``)
+  ``frn``    FilterResponseNorm2d (4-D input only); γ, β carried, τ = 0
+  ``evonorm-s0`` EvoNormS0, groups as ``gn``; ``evonorm-b0`` EvoNormB0 (needs positions)
+  ``dyt``    DynamicTanh (channels-first: ``channels_last=False``; a LayerNorm/RMSNorm
+             source: over its ``normalized_shape``); γ, β carried; ``derf``: DynamicErf
   ========== ===========================================================================
 
   LayerNorm/RMSNorm normalize the *last* dim: ``ln``↔``rms`` swaps keep γ (LN→RMS drops β, noted
@@ -94,6 +103,8 @@ __all__ = ["METHODS", "ConversionReport", "convert"]
 #: method names accepted by :func:`convert` (plus ``"gn:G"``); as in :mod:`normlab.lab.norms`
 #: where the name exists there, and ``"ln2d"`` for a channels-first LayerNorm.
 METHODS: tuple[str, ...] = ("bn", "gn", "ln", "ln2d", "in", "rms", "mobn", "none")
+METHODS += ("brn", "gbn", "ws+gn", "frn", "evonorm-s0", "evonorm-b0", "dyt", "derf")
+_NEW_CF = ("brn", "gbn", "frn", "evonorm-s0", "evonorm-b0", "dyt", "derf")
 _OPTIONS = ("groups", "backend", "example_input")
 
 _TWINS: dict[type, type] = {
@@ -131,6 +142,7 @@ class ConversionReport:
     converted: list[tuple[str, type, type]] = field(default_factory=list)
     left_alone: list[tuple[str, type, str]] = field(default_factory=list)
     notes: list[tuple[str, str]] = field(default_factory=list)
+    standardized: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)}, left alone {len(self.left_alone)}"]
@@ -364,7 +376,7 @@ def _ranked(s: nn.Module, rank: int | None, path: str, target: str, notes: list)
     if isinstance(s, (nl.GroupNorm, nl.LayerNorm2d)):
         notes.append((path, f"assumed (N, C, H, W) input for {target!r} (pass example_input= to detect the rank)"))
         return 4
-    if isinstance(s, nl.BatchNorm1d) and target == "bn":
+    if isinstance(s, nl.BatchNorm1d) and target in ("bn", "brn", "gbn"):
         return 2
     raise ValueError(
         f"{_show(path)}: cannot swap {type(s).__name__} to {target!r}: its input rank is ambiguous "
@@ -418,6 +430,11 @@ def _swap(s: nn.Module, path: str, method: str, groups: int | None, rank: int | 
 
     if last_dim:
         shape = tuple(s.normalized_shape)
+        if method in ("dyt", "derf"):
+            cls = nl.DynamicTanh if method == "dyt" else nl.DynamicErf
+            affine = gamma is not None
+            return _fill(cls(shape, elementwise_affine=affine, **meta), gamma,
+                         beta if isinstance(s, nl.LayerNorm) else None, s)
         if method == "ln":
             if isinstance(s, nl.LayerNorm):
                 return s
@@ -450,7 +467,7 @@ def _swap(s: nn.Module, path: str, method: str, groups: int | None, rank: int | 
 
     c = _channels(s)
     r = rank
-    if method in ("bn", "in"):
+    if method in ("bn", "in", "brn", "gbn", "frn", "evonorm-b0"):
         r = _ranked(s, rank, path, method, notes)
     same_bn = isinstance(s, _BatchNorm)
     return _channels_first_target(s, path, method, c, r, gamma, beta, affine, eps, momentum, groups, notes,
@@ -514,6 +531,8 @@ def _channels_first_target(s, path, method, c, rank, gamma, beta, affine, eps, m
         if isinstance(s, cls):
             return s
         return _fill(cls(c, eps, momentum, affine, **meta), gamma, beta, s)
+    if method in _NEW_CF:
+        return _new_method(s, path, method, c, rank, gamma, beta, affine, eps, momentum, groups, notes)
     if method == "rms":
         from normlab.lab.norms import ChannelsLast  # the lab's adapter: RMSNorm over C at each position
 
@@ -526,17 +545,79 @@ def _channels_first_target(s, path, method, c, rank, gamma, beta, affine, eps, m
     raise AssertionError(method)
 
 
+def _new_method(s, path, method, c, rank, gamma, beta, affine, eps, momentum, groups, notes):
+    """Targets of issue 10 (Batch Renorm, Ghost BN, FRN, EvoNorm, DyT, Derf) from a channels-first layer."""
+    from normlab.nn.ghost import _GhostBatchNorm
+    from normlab.nn.renorm import _BatchRenorm
+
+    meta = {"device": "meta"}
+    name = type(s).__name__
+    if method in ("brn", "gbn"):
+        base = _BatchRenorm if method == "brn" else _GhostBatchNorm
+        if isinstance(s, base) and rank in s._dims and (method == "brn" or groups is None
+                                                        or s.virtual_batch_size == groups):
+            return s
+        prefix = "BatchRenorm" if method == "brn" else "GhostBatchNorm"
+        k = {2: 1, 3: 1, 4: 2, 5: 3}.get(rank)
+        if k is None:
+            raise ValueError(f"{_show(path)}: cannot swap {name} to {method!r}: no {prefix} for {rank}-D input")
+        cls = getattr(nl, f"{prefix}{k}d")
+        extra = {} if method == "brn" else {"virtual_batch_size": 16 if groups is None else groups}
+        new = _fill(cls(c, eps, 0.1 if momentum is None else momentum, affine, **meta, **extra), gamma, beta, s)
+        if isinstance(s, _BatchNorm) and s.running_mean is not None and s.running_var is not None:
+            for key in ("running_mean", "running_var", "num_batches_tracked"):
+                new._buffers[key] = s._buffers[key]
+        else:
+            notes.append((path, f"new {prefix}: running statistics start fresh (run normlab.recalibrate_batchnorm)"))
+        return new
+    if method == "frn":
+        if isinstance(s, nl.FilterResponseNorm2d):
+            return s
+        if rank != 4:
+            raise ValueError(f"{_show(path)}: cannot swap {name} to 'frn': FilterResponseNorm2d needs 4-D input, "
+                             f"this layer sees {rank}-D input")
+        return _fill(nl.FilterResponseNorm2d(c, **meta), gamma, beta, s)
+    if method == "evonorm-s0":
+        if isinstance(s, nl.EvoNormS0) and groups is None:
+            return s
+        return _fill(nl.EvoNormS0(c, groups=_groups(c, groups, path, notes), **meta), gamma, beta, s)
+    if method == "evonorm-b0":
+        if isinstance(s, nl.EvoNormB0):
+            return s
+        if rank is None or rank < 3:
+            raise ValueError(f"{_show(path)}: cannot swap {name} to 'evonorm-b0': it needs (N, C, *) input with "
+                             f"positions, this layer sees {rank}-D input")
+        return _fill(nl.EvoNormB0(c, **meta), gamma, beta, s)
+    cls = nl.DynamicTanh if method == "dyt" else nl.DynamicErf
+    if type(s) is cls:
+        return s
+    return _fill(cls(c, channels_last=False, elementwise_affine=gamma is not None or beta is not None, **meta),
+                 gamma, beta, s)
+
+
+def _standardize_convs(model: nn.Module, rep: ConversionReport) -> None:
+    from normlab.nn.utils.weight_standardization import is_weight_standardized, weight_standardization
+
+    for path, m in model.named_modules():
+        if type(m).__name__ == "StdConv2d" or not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            continue
+        if not is_weight_standardized(m):
+            weight_standardization(m)
+            rep.standardized.append(path)
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
 def _check_method(method):
     if method is None or method in METHODS:
         return method, None
-    if isinstance(method, str) and method.startswith("gn:"):
-        g = method[3:]
-        if g.isdigit() and int(g) > 0:
-            return "gn", int(g)
-    raise ValueError(f"method: expected one of {[None, *METHODS]} or 'gn:G', got {method!r}")
+    for prefix in ("gn:", "gbn:"):
+        if isinstance(method, str) and method.startswith(prefix):
+            g = method[len(prefix):]
+            if g.isdigit() and int(g) > 0:
+                return prefix[:-1], int(g)
+    raise ValueError(f"method: expected one of {[None, *METHODS]}, 'gn:G', 'gbn:G' or 'ws+NAME', got {method!r}")
 
 
 def _record_ranks(model: nn.Module, example_input) -> dict[int, int]:
@@ -610,7 +691,8 @@ def convert(model: nn.Module, method: str | None = None, *, inplace: bool = Fals
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise TypeError(f"convert: unexpected option {unknown[0]!r}; expected one of {list(_OPTIONS)}")
-    method, groups = _check_method(method)
+    standardize = isinstance(method, str) and method.startswith("ws+")
+    method, groups = _check_method(method[3:] if standardize else method)
     if "groups" in options:
         g = options["groups"]
         if isinstance(g, bool) or not isinstance(g, int) or g < 1:
@@ -668,6 +750,8 @@ def convert(model: nn.Module, method: str | None = None, *, inplace: bool = Fals
             result = new
         else:
             parent._modules[name] = new
+    if standardize:  # ws+X: after every swap decision (and error)
+        _standardize_convs(result, rep)
     if not report and (rep.left_alone or rep.notes):
         lines = [f"{_show(p)} ({_name(c)}): {r}" for p, c, r in rep.left_alone]
         lines += [f"{_show(p)}: {msg}" for p, msg in rep.notes]
