@@ -25,6 +25,7 @@ The compile, explain and export tests are marked slow (5–15 s each on 2 shared
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import pytest
@@ -40,7 +41,14 @@ from conftest import assert_close
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-transformers = pytest.importorskip("transformers")
+# transformers (and onnx, onnxscript, onnxruntime) are not in the dev extra yet: without them the
+# Hugging Face (ONNX) cases skip, the CNN/ViT cases still run
+_needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+
+
+def _hf(*names):
+    return [pytest.param(n, marks=_needs_hf) for n in names]
+
 
 HF = ["bert", "gpt2", "qwen3"]
 LM = ["gpt2", "qwen3"]
@@ -125,7 +133,7 @@ def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- outputs, gradients
 
 
-@pytest.mark.parametrize("name", HF + VISION)
+@pytest.mark.parametrize("name", _hf(*HF) + VISION)
 def test_outputs_and_every_gradient_equal_original(name):
     orig, inputs, loss = _workload(name)
     conv = _convert(orig)
@@ -145,7 +153,7 @@ def test_outputs_and_every_gradient_equal_original(name):
 # ------------------------------------------------------------------------------------ training
 
 
-@pytest.mark.parametrize("name", HF)
+@pytest.mark.parametrize("name", _hf(*HF))
 def test_adamw_training_tracks_original(name):
     orig, inputs, loss = _workload(name)
     conv = _convert(orig)
@@ -201,7 +209,7 @@ def test_sgd_training_tracks_original(name):
 # ------------------------------------------------------------------------------------ generate
 
 
-@pytest.mark.parametrize("name", LM)
+@pytest.mark.parametrize("name", _hf(*LM))
 def test_greedy_generate_same_tokens(name):
     orig, inputs, _ = _workload(name)
     conv = _convert(orig)
@@ -221,7 +229,7 @@ def test_greedy_generate_same_tokens(name):
 # ----------------------------------------------------------------------------- save / load
 
 
-@pytest.mark.parametrize("name", HF)
+@pytest.mark.parametrize("name", _hf(*HF))
 def test_save_pretrained_round_trip(name, tmp_path):
     orig, inputs, _ = _workload(name)
     orig.eval()
@@ -261,11 +269,15 @@ def _clear_hf_warning_once():
     # transformers' ``logger.warning_once`` is an lru_cache; dynamo graph-breaks on the logging
     # call the first time a message is emitted (and not afterwards), so the count depends on what
     # ran before in this process unless the cache is cleared.
+    try:
+        import transformers
+    except ImportError:
+        return
     transformers.utils.logging.warning_once.cache_clear()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", HF + ["convnext"])
+@pytest.mark.parametrize("name", _hf(*HF) + ["convnext"])
 def test_compile_fullgraph_first_call(name):
     """``torch.compile(fullgraph=True)`` as the very first call on the converted model: zero graph
     breaks (fullgraph raises on any), forward and backward each one graph, matching the original's
@@ -295,6 +307,7 @@ def test_compile_fullgraph_first_call(name):
 
 
 @pytest.mark.slow
+@_needs_hf
 def test_gpt2_loss_graph_breaks_as_original():
     """GPT-2 with labels graph-breaks *with torch's own layers*: transformers 5's
     ``loss_function`` property cannot map the class name GPT2LMHeadModel to a loss type and calls
@@ -314,10 +327,10 @@ def test_gpt2_loss_graph_breaks_as_original():
 # ------------------------------------------------------------------------- export, ONNX Runtime
 
 
-def _onnx_round_trip(model, args: tuple, tmp_path, reference: torch.Tensor, want_op: str | None):
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+def _onnx_round_trip(model, args: tuple, tmp_path, reference: torch.Tensor, want_op: str):
+    import onnx
+    import onnxruntime as ort
+
     path = tmp_path / "model.onnx"
     # the ExportedProgram goes in as it is (no second export); optimize=False keeps the graph as
     # exported, so a BatchNormalization is not folded into the preceding Conv
@@ -325,8 +338,7 @@ def _onnx_round_trip(model, args: tuple, tmp_path, reference: torch.Tensor, want
     program.save(str(path))
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert all(not n.startswith("normlab") for n in ops), ops
-    if want_op is not None:
-        assert want_op in ops, ops  # a standard ONNX operator, not a decomposition or a custom op
+    assert want_op in ops, ops  # the standard ONNX operator, not a decomposition or a custom op
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)}
     got = torch.from_numpy(session.run(None, feeds)[0])
@@ -334,8 +346,10 @@ def _onnx_round_trip(model, args: tuple, tmp_path, reference: torch.Tensor, want
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bert", "resnet18-bn"])
+@pytest.mark.parametrize("name", _hf("bert") + ["resnet18-bn"])
 def test_export_and_onnxruntime_match_eager(name, tmp_path):
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(module)
     orig, inputs, _ = _workload(name)
     orig.eval()
     if name == "resnet18-bn":
