@@ -175,6 +175,9 @@ def _hf(kind: str, batch: int, seq: int = 64):
         cfg = T.GPT2Config(vocab_size=512, n_embd=128, n_layer=2, n_head=4, n_positions=256,
                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
         model = T.GPT2LMHeadModel(cfg)
+        # transformers 5 cannot map this class name to a loss and warns inside forward, which
+        # graph-breaks torch.compile on both sides of the comparison; name the loss explicitly
+        model.loss_type = "ForCausalLM"
     else:
         cfg = T.Qwen3Config(**common, num_key_value_heads=2, head_dim=32)
         model = T.Qwen3ForCausalLM(cfg)
