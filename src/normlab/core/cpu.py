@@ -325,16 +325,35 @@ def _const(n: int, npd, value: float) -> np.ndarray:
     return a
 
 
+# Numpy views of parameters, keyed by the Parameter object: a view shares the parameter's memory,
+# so in-place updates (optimizer steps) show through; a new storage (``p.data = ...``) changes the
+# data pointer and refreshes the entry; a dead parameter's entry goes with it. Making the view
+# costs a few µs per call (detach + numpy), as much as a small kernel.
+_PARAM_VIEWS: dict[int, tuple] = {}
+
+
 def _param(t: Tensor | None, n: int, dtype: torch.dtype, default: float) -> np.ndarray:
     """γ or β as a flat numpy array in x's dtype (constant ones/zeros when None)."""
     if t is None:
         return _const(n, _NP_DTYPE[dtype], default)
-    t = t.detach()
-    if t.dtype != dtype:
-        t = t.to(dtype)
-    if not t.is_contiguous():
-        t = t.contiguous()
-    return t.numpy().reshape(-1)
+    cacheable = isinstance(t, torch.nn.Parameter) and t.dtype == dtype
+    if cacheable:
+        entry = _PARAM_VIEWS.get(id(t))
+        if entry is not None and entry[0]() is t and entry[1] == t.data_ptr():
+            return entry[2]
+    a = t.detach()
+    if a.dtype != dtype:
+        a = a.to(dtype)
+    if not a.is_contiguous():
+        a = a.contiguous()
+        cacheable = False
+    arr = a.numpy().reshape(-1)
+    if cacheable:
+        if len(_PARAM_VIEWS) > 4096:
+            _PARAM_VIEWS.clear()
+        key = id(t)
+        _PARAM_VIEWS[key] = (weakref.ref(t, lambda _, k=key: _PARAM_VIEWS.pop(k, None)), t.data_ptr(), arr)
+    return arr
 
 
 def _grad_buffer(shape, dtype: torch.dtype, need: bool, n: int, x_dtype: torch.dtype):
@@ -345,8 +364,8 @@ def _grad_buffer(shape, dtype: torch.dtype, need: bool, n: int, x_dtype: torch.d
     into a throwaway array in x's dtype (converted afterwards when needed).
     """
     if need and dtype == x_dtype:
-        g = torch.empty(shape, dtype=dtype)
-        return g.numpy().reshape(-1), g
+        a = np.empty(n, _NP_DTYPE[x_dtype])
+        return a, torch.from_numpy(a.reshape(shape))
     return np.empty(n, _NP_DTYPE[x_dtype]), None
 
 
@@ -359,6 +378,9 @@ def _overflowed(mean: np.ndarray, var: np.ndarray) -> bool:
 
 
 def _f64(t: Tensor) -> np.ndarray:
+    """A statistic as a flat float64 numpy array (no copy for the float64 ones the ops return)."""
+    if t.dtype == torch.float64 and not t.requires_grad and t.is_contiguous():
+        return t.numpy().reshape(-1)
     return t.detach().to(torch.float64).contiguous().reshape(-1).numpy()
 
 
@@ -415,7 +437,8 @@ class _Plan:
     # ---- memory ----------------------------------------------------------------------------
     def to_phys(self, t: Tensor) -> np.ndarray:
         """x-shaped tensor -> its C-contiguous physical array, 2-D (no copy when laid out as x)."""
-        t = t.detach()
+        if t.requires_grad:
+            t = t.detach()
         if self.channels_last:
             t = t.movedim(1, -1)
         if not t.is_contiguous():
@@ -433,17 +456,27 @@ class _Plan:
         """(physical numpy array, tensor shaped and laid out like ``like``) sharing memory.
 
         The tensor is a base tensor, never a view: a custom Function must not return a view
-        (in-place ops on it, e.g. ReLU(inplace=True), would be rejected by autograd).
+        (in-place ops on it, e.g. ReLU(inplace=True), would be rejected by autograd). Small
+        outputs are numpy allocations handed to torch (cheaper than torch.empty_strided plus
+        .numpy()); large ones come from the buffer pool.
         """
         shape = tuple(like.shape)
+        npd = _NP_DTYPE[like.dtype]
         if self.channels_last:
             phys_nd = (shape[0],) + shape[2:] + (shape[1],)
+            if like.numel() * like.element_size() < POOL_MIN_BYTES or _pool.max_bytes <= 0:
+                buf = np.empty(phys_nd, npd)
+                perm = (0, len(shape) - 1) + tuple(range(1, len(shape) - 1))
+                return buf.reshape(self.phys2), torch.from_numpy(buf.transpose(perm))
             st = [1] * len(phys_nd)
             for i in range(len(phys_nd) - 2, -1, -1):
                 st[i] = st[i + 1] * phys_nd[i + 1]
             strides = (st[0], 1) + tuple(st[1:-1])
             t = _pool.empty(shape, strides, like.dtype)
             return _view(t.movedim(1, -1).numpy(), self.phys2), t
+        if like.numel() * like.element_size() < POOL_MIN_BYTES or _pool.max_bytes <= 0:
+            buf = np.empty(shape, npd)
+            return buf.reshape(self.phys2), torch.from_numpy(buf)
         st = [1] * len(shape)
         for i in range(len(shape) - 2, -1, -1):
             st[i] = st[i + 1] * shape[i + 1]

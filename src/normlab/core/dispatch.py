@@ -92,7 +92,7 @@ def backend_module(op: str, x: Tensor, backend: str | None = None) -> ModuleType
     not support the input falls back to the reference (documented: 16-bit floats on the CPU
     backend, for example), so forcing never produces an error for a valid input.
     """
-    name = backend or current_backend()
+    name = backend or getattr(_forced, "name", None)
     if name is not None:
         _check_name(name)
         module = _load(name)

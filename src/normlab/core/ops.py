@@ -89,7 +89,14 @@ def _stats(x: Tensor, *stats) -> tuple:
     sd = stat_dtype(x)
     if x.numel() == 0:
         return tuple(x.new_empty((0,), dtype=sd) if t is None else torch.zeros_like(t, dtype=sd) for t in stats)
-    return tuple(x.new_empty((0,), dtype=sd) if t is None else (t if t.dtype == sd else t.to(sd)) for t in stats)
+    out = []
+    for t in stats:
+        if t is None:
+            t = x.new_empty((0,), dtype=sd)
+        elif t.dtype != sd:
+            t = t.to(sd)
+        out.append(t)
+    return out
 
 
 def _grad(t: Tensor | None, x: Tensor, shape, dtype) -> Tensor:
@@ -429,18 +436,22 @@ _IMPLS = {
 
 
 def _eager_function(name: str, backward, setup=_setup, n_out: int = 4):
-    """The operator's implementation and autograd formula as a plain autograd.Function."""
+    """The operator's implementation and autograd formula as a plain autograd.Function.
 
-    def forward(*args):
-        return _IMPLS[name](*args)
+    Classic style (``forward(ctx, ...)``, no ``setup_context``): with a ``setup_context``,
+    ``Function.apply`` binds the arguments through ``inspect.signature`` on every call, which
+    costs more than a small normalization. functorch never sees this class (it gets the
+    composite), so it does not need the functorch-style split.
+    """
 
-    def setup_context(ctx, inputs, output):
-        setup(ctx, inputs, output if n_out > 1 else (output,))
+    def forward(ctx, *args):
+        out = _IMPLS[name](*args)
+        setup(ctx, args, out if n_out > 1 else (out,))
         ctx.compiled = False
+        return out
 
     return type(f"_{name}", (torch.autograd.Function,), {
         "forward": staticmethod(forward),
-        "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward),
     })
 
