@@ -23,6 +23,7 @@ from normlab.nn import (
     RMSNorm,
     Standardizer,
 )
+from normlab.nn.syncbatchnorm import DistributedDataParallel, SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm  # noqa: E501
 from normlab.nn.utils import (
     ConversionReport,
     convert,
@@ -47,6 +48,7 @@ __all__ = [
     "MeanOnlyBatchNorm",
     "RMSNorm",
     "Standardizer",
+    "SyncBatchNorm", "DistributedDataParallel", "convert_sync_batchnorm", "revert_sync_batchnorm",
     "available_backends",
     "convert",
     "fold_batchnorm",

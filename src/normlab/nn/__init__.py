@@ -6,6 +6,7 @@ from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm
 from normlab.nn.layernorm import LayerNorm, LayerNorm2d, RMSNorm
 from normlab.nn.rnn import BatchNormLSTM, LayerNormLSTM, NormLSTM, WeightNormLSTM
 from normlab.nn.standardizer import Standardizer
+from normlab.nn.syncbatchnorm import DistributedDataParallel, SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm  # noqa: E501
 
 __all__ = [
     "BatchNorm1d",
@@ -23,5 +24,6 @@ __all__ = [
     "NormLSTM",
     "RMSNorm",
     "Standardizer",
+    "SyncBatchNorm", "DistributedDataParallel", "convert_sync_batchnorm", "revert_sync_batchnorm",
     "WeightNormLSTM",
 ]
