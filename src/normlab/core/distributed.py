@@ -32,6 +32,8 @@ dx = dx_local + γ·rstd·((s₁/n − S₁/N) + x̂ (s₂/n − S₂/N)).
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -39,7 +41,26 @@ from torch.autograd.function import once_differentiable
 
 from normlab.core import ops
 
-__all__ = ["is_active", "merge_moments", "sync_batch_norm", "gather_moments"]
+__all__ = ["comm_stats", "is_active", "merge_moments", "sync_batch_norm", "gather_moments"]
+
+#: wall seconds and number of SyncBatchNorm collectives in this process (forward all-gathers and
+#: backward all-reduces), for profiling; :func:`comm_stats` reads and optionally resets it
+_COMM = {"seconds": 0.0, "calls": 0}
+
+
+def comm_stats(reset: bool = False) -> dict:
+    """{"seconds", "calls"} spent in SyncBatchNorm's collectives in this process so far."""
+    out = dict(_COMM)
+    if reset:
+        _COMM.update(seconds=0.0, calls=0)
+    return out
+
+
+def _timed(fn, *args, **kw):
+    t = time.perf_counter()
+    fn(*args, **kw)
+    _COMM["seconds"] += time.perf_counter() - t
+    _COMM["calls"] += 1
 
 
 def is_active(group=None) -> bool:
@@ -93,7 +114,7 @@ def gather_moments(n: int, mean: Tensor, m2: Tensor, group=None):
 def _all_gather(out: Tensor, local: Tensor, group=None) -> None:
     # torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, local, group=group)
+    _timed(gather, out, local, group=group)
 
 
 class _SyncBatchNorm(torch.autograd.Function):
@@ -134,7 +155,7 @@ class _SyncBatchNorm(torch.autograd.Function):
             s1 = s2 = torch.zeros(c, dtype=torch.float64, device=x.device)
         local = torch.cat([s1, s2])
         total = local.clone()
-        dist.all_reduce(total, group=group)  # the one collective of the backward
+        _timed(dist.all_reduce, total, group=group)  # the one collective of the backward
         S1, S2 = total[:c], total[c:]
         dx = dw = db = None
         if need_x:
