@@ -37,6 +37,7 @@ from normlab.nn import (
     GhostBatchNorm3d,
     StdConv2d,
 )
+from normlab.nn.syncbatchnorm import DistributedDataParallel, SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm  # noqa: E501
 from normlab.nn.utils import (
     ConversionReport,
     convert,
@@ -61,6 +62,7 @@ __all__ = [
     "MeanOnlyBatchNorm",
     "RMSNorm",
     "Standardizer",
+    "SyncBatchNorm", "DistributedDataParallel", "convert_sync_batchnorm", "revert_sync_batchnorm",
     "available_backends",
     "convert",
     "fold_batchnorm",

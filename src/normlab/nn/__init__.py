@@ -12,6 +12,7 @@ from normlab.nn.stdconv import StdConv2d
 from normlab.nn.frn import FilterResponseNorm2d
 from normlab.nn.evonorm import EvoNormB0, EvoNormS0
 from normlab.nn.dyt import DynamicErf, DynamicTanh
+from normlab.nn.syncbatchnorm import DistributedDataParallel, SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm  # noqa: E501
 
 __all__ = [
     "BatchNorm1d",
@@ -29,6 +30,7 @@ __all__ = [
     "NormLSTM",
     "RMSNorm",
     "Standardizer",
+    "SyncBatchNorm", "DistributedDataParallel", "convert_sync_batchnorm", "revert_sync_batchnorm",
     "WeightNormLSTM",
     "BatchRenorm1d",
     "BatchRenorm2d",
