@@ -675,6 +675,19 @@ def batch_norm_eval(x: Tensor, mean: Tensor, var, weight, bias, eps: float, *, c
     return plan.forward(x.contiguous() if plan.copy else x, weight, bias, mean, var)[0]
 
 
+def batch_norm_eval_backward(dy, x, mean, var, weight, eps: float, *, center_only: bool = False,
+                             mask=(True, True, True)):
+    """(dx, dγ, dβ) of batch norm with given statistics: dx = γ·rstd·dy, dγ = Σ dy·x̂, dβ = Σ dy."""
+    plan = _bn_key(x, eps, center_only, False)
+    if plan.copy:
+        x = x.contiguous()
+    mean64 = _f64(mean)
+    rstd = np.ones_like(mean64) if center_only else 1.0 / np.sqrt(_f64(var) + eps)
+    dx, dw, db = plan.backward(x, dy, weight, ((plan.pcount,), x.dtype), mean64, rstd,
+                               mask[1] and weight is not None, mask[2])
+    return (dx if mask[0] else None), dw, db
+
+
 def group_norm(x: Tensor, num_groups: int, weight, bias, eps: float):
     """Group norm (instance norm: num_groups = C): (y, mean, var, rstd), float64 stats (N, G)."""
     out = _forward(_gn_key(x, num_groups, eps), x, weight, bias)

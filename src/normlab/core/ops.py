@@ -379,9 +379,9 @@ def _lnc_backward(ctx, dy, *_):
 
 
 def _bn_eval_setup(ctx, inputs, output):  # noqa: ARG001 - output is y, not needed
-    x, mean, var, weight, bias, eps, center_only, _ = inputs
+    x, mean, var, weight, bias, eps, center_only, backend = inputs
     ctx.save_for_backward(x, mean, var, weight)
-    ctx.args = (eps, center_only)
+    ctx.args = (eps, center_only, backend)
     ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
 
 
@@ -389,8 +389,16 @@ def _bn_eval_backward(ctx, dy):
     """y = a·x + b with a = γ·rsqrt(σ² + ε), b = β − a·μ: the gradients are torch ops, so they are
     themselves differentiable (double backward needs no composite here)."""
     x, mean, var, weight = ctx.saved_tensors
-    eps, center_only = ctx.args
+    eps, center_only, backend = ctx.args
     need = ctx.needs_input_grad
+    eager = getattr(ctx, "compiled", True) is False  # traced backwards must stay in torch ops
+    fused = eager and getattr(_backend("batch_norm_eval", x, backend), "batch_norm_eval_backward", None)
+    if fused and not torch.is_grad_enabled() and not (need[1] or need[2]):
+        # the common case in eager mode (frozen statistics, first-order gradients): one fused pass
+        dx, dw, db = fused(dy, x, mean, var, weight, eps, center_only=center_only, mask=(need[0], need[3], need[4]))
+        if db is not None and ctx.bias_meta is not None:
+            db = db.to(ctx.bias_meta[1])
+        return dx, None, None, dw, db, None, None, None
     acc = reference.compute_dtype(x.dtype)
     view = (1, -1) + (1,) * (x.dim() - 2)
     rstd = torch.ones_like(mean, dtype=acc) if center_only else torch.rsqrt(var.to(acc) + eps)
