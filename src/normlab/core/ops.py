@@ -332,9 +332,12 @@ def _setup(ctx, inputs, output):
     ctx.args = inputs[3:]
     ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # the statistics get no gradient: don't allocate zeros for them
 
 
 def _bn_backward(ctx, dy, *_):
+    if dy is None:  # y itself unused (gradients are not materialized)
+        return (None,) * (3 + len(ctx.args))
     x, weight, mean, rstd = ctx.saved_tensors
     eps, center_only, backend = ctx.args
     if torch.is_grad_enabled():
@@ -346,6 +349,8 @@ def _bn_backward(ctx, dy, *_):
 
 
 def _gn_backward(ctx, dy, *_):
+    if dy is None:  # y itself unused (gradients are not materialized)
+        return (None,) * (3 + len(ctx.args))
     x, weight, mean, rstd = ctx.saved_tensors
     num_groups, eps, backend = ctx.args
     if torch.is_grad_enabled():
@@ -357,6 +362,8 @@ def _gn_backward(ctx, dy, *_):
 
 
 def _ln_backward(ctx, dy, *_):
+    if dy is None:  # y itself unused (gradients are not materialized)
+        return (None,) * (3 + len(ctx.args))
     x, weight, mean, rstd = ctx.saved_tensors
     k, eps, rms, backend = ctx.args
     if torch.is_grad_enabled():
@@ -368,6 +375,8 @@ def _ln_backward(ctx, dy, *_):
 
 
 def _lnc_backward(ctx, dy, *_):
+    if dy is None:  # y itself unused (gradients are not materialized)
+        return (None,) * (3 + len(ctx.args))
     x, weight, mean, rstd = ctx.saved_tensors
     eps, backend = ctx.args
     if torch.is_grad_enabled():
