@@ -335,56 +335,30 @@ def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # the statistics get no gradient: don't allocate zeros for them
 
 
-def _bn_backward(ctx, dy, *_):
-    if dy is None:  # y itself unused (gradients are not materialized)
-        return (None,) * (3 + len(ctx.args))
-    x, weight, mean, rstd = ctx.saved_tensors
-    eps, center_only, backend = ctx.args
-    if torch.is_grad_enabled():
-        fwd = lambda x_, w_, b_: reference.batch_norm(x_, w_, b_, eps, center_only=center_only)[0]  # noqa: E731
-        return (*_composite_grads(ctx, fwd, x, weight, dy, ctx.bias_meta), None, None, None)
-    mask = list(ctx.needs_input_grad[:3])
-    grads = _run("batch_norm_backward", ctx.compiled)(dy, x, weight, mean, rstd, eps, center_only, backend, mask)
-    return _finish(ctx, *grads, 3)
+def _backward_of(name: str):
+    """The autograd formula of forward operator ``name``: its backward operator, or with
+    ``create_graph=True`` the reference composite differentiated on the saved input. The
+    backward operator takes ``(dy, x, weight, mean, rstd, *ctx.args, mask)``."""
+
+    def backward(ctx, dy, *_):
+        none = (None,) * len(ctx.args)
+        if dy is None:  # y itself unused (gradients are not materialized)
+            return (None, None, None, *none)
+        x, weight, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            fwd = lambda x_, w_, b_: _COMPOSITE[name](x_, w_, b_, *ctx.args)[0]  # noqa: E731
+            return (*_composite_grads(ctx, fwd, x, weight, dy, ctx.bias_meta), *none)
+        mask = list(ctx.needs_input_grad[:3])
+        grads = _run(f"{name}_backward", ctx.compiled)(dy, x, weight, mean, rstd, *ctx.args, mask)
+        return _finish(ctx, *grads, len(none))
+
+    return backward
 
 
-def _gn_backward(ctx, dy, *_):
-    if dy is None:  # y itself unused (gradients are not materialized)
-        return (None,) * (3 + len(ctx.args))
-    x, weight, mean, rstd = ctx.saved_tensors
-    num_groups, eps, backend = ctx.args
-    if torch.is_grad_enabled():
-        fwd = lambda x_, w_, b_: reference.group_norm(x_, num_groups, w_, b_, eps)[0]  # noqa: E731
-        return (*_composite_grads(ctx, fwd, x, weight, dy, ctx.bias_meta), None, None, None)
-    mask = list(ctx.needs_input_grad[:3])
-    grads = _run("group_norm_backward", ctx.compiled)(dy, x, weight, mean, rstd, num_groups, eps, backend, mask)
-    return _finish(ctx, *grads, 3)
-
-
-def _ln_backward(ctx, dy, *_):
-    if dy is None:  # y itself unused (gradients are not materialized)
-        return (None,) * (3 + len(ctx.args))
-    x, weight, mean, rstd = ctx.saved_tensors
-    k, eps, rms, backend = ctx.args
-    if torch.is_grad_enabled():
-        fwd = lambda x_, w_, b_: reference.layer_norm(x_, k, w_, b_, eps, rms=rms)[0]  # noqa: E731
-        return (*_composite_grads(ctx, fwd, x, weight, dy, ctx.bias_meta), None, None, None, None)
-    mask = list(ctx.needs_input_grad[:3])
-    grads = _run("layer_norm_backward", ctx.compiled)(dy, x, weight, mean, rstd, k, eps, rms, backend, mask)
-    return _finish(ctx, *grads, 4)
-
-
-def _lnc_backward(ctx, dy, *_):
-    if dy is None:  # y itself unused (gradients are not materialized)
-        return (None,) * (3 + len(ctx.args))
-    x, weight, mean, rstd = ctx.saved_tensors
-    eps, backend = ctx.args
-    if torch.is_grad_enabled():
-        fwd = lambda x_, w_, b_: reference.layer_norm_channels(x_, w_, b_, eps)[0]  # noqa: E731
-        return (*_composite_grads(ctx, fwd, x, weight, dy, ctx.bias_meta), None, None)
-    mask = list(ctx.needs_input_grad[:3])
-    grads = _run("layer_norm_channels_backward", ctx.compiled)(dy, x, weight, mean, rstd, eps, backend, mask)
-    return _finish(ctx, *grads, 2)
+_bn_backward = _backward_of("batch_norm")
+_gn_backward = _backward_of("group_norm")
+_ln_backward = _backward_of("layer_norm")
+_lnc_backward = _backward_of("layer_norm_channels")
 
 
 def _bn_eval_setup(ctx, inputs, output):  # noqa: ARG001 - output is y, not needed
