@@ -19,6 +19,11 @@ Models (see :func:`model_names`; more with :func:`register_model`):
   must return an ``nn.Module``. It is responsible for its normalization (use
   :func:`normlab.lab.norms.get_norm`); set ``model.needs_data_init = True`` if it needs
   weight norm's data-dependent init.
+  A function **without** a ``norm`` parameter is a model written without normlab in mind: it is
+  called with whichever of ``input_shape``/``num_classes`` it names (plus the options) and its
+  normalization layers are swapped with :func:`normlab.convert` for ``norm`` — a method name of
+  :data:`normlab.nn.utils.convert.METHODS` (``"gn"``, ``"ws+gn"``, ``"gn:8"``...), or
+  :data:`OWN` for the model exactly as written (what ``normlab advise`` compares against).
 
 Conventions of the built-in models: outputs are ``(N, num_classes)`` logits, or ``(N, 1)`` for
 regression (``num_classes == 0``). A conv/linear layer followed by a norm with a learned shift
@@ -30,7 +35,9 @@ data-dependent init on a batch before training.
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +49,7 @@ from normlab.lab.data import import_object
 from normlab.lab.norms import NormSpec, get_norm
 
 __all__ = [
+    "OWN",
     "build_model",
     "count_parameters",
     "model_names",
@@ -49,6 +57,9 @@ __all__ = [
     "norm_layers",
     "register_model",
 ]
+
+#: ``norm`` for a plain user model (a function without a ``norm`` parameter) left as written.
+OWN = "own"
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -302,18 +313,20 @@ def build_model(
         raise ValueError(f"input_shape: expected positive sizes, got {tuple(input_shape)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f"num_classes: expected an int >= 0, got {num_classes!r}")
+    if name not in _REGISTRY and ":" in name:
+        fn = import_object(name, "model")
+        if _takes(fn, "norm"):
+            get_norm(norm)
+            model = fn(norm=norm, input_shape=shape, num_classes=num_classes, **options)
+            _check_module(model, name)
+            return model
+        return _plain_model(fn, name, norm, shape, num_classes, options)
     spec = get_norm(norm)
     if name not in _REGISTRY:
-        if ":" not in name:
-            raise ValueError(
-                f"model: unknown model {name!r}; expected one of {model_names()} or "
-                "'package.module:function'"
-            )
-        fn = import_object(name, "model")
-        model = fn(norm=norm, input_shape=shape, num_classes=num_classes, **options)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: {name!r} returned {type(model).__name__}, expected an nn.Module")
-        return model
+        raise ValueError(
+            f"model: unknown model {name!r}; expected one of {model_names()} or "
+            "'package.module:function'"
+        )
     try:
         model = _REGISTRY[name](spec, shape, num_classes, **options)
     except TypeError as exc:
@@ -326,6 +339,48 @@ def build_model(
     if spec.weight_norm:
         _apply_weight_norm(model)
         model.needs_data_init = True
+    return model
+
+
+def _takes(fn: Callable[..., Any], name: str) -> bool:
+    """Does ``fn`` accept a keyword ``name`` (by name, or through ``**kwargs``)?"""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: assume the old protocol
+        return True
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _check_module(model: Any, name: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: {name!r} returned {type(model).__name__}, expected an nn.Module")
+
+
+def _plain_model(
+    fn: Callable[..., Any], name: str, norm: str, shape: tuple[int, ...], num_classes: int,
+    options: dict[str, Any],
+) -> nn.Module:
+    """A model written without normlab, its normalization swapped to ``norm`` by ``convert``."""
+    from normlab.nn.utils.convert import METHODS, convert
+
+    base = norm.split(":", 1)[0]
+    if norm != OWN and base not in METHODS:
+        raise ValueError(
+            f"norm: expected {OWN!r} or a method of normlab.convert ({', '.join(METHODS)}, "
+            f"'gn:G'), got {norm!r} (the model {name!r} has no norm parameter)"
+        )
+    given = {"input_shape": shape, "num_classes": num_classes}
+    kwargs = {k: v for k, v in given.items() if k not in options and _takes(fn, k)}
+    model = fn(**kwargs, **options)
+    _check_module(model, name)
+    if norm == OWN:
+        return model
+    example = torch.zeros(2, *shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # layers convert leaves alone are the report's business
+        model, rep = convert(model, norm, inplace=True, report=True, example_input=example)
+    if not rep.converted:
+        raise ValueError(f"norm {norm!r}: model {name!r} has no normalization layer to swap")
     return model
 
 
