@@ -30,7 +30,9 @@ import numpy as np
 from normlab.lab.models import OWN
 from normlab.lab.stats import Interval, format_interval, mean_ci, paired_diff_ci
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure, save_png, select
+from normlab.lab.analysis import select
+from normlab.lab.plotting import color, marker, plt, save_png
+from normlab.lab.studies import Card, Figure
 
 NAME = "advise"
 TITLE = "Advice for your model: which normalization, measured on your data"
@@ -333,15 +335,14 @@ def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
 
 
 def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
-    import matplotlib.pyplot as plt
-
+    plt_ = plt()
     classification = _is_classification(results)
     n_val = _n_val(results)
     ylabel = "validation error (%)" if classification else "validation loss"
     all_arms = arms(results, cfg)
     figs = []
     bss = list(cfg.batch_sizes)
-    fig, axes = plt.subplots(1, len(bss), figsize=(4.8 * len(bss), 3.8), squeeze=False)
+    fig, axes = plt_.subplots(1, len(bss), figsize=(4.8 * len(bss), 3.8), squeeze=False)
     for ax, b in zip(axes[0], bss):
         mine = [a for a in all_arms if a.batch_size == b and a.values and a.step_s]
         front = {id(a) for a in pareto(mine)}
@@ -367,14 +368,14 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
                        "interval; blue points and line: the Pareto front (no method is both faster "
                        "and better)."))
 
-    fig, axes = plt.subplots(1, len(bss), figsize=(4.8 * len(bss), 3.6), squeeze=False)
+    fig, axes = plt_.subplots(1, len(bss), figsize=(4.8 * len(bss), 3.6), squeeze=False)
     for ax, b in zip(axes[0], bss):
         for i, m in enumerate(cfg.methods):
             pts = sorted((r.config["lr"], _search_score(r)) for r in
                          select(results, norm=m, batch_size=b, seed=0, max_steps=cfg.steps))
             pts = [(lr, v) for lr, v in pts if math.isfinite(v)]
             if pts:
-                ax.plot(*zip(*pts), "o-", label=label(cfg, m), color=f"C{i % 10}")
+                ax.plot(*zip(*pts), "-", marker=marker(m), label=label(cfg, m), color=color(m) or f"C{i % 10}")
         ax.set_xscale("log")
         ax.set_title(f"batch {b}: learning-rate search (seed 0)")
         ax.set_xlabel("learning rate")
