@@ -143,7 +143,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
 
 def _fig_gap(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
     models = list(cfg.models)
-    fig, axes = plotting.plt().subplots(1, len(models), figsize=(4.4 * len(models), 3.3), dpi=100, squeeze=False)
+    fig, axes = plotting.panels(1, len(models), (4.4, 3.3))
     for ax, model in zip(axes[0], models):
         where = _where(cfg, model)
         for i, n in enumerate(cfg.norms):
@@ -170,7 +170,7 @@ def _fig_gap(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
 
 def _fig_curves(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
     models = list(cfg.models)
-    fig, axes = plotting.plt().subplots(1, len(models), figsize=(4.4 * len(models), 3.3), dpi=100, squeeze=False)
+    fig, axes = plotting.panels(1, len(models), (4.4, 3.3))
     for ax, model in zip(axes[0], models):
         where = _where(cfg, model)
         for i, n in enumerate(cfg.norms):

@@ -684,8 +684,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
 def _fig_accuracy_curves(results: list[RunResult], cfg: Config, arms: list[str], outdir: Path) -> Figure:
     datasets = list(_datasets(cfg))
     target = float(cfg.target_acc)
-    fig, axes = plotting.plt().subplots(1, len(datasets), figsize=(4.6 * len(datasets), 3.4), dpi=100,
-                                        squeeze=False)
+    fig, axes = plotting.panels(1, len(datasets), (4.6, 3.4))
     for ax, data in zip(axes[0], datasets):
         for arm in arms:
             band = plotting.t_band([
