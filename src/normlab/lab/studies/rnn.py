@@ -389,10 +389,6 @@ def _final_acc(r: RunResult) -> float | None:
     return None if v is None else float(v)
 
 
-def _fmt_pct(iv: Interval) -> str:
-    return pct(iv, 3, "%")
-
-
 def _fmt_pp(iv: Interval) -> str:
     return pct(iv, 2, " pp")
 
@@ -464,7 +460,7 @@ def _card_question(results: list[RunResult], cfg: Config) -> Card:
             reached = sum(ok for _, ok in ett)
             ett_iv = mean_ci([e for e, _ in ett])
             parts.append(
-                f"{norm} {_fmt_pct(mean_ci(vals))} (epochs to {tpct}: {format_interval(ett_iv, 2)}, "
+                f"{norm} {pct(mean_ci(vals))} (epochs to {tpct}: {format_interval(ett_iv, 2)}, "
                 f"reached {reached}/{len(ett)})"
             )
         lines.append(f"{data}: " + " > ".join(parts))
@@ -558,8 +554,8 @@ def _card_shared(results: list[RunResult], cfg: Config) -> Card:
         iv = paired_diff_ci(a, b)
         v = verdict(iv, "greater", tolerance=0.01)
         measurement = (
-            f"{data0}, final validation accuracy: per-step statistics {_fmt_pct(mean_ci(a))}, "
-            f"shared statistics {_fmt_pct(mean_ci(b))}; per-step − shared {_fmt_pp(iv)} "
+            f"{data0}, final validation accuracy: per-step statistics {pct(mean_ci(a))}, "
+            f"shared statistics {pct(mean_ci(b))}; per-step − shared {_fmt_pp(iv)} "
             f"(paired over {len(seeds)} seeds)"
         )
     else:
