@@ -5,7 +5,8 @@ described by ``config``, calls ``log(epoch, metrics)`` after every epoch (the sw
 call to the store at once) and returns the final metrics. A run config names its runner under
 the key ``"runner"`` (default ``"train"``).
 
-The built-in ``"train"`` runner trains a model with :func:`normlab.lab.train.train`. Studies
+The built-in ``"train"`` runner trains a model with :func:`normlab.lab.train.train`; the built-in
+``"measured-train"`` runner trains and then measures it (:mod:`normlab.lab.measured`). Studies
 register their own runners in their module::
 
     from normlab.lab.runners import register_runner
@@ -27,6 +28,7 @@ from typing import Any, TypeAlias
 __all__ = [
     "DEFAULT_RUNNER",
     "LogFn",
+    "MEASURED_RUNNER",
     "Runner",
     "UnknownRunnerError",
     "available_runners",
@@ -40,6 +42,8 @@ LogFn: TypeAlias = Callable[[int, dict[str, Any]], None]
 Runner: TypeAlias = Callable[[dict[str, Any], LogFn], dict[str, Any]]
 
 DEFAULT_RUNNER = "train"
+#: Train, then measure cost and initialization (:mod:`normlab.lab.measured`); used by several studies.
+MEASURED_RUNNER = "measured-train"
 
 _RUNNERS: dict[str, Runner] = {}
 
@@ -137,3 +141,12 @@ def train_runner(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
 
     cfg = {k: v for k, v in config.items() if k != "runner"}
     return train(cfg, log)
+
+
+@register_runner(MEASURED_RUNNER)
+def measured_train_runner(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
+    """Train, then measure the model (:func:`normlab.lab.measured.measured_train`)."""
+    # Imported lazily, as for "train": the training stack is only needed inside workers.
+    from normlab.lab.measured import measured_train
+
+    return measured_train(config, log)

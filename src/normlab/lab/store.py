@@ -42,6 +42,7 @@ __all__ = [
     "Store",
     "StoreError",
     "canonical_json",
+    "flatten",
     "run_id",
 ]
 
@@ -414,7 +415,6 @@ class Store:
             ).fetchone()
         return int(attempt)
 
-    start_run = claim
 
     def _guard(self, attempt: int | None) -> tuple[str, tuple[Any, ...]]:
         """SQL condition (and parameters) that the run is running under ``attempt``."""
@@ -665,16 +665,27 @@ def _iso(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
 
 
-def _flatten(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level with dotted keys: ``{"a": {"b": 1}} -> {"a.b": 1}``."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
-        elif isinstance(v, (list, tuple)):
-            out[key] = json.dumps(v)
-        elif isinstance(v, float) and not math.isfinite(v):
-            out[key] = _NonFinite(v)
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
+
+
+def _csv_value(v: Any) -> Any:
+    # A CSV cell holds one scalar: lists as JSON, non-finite floats spelled out.
+    if isinstance(v, (list, tuple)):
+        return json.dumps(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return _NonFinite(v)
+    return v
+
+
+def _flatten(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """:func:`flatten` with each value made a CSV cell."""
+    return {k: _csv_value(v) for k, v in flatten(d, prefix).items()}
