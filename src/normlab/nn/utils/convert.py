@@ -92,8 +92,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
 
-import normlab.nn as nl
+from normlab._checks import check_positive_int
 from normlab.core.dispatch import use_backend
+import normlab.nn as nl
 from normlab.nn.batchnorm import _BatchNorm
 from normlab.nn.instancenorm import _InstanceNorm
 from normlab.nn.utils.norm_act import BatchNormAct2d, GroupNormAct
@@ -695,8 +696,7 @@ def convert(model: nn.Module, method: str | None = None, *, inplace: bool = Fals
     method, groups = _check_method(method[3:] if standardize else method)
     if "groups" in options:
         g = options["groups"]
-        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-            raise ValueError(f"groups: expected a positive int, got {g!r}")
+        check_positive_int(g, "groups")
         groups = g
     backend = options.get("backend")
     target = model if inplace else copy.deepcopy(model)
