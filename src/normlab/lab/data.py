@@ -70,7 +70,6 @@ import os
 import pickle
 import re
 import struct
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,11 +79,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from normlab.lab.util import import_object
+
 __all__ = [
     "DataBundle",
     "data_identity",
     "dataset_names",
-    "import_object",
     "load_dataset",
     "read_idx",
     "register_dataset",
@@ -1063,34 +1063,6 @@ def _load_image_folder(
 # module:function
 # --------------------------------------------------------------------------------------------
 _MODULE_FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-
-
-def import_object(spec: str, what: str) -> Any:
-    """Import ``obj`` from ``"package.module:obj"``; ``what`` names the argument in errors."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
-            raise ValueError(f"{what}: cannot import module {module_name!r} of {spec!r} ({exc})") from exc
-        cwd = os.getcwd()
-        on_path = any(os.path.abspath(p or os.curdir) == cwd for p in sys.path)
-        where = (f"the current folder {cwd} and the Python path" if on_path else
-                 f"the Python path, which does not include the current folder {cwd}")
-        raise ValueError(
-            f"{what}: cannot import module {module_name!r} of {spec!r}: no module named {exc.name!r} in "
-            f"{where} (check the "
-            "spelling, or run from the folder that holds it)"
-        ) from None
-    except ImportError as exc:
-        raise ValueError(f"{what}: cannot import module {module_name!r} of {spec!r} ({exc})") from exc
-    try:
-        obj = getattr(module, attr)
-    except AttributeError:
-        raise ValueError(f"{what}: module {module_name!r} has no attribute {attr!r}") from None
-    if not callable(obj):
-        raise TypeError(f"{what}: {spec!r} is a {type(obj).__name__}, expected a callable")
-    return obj
 
 
 def _dataset_tensors(ds: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,6 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from normlab.nn.utils import is_norm_layer
+
 
 __all__ = [
     "DEFAULT_SCALES",
@@ -367,18 +369,6 @@ def capture_preactivations(
     return captured
 
 
-def _is_norm(module: nn.Module) -> bool:
-    from normlab.lab.norms import is_norm_layer
-
-    torch_norms = (
-        nn.modules.batchnorm._BatchNorm,
-        nn.modules.instancenorm._InstanceNorm,
-        nn.GroupNorm,
-        nn.LayerNorm,
-    )
-    return is_norm_layer(module) or isinstance(module, torch_norms)
-
-
 @torch.no_grad()
 def capture_normalized_outputs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """The pre-activation of every conv/linear layer: its output after the norm layer fed by it.
@@ -408,7 +398,7 @@ def capture_normalized_outputs(model: nn.Module, x: torch.Tensor) -> list[tuple[
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             handles.append(m.register_forward_hook(layer_hook(name)))
-        elif _is_norm(m):
+        elif is_norm_layer(m):
             handles.append(m.register_forward_hook(norm_hook))
     if not any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in model.modules()):
         raise ValueError("model has no Linear/Conv1d/Conv2d layer")

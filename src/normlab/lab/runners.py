@@ -90,25 +90,21 @@ def runner_name(config: dict[str, Any]) -> str:
 def get_runner(name: str) -> Runner:
     """The runner registered as ``name``.
 
-    If it is not registered yet, every study module is imported (studies register their runners
-    at import) before giving up with an error listing the known runners.
+    A runner is registered when the module that defines it is imported: a study's runners when
+    the study is (:func:`normlab.lab.studies.get_study`, :func:`~normlab.lab.studies.load_all`).
+    This registry knows no study, so an unknown name is an error listing the known runners.
     """
-    fn = _RUNNERS.get(name)
-    if fn is not None:
-        return fn
-    from normlab.lab import studies
-
-    studies.load_all()
     fn = _RUNNERS.get(name)
     if fn is None:
         raise UnknownRunnerError(
-            f"unknown runner {name!r}; registered runners: {', '.join(sorted(_RUNNERS)) or 'none'}"
+            f"unknown runner {name!r}; registered runners: {', '.join(sorted(_RUNNERS)) or 'none'} "
+            "(a runner is registered when the module defining it is imported, e.g. its study)"
         )
     return fn
 
 
 def available_runners() -> list[str]:
-    """Names of the runners registered so far (studies not imported yet are not included)."""
+    """Names of the runners registered so far (those of studies not imported yet are not included)."""
     return sorted(_RUNNERS)
 
 

@@ -32,10 +32,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from normlab._checks import check_positive_int
-from normlab.nn.batchnorm import MeanOnlyBatchNorm, _BatchNorm
+from normlab.nn.batchnorm import _BatchNorm
+from normlab.nn.utils.layer_types import is_batch_norm
 
 __all__ = ["recalibrate_batchnorm"]
 
@@ -112,7 +112,7 @@ def recalibrate_batchnorm(
     forward_fn = forward_fn or _default_forward
     bns = [
         m for m in model.modules()
-        if isinstance(m, (_TorchBatchNorm, _BatchNorm, MeanOnlyBatchNorm)) and getattr(m, "running_mean", None) is not None
+        if is_batch_norm(m) and getattr(m, "running_mean", None) is not None
     ]
     if not bns:
         return model
