@@ -79,6 +79,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from normlab._checks import check_int, check_positive_int
 from normlab.lab.util import import_object
 
 __all__ = [
@@ -288,10 +289,9 @@ def _subset_order(y: torch.Tensor, classification: bool) -> torch.Tensor:
 
 
 def _limit(ds: TensorDataset, limit: int | None, classification: bool, name: str) -> TensorDataset:
+    check_positive_int(limit, name, allow_none=True)
     if limit is None:
         return ds
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ValueError(f"{name}: expected a positive int or None, got {limit!r}")
     x, y = ds.tensors
     if limit >= len(y):
         return ds
@@ -456,8 +456,7 @@ def load_synthetic2d(
     task: str = "regression",
 ) -> DataBundle:
     """The article's two-feature example (see the module docstring); draws use ``seed``."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n: expected an int >= 2, got {n!r}")
+    check_int(n, "n", low=2)
     if task not in ("regression", "classification"):
         raise ValueError(f"task: expected 'regression' or 'classification', got {task!r}")
     if noise < 0:
