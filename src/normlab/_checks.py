@@ -78,12 +78,18 @@ def check_momentum(momentum: float | None, *, allow_none: bool = False) -> None:
         raise ValueError(f"momentum: expected {expected}, got {momentum!r}")
 
 
-def check_limit(value: object, name: str, low: float) -> None:
-    """A number limit (r_max ≥ 1, d_max ≥ 0); tensors (from a schedule) are not inspected."""
-    if isinstance(value, Tensor):
+def check_limit(value: object, name: str, low: float, *, schedule: bool = False) -> None:
+    """A number limit (r_max ≥ 1, d_max ≥ 0). With ``schedule`` (a layer's argument) a callable
+    of the step passes too; without (a functional's argument) a tensor, a schedule's value, passes
+    uninspected."""
+    if schedule:
+        if callable(value) and not _is_number(value):
+            return
+    elif isinstance(value, Tensor):
         return
     if not _is_number(value) or not value >= low:
-        raise ValueError(f"{name}: expected a number >= {low:g}, got {value!r}")
+        expected = f"a number >= {low:g} or a callable schedule" if schedule else f"a number >= {low:g}"
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
 
 
 def check_scalar(t: object, name: str) -> None:

@@ -80,7 +80,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from normlab._checks import check_int, check_positive_int
-from normlab.lab.util import import_object
+from normlab.lab.util import add_entry, import_object
 
 __all__ = [
     "DataBundle",
@@ -565,9 +565,7 @@ def register_dataset(name: str, loader: Loader, *, overwrite: bool = False) -> N
         raise ValueError(f"name: expected a non-empty name without ':', '/', ',', got {name!r}")
     if not callable(loader):
         raise TypeError(f"loader: expected a callable, got {type(loader).__name__}")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"name: data set {name!r} is already registered (pass overwrite=True)")
-    _REGISTRY[name] = loader
+    add_entry(_REGISTRY, name, loader, kind="data set", overwrite=overwrite)
 
 
 def dataset_names() -> list[str]:

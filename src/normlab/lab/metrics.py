@@ -360,13 +360,18 @@ def capture_preactivations(
     handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, module_type)]
     if not handles:
         raise ValueError(f"model has no {module_type} module to capture the input of")
+    _run_hooked(model, x, handles)
+    return captured
+
+
+def _run_hooked(model: nn.Module, x: torch.Tensor, handles: list[Any]) -> None:
+    """One forward of ``x`` with state preserved; the hooks' ``handles`` are removed after it."""
     try:
         with preserve_state(model):
             model(x)
     finally:
         for h in handles:
             h.remove()
-    return captured
 
 
 @torch.no_grad()
@@ -402,12 +407,7 @@ def capture_normalized_outputs(model: nn.Module, x: torch.Tensor) -> list[tuple[
             handles.append(m.register_forward_hook(norm_hook))
     if not any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in model.modules()):
         raise ValueError("model has no Linear/Conv1d/Conv2d layer")
-    try:
-        with preserve_state(model):
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, x, handles)
     return [(name, t) for name, t, _ in outputs]
 
 

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 import normlab.nn as nl
+from normlab.lab.util import add_entry
 from normlab.nn.utils import ChannelsLast
 
 __all__ = [
@@ -273,9 +274,7 @@ def register_norm(name: str, spec: NormSpec, *, overwrite: bool = False) -> None
         raise ValueError(f"name: ':' is reserved for parameters (as in 'gn:4'), got {name!r}")
     if not isinstance(spec, NormSpec):
         raise TypeError(f"spec: expected a NormSpec, got {type(spec).__name__}")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"name: norm {name!r} is already registered (pass overwrite=True)")
-    _REGISTRY[name] = spec
+    add_entry(_REGISTRY, name, spec, kind="norm", overwrite=overwrite)
 
 
 def norm_names() -> list[str]:

@@ -1,4 +1,4 @@
-"""Small helpers the lab's registries share (data sets and models both take ``"module:function"``)."""
+"""Small helpers the lab's registries share (data sets, models and norms by name; ``"module:function"``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["import_object"]
+__all__ = ["add_entry", "import_object"]
+
+
+def add_entry(registry: dict[str, Any], name: str, entry: Any, *, kind: str, overwrite: bool) -> None:
+    """``registry[name] = entry``, refusing to replace an existing ``kind`` unless ``overwrite``."""
+    if name in registry and not overwrite:
+        raise ValueError(f"name: {kind} {name!r} is already registered (pass overwrite=True)")
+    registry[name] = entry
 
 
 def import_object(spec: str, what: str) -> Any:

@@ -35,23 +35,7 @@ registry, which imports none of them.
 
 from normlab.lab.models import feedforward, recurrent  # noqa: F401  (register the built-in models)
 from normlab.lab.models.feedforward import ACTIVATIONS
-from normlab.lab.models.registry import (
-    ModelBuilder,
-    build_model,
-    count_parameters,
-    model_names,
-    needs_data_init,
-    norm_layers,
-    register_model,
-)
+from normlab.lab.models.registry import *  # noqa: F403  (the public API: see registry.__all__)
+from normlab.lab.models.registry import __all__ as _registry_api
 
-__all__ = [
-    "ACTIVATIONS",
-    "ModelBuilder",
-    "build_model",
-    "count_parameters",
-    "model_names",
-    "needs_data_init",
-    "norm_layers",
-    "register_model",
-]
+__all__ = ["ACTIVATIONS", *_registry_api]

@@ -14,7 +14,7 @@ from torch import nn
 
 from normlab._checks import check_int
 from normlab.lab.norms import get_norm
-from normlab.lab.util import import_object
+from normlab.lab.util import add_entry, import_object
 from normlab.nn.utils import is_norm_layer, weight_norm, weight_standardization
 
 __all__ = [
@@ -42,9 +42,7 @@ def register_model(name: str, builder: ModelBuilder, *, overwrite: bool = False)
         raise ValueError(f"name: expected a non-empty name without ':', got {name!r}")
     if not callable(builder):
         raise TypeError(f"builder: expected a callable, got {type(builder).__name__}")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"name: model {name!r} is already registered (pass overwrite=True)")
-    _REGISTRY[name] = builder
+    add_entry(_REGISTRY, name, builder, kind="model", overwrite=overwrite)
 
 
 def model_names() -> list[str]:
