@@ -551,6 +551,7 @@ def _channels_first_target(s, path, method, c, rank, gamma, beta, affine, eps, m
 
 def _new_method(s, path, method, c, rank, gamma, beta, affine, eps, momentum, groups, notes):
     """Targets of issue 10 (Batch Renorm, Ghost BN, FRN, EvoNorm, DyT, Derf) from a channels-first layer."""
+    from normlab.nn import ghost, renorm
     from normlab.nn.ghost import _GhostBatchNorm
     from normlab.nn.renorm import _BatchRenorm
 
@@ -565,7 +566,7 @@ def _new_method(s, path, method, c, rank, gamma, beta, affine, eps, momentum, gr
         k = {2: 1, 3: 1, 4: 2, 5: 3}.get(rank)
         if k is None:
             raise ValueError(f"{_show(path)}: cannot swap {name} to {method!r}: no {prefix} for {rank}-D input")
-        cls = getattr(nl, f"{prefix}{k}d")
+        cls = getattr(renorm if method == "brn" else ghost, f"{prefix}{k}d")
         extra = {} if method == "brn" else {"virtual_batch_size": 16 if groups is None else groups}
         new = _fill(cls(c, eps, 0.1 if momentum is None else momentum, affine, **meta, **extra), gamma, beta, s)
         if isinstance(s, _BatchNorm) and s.running_mean is not None and s.running_var is not None:

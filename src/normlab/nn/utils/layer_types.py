@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from normlab.nn._base import NormBase
-from normlab.nn.dyt import _PointwiseNorm
+from normlab.nn.dyt import DynamicErf, DynamicTanh
 from normlab.nn.evonorm import EvoNormB0, EvoNormS0
 from normlab.nn.frn import FilterResponseNorm2d
 
@@ -33,7 +33,8 @@ NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     FilterResponseNorm2d,
     EvoNormS0,
     EvoNormB0,
-    _PointwiseNorm,
+    DynamicTanh,
+    DynamicErf,
 )
 
 
