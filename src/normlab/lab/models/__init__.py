@@ -15,6 +15,8 @@ Models (see :func:`model_names`; more with :func:`register_model`):
   with ``width``, ``2·width``, ``4·width`` channels (stride 2 at the start of stages 2 and 3,
   1×1 conv + norm shortcut), global average pool, linear head. Works on 8×8 (8 -> 4 -> 2) and
   32×32 images, and on ``(T, F)`` sequences with conv1d.
+* ``lstm``: one LSTM layer over a ``(T, F)`` sequence and a linear head on ``h_T``; the norm picks
+  the recurrent cell (``none``, ``ln``, ``bn``, ``wn``), see :mod:`normlab.lab.models.recurrent`.
 * ``package.module:function``: ``function(norm=..., input_shape=..., num_classes=..., **options)``
   must return an ``nn.Module``. It is responsible for its normalization (use
   :func:`normlab.lab.norms.get_norm`); set ``model.needs_data_init = True`` if it needs
@@ -34,8 +36,9 @@ registry, which imports none of them.
 """
 
 from normlab.lab.models import feedforward, recurrent  # noqa: F401  (register the built-in models)
-from normlab.lab.models.feedforward import ACTIVATIONS
+from normlab.lab.models.feedforward import ACTIVATIONS, CNN, MLP, ResNet
+from normlab.lab.models.recurrent import LSTMClassifier
 from normlab.lab.models.registry import *  # noqa: F403  (the public API: see registry.__all__)
 from normlab.lab.models.registry import __all__ as _registry_api
 
-__all__ = ["ACTIVATIONS", *_registry_api]
+__all__ = ["ACTIVATIONS", "CNN", "LSTMClassifier", "MLP", "ResNet", *_registry_api]
