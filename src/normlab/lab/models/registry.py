@@ -69,11 +69,11 @@ def build_model(
     """Build model ``name`` with normalization ``norm`` for the given data.
 
     Args:
-        name: a registered model (``mlp``, ``cnn``, ``resnet``) or ``"package.module:function"``.
+        name: a registered model (``mlp``, ``cnn``, ``resnet``, ``lstm``) or ``"package.module:function"``.
         norm: a norm name for :func:`normlab.lab.norms.get_norm` (``"bn"``, ``"gn:4"``...).
         input_shape: per-sample input shape (``DataBundle.input_shape``).
         num_classes: number of classes, 0 for regression (one output).
-        **options: model options (see the module docstring).
+        **options: model options (see :mod:`normlab.lab.models`).
 
     Raises:
         ValueError: unknown model/norm/option, or a norm that does not fit the model.
