@@ -27,9 +27,8 @@ from typing import Any
 
 from normlab.lab import plotting
 from normlab.lab.analysis import pct, select, values
-from normlab.lab.measured import measured_config, study_settings
+from normlab.lab.measured import MEASURED_RUNNER, measured_config, study_settings
 from normlab.lab.norms import get_norm
-from normlab.lab.runners import MEASURED_RUNNER
 from normlab.lab.stats import Interval, combine_verdicts, diff_ci, format_interval, mean_ci, verdict
 from normlab.lab.store import RunResult
 from normlab.lab.studies import Card, Figure

@@ -2,7 +2,7 @@
 
 What it measures
 ----------------
-* **Accuracy** of an LSTM classifier (:mod:`normlab.lab.rnn_models`, one layer of ``hidden``
+* **Accuracy** of an LSTM classifier (:mod:`normlab.lab.models.recurrent`, one layer of ``hidden``
   units, linear head on the last hidden state) with the cells ``none`` (plain LSTM), ``ln``
   (LayerNorm-LSTM, Ba et al. 2016), ``bn`` (BatchNorm-LSTM with per-step statistics and γ = 0.1,
   Cooijmans et al. 2016) and ``wn`` (weight-normalized LSTM, Salimans & Kingma 2016) on
@@ -71,16 +71,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from normlab.lab import norms, plotting
-from normlab.lab import rnn_models  # noqa: F401  - registers the "lstm" model (also in workers)
+from normlab.lab import plotting
 from normlab.lab.analysis import by_seed, pct, select
 from normlab.lab.data import load_dataset
 from normlab.lab.models import build_model, needs_data_init
+from normlab.lab.models import recurrent as rnn_models
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, paired_diff_ci, verdict
 from normlab.lab.store import RunResult
 from normlab.lab.studies import Card, Figure
 from normlab.lab.train import seed_everything, train
+from normlab.nn.utils import init_weight_norm_
 
 NAME = "rnn"
 TITLE = "Normalization in recurrent networks (LSTM)"
@@ -323,7 +324,7 @@ def rnn_gradflow(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
     bs = min(int(config["batch_size"]), len(y_all))
     if needs_data_init(model):
         idx = torch.randperm(len(y_all), generator=gen)[:256]
-        norms.layers.init_weight_norm_(model, x_all[idx])
+        init_weight_norm_(model, x_all[idx])
     measure = [torch.randperm(len(y_all), generator=gen)[:bs] for _ in range(int(config["batches"]))]
     model.train()
 
