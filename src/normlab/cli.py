@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 
+from normlab._checks import check_positive_int
+
 if TYPE_CHECKING:
     from normlab.lab.studies import Study
 
@@ -108,8 +110,7 @@ def _parse_list(text: str | None, option: str, convert: Callable[[str], T]) -> l
 
 def _positive_int(text: str) -> int:
     value = int(text)
-    if value < 1:
-        raise ValueError(text)
+    check_positive_int(value, "value")  # a ValueError: the caller names the option and the value
     return value
 
 
@@ -388,8 +389,11 @@ def study_cmd(
     """Run one study (resuming what an earlier run left) and build its report."""
     from normlab.lab.studies import StudyError, get_study
 
-    if seeds is not None and seeds < 1:
-        _fail(f"--seeds must be >= 1, got {seeds}")
+    if seeds is not None:
+        try:
+            check_positive_int(seeds, "--seeds")
+        except ValueError as exc:
+            _fail(str(exc))
     data_options = _parse_data_options(data_option, num_classes)
 
     overrides = {

@@ -30,8 +30,7 @@ import torch
 from torch import nn
 
 from normlab.lab.data import DataBundle
-from normlab.lab.models import OWN, build_model
-from normlab.lab.norms import is_norm_layer
+from normlab.lab.models import OWN, build_model, norm_layers
 from normlab.lab.studies.advise import Config, key
 
 __all__ = ["Candidates", "calibrate", "candidates", "parse_budget", "plan_steps", "run_overhead_s", "startup_s"]
@@ -58,11 +57,8 @@ class Candidates:
     skipped: dict[str, str]  # method -> why
 
 
-_TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
-
-
 def _layers(model: nn.Module) -> list[str]:
-    return [type(m).__name__ for m in model.modules() if isinstance(m, _TORCH_NORMS) or is_norm_layer(m)]
+    return [type(m).__name__ for _path, m in norm_layers(model)]
 
 
 def _describe(names: list[str]) -> str:

@@ -1,8 +1,8 @@
 """The ``measured-train`` runner: train a model, then measure what it costs and how it starts.
 
 Shared by the cost, weight-norm and regularization studies (their identical run configs are then
-computed once in a run directory); registered in :mod:`normlab.lab.runners`, which imports this
-module only inside the worker that runs it. After :func:`normlab.lab.train.train`, in the same
+computed once in a run directory); it registers itself with :mod:`normlab.lab.runners` when
+imported (sweep workers import it by the runner's module, as for a study's runners). After :func:`normlab.lab.train.train`, in the same
 process, it measures (each part switched by a ``measure`` key, :data:`MEASURE_DEFAULTS`):
 
 * ``init_check``: pre-activation statistics on the batch weight norm's data-dependent init used
@@ -35,11 +35,14 @@ from normlab.lab.metrics import (
     unit_stats,
 )
 from normlab.lab.models import build_model, needs_data_init
-from normlab.lab.runners import MEASURED_RUNNER, LogFn
+from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.train import TrainConfig, evaluate, train
 from normlab.nn.utils.fold import fold_batch_norm, foldable_pairs
 
-__all__ = ["MEASURE_DEFAULTS", "STUDY_SETTINGS", "measured_config", "measured_train", "study_settings"]
+__all__ = ["MEASURED_RUNNER", "MEASURE_DEFAULTS", "STUDY_SETTINGS", "measured_config", "measured_train", "study_settings"]
+
+#: the runner name run configs give (``"runner"``)
+MEASURED_RUNNER = "measured-train"
 
 #: What the measured-train runner measures, and how (defaults for keys a config leaves out).
 MEASURE_DEFAULTS: dict[str, Any] = {
@@ -226,6 +229,7 @@ def _fold(model: Any, data: Any, measure: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@register_runner(MEASURED_RUNNER)
 def measured_train(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
     """Train with :func:`normlab.lab.train.train`, then measure (see the module docstring).
 

@@ -21,6 +21,7 @@ from normlab.lab.studies import Figure
 __all__ = [
     "NORM_STYLE",
     "band",
+    "panels",
     "ci_yerr",
     "color",
     "finish",
@@ -77,6 +78,13 @@ def plt() -> Any:
     import matplotlib.pyplot as pyplot
 
     return pyplot
+
+
+def panels(rows: int, cols: int, panel: tuple[float, float], **kw: Any) -> tuple[Any, Any]:
+    """A figure of ``rows × cols`` panels of ``panel = (width, height)`` inches each; ``axes`` is
+    always 2-D (``axes[row][col]``); ``kw`` goes to ``plt.subplots`` (``sharex``, ``sharey``)."""
+    w, h = panel
+    return plt().subplots(rows, cols, figsize=(w * cols, h * rows), dpi=100, squeeze=False, **kw)
 
 
 def save_png(fig: Any, path: Path) -> Path:

@@ -28,7 +28,6 @@ from typing import Any, TypeAlias
 __all__ = [
     "DEFAULT_RUNNER",
     "LogFn",
-    "MEASURED_RUNNER",
     "Runner",
     "UnknownRunnerError",
     "available_runners",
@@ -43,7 +42,6 @@ Runner: TypeAlias = Callable[[dict[str, Any], LogFn], dict[str, Any]]
 
 DEFAULT_RUNNER = "train"
 #: Train, then measure cost and initialization (:mod:`normlab.lab.measured`); used by several studies.
-MEASURED_RUNNER = "measured-train"
 
 _RUNNERS: dict[str, Runner] = {}
 
@@ -94,25 +92,21 @@ def runner_name(config: dict[str, Any]) -> str:
 def get_runner(name: str) -> Runner:
     """The runner registered as ``name``.
 
-    If it is not registered yet, every study module is imported (studies register their runners
-    at import) before giving up with an error listing the known runners.
+    A runner is registered when the module that defines it is imported: a study's runners when
+    the study is (:func:`normlab.lab.studies.get_study`, :func:`~normlab.lab.studies.load_all`).
+    This registry knows no study, so an unknown name is an error listing the known runners.
     """
-    fn = _RUNNERS.get(name)
-    if fn is not None:
-        return fn
-    from normlab.lab import studies
-
-    studies.load_all()
     fn = _RUNNERS.get(name)
     if fn is None:
         raise UnknownRunnerError(
-            f"unknown runner {name!r}; registered runners: {', '.join(sorted(_RUNNERS)) or 'none'}"
+            f"unknown runner {name!r}; registered runners: {', '.join(sorted(_RUNNERS)) or 'none'} "
+            "(a runner is registered when the module defining it is imported, e.g. its study)"
         )
     return fn
 
 
 def available_runners() -> list[str]:
-    """Names of the runners registered so far (studies not imported yet are not included)."""
+    """Names of the runners registered so far (those of studies not imported yet are not included)."""
     return sorted(_RUNNERS)
 
 
@@ -141,12 +135,3 @@ def train_runner(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
 
     cfg = {k: v for k, v in config.items() if k != "runner"}
     return train(cfg, log)
-
-
-@register_runner(MEASURED_RUNNER)
-def measured_train_runner(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
-    """Train, then measure the model (:func:`normlab.lab.measured.measured_train`)."""
-    # Imported lazily, as for "train": the training stack is only needed inside workers.
-    from normlab.lab.measured import measured_train
-
-    return measured_train(config, log)

@@ -415,7 +415,6 @@ class Store:
             ).fetchone()
         return int(attempt)
 
-
     def _guard(self, attempt: int | None) -> tuple[str, tuple[Any, ...]]:
         """SQL condition (and parameters) that the run is running under ``attempt``."""
         if attempt is None:
@@ -622,8 +621,8 @@ class Store:
         cfg_keys: set[str] = set()
         fin_keys: set[str] = set()
         for r in results:
-            cfg = _flatten(r.config, "config.")
-            fin = _flatten(r.final or {}, "final.")
+            cfg = _csv_cells(r.config, "config.")
+            fin = _csv_cells(r.final or {}, "final.")
             cfg_keys.update(cfg)
             fin_keys.update(fin)
             flat_rows.append(
@@ -666,7 +665,7 @@ def _iso(ts: float | None) -> str:
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one level with dotted keys: ``{"a": {"b": 1}} -> {"a.b": 1}``."""
+    """Nested mappings as one level with dotted keys: ``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -677,15 +676,14 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _csv_value(v: Any) -> Any:
-    # A CSV cell holds one scalar: lists as JSON, non-finite floats spelled out.
-    if isinstance(v, (list, tuple)):
-        return json.dumps(v)
-    if isinstance(v, float) and not math.isfinite(v):
-        return _NonFinite(v)
-    return v
-
-
-def _flatten(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """:func:`flatten` with each value made a CSV cell."""
-    return {k: _csv_value(v) for k, v in flatten(d, prefix).items()}
+def _csv_cells(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """:func:`flatten`, with lists written as JSON and non-finite floats marked for the CSV."""
+    out: dict[str, Any] = {}
+    for key, v in flatten(d, prefix).items():
+        if isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v)
+        elif isinstance(v, float) and not math.isfinite(v):
+            out[key] = _NonFinite(v)
+        else:
+            out[key] = v
+    return out

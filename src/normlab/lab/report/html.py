@@ -40,6 +40,7 @@ from normlab.lab.studies import (
     expected_run_ids,
     get_study,
     load_study_config,
+    load_study_meta,
 )
 
 __all__ = ["build_report", "esc"]
@@ -130,12 +131,12 @@ def _collect(store: Store, name: str, figroot: Path, strict: bool) -> _Section:
 
     sec = _Section(name=study.name, title=study.title, summary=study.summary, order=study.order)
     cfg = load_study_config(store, study)
-    stored = store.get_meta(config_meta_key(study.name))
+    stored = load_study_meta(store, study)
     if cfg is None:
         cfg = study.Config()
         sec.notes.append("No study config recorded in this run directory: using the defaults.")
     else:
-        sec.quick = bool(stored.get("quick", False)) if isinstance(stored, dict) else None
+        sec.quick = bool(stored.get("quick", False)) if stored is not None else None
     sec.config = dataclasses.asdict(cfg)
 
     # Only the runs of the recorded config: a directory re-used with another grid keeps the old

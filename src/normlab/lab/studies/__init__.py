@@ -67,6 +67,7 @@ __all__ = [
     "load_all",
     "expected_run_ids",
     "load_study_config",
+    "load_study_meta",
     "merge_data_options",
     "save_study_config",
 ]
@@ -407,3 +408,9 @@ def load_study_config(store: Store, study: Study) -> Any | None:
     if stored is None:
         return None
     return config_from_dict(study, stored.get("config", {}))
+
+
+def load_study_meta(store: Store, study: Study) -> dict[str, Any] | None:
+    """The whole entry :func:`config_meta` recorded (``config``, ``quick``, ``data_options``)."""
+    stored = store.get_meta(config_meta_key(study.name))
+    return stored if isinstance(stored, dict) else None

@@ -640,7 +640,7 @@ def _error_points(results: list[RunResult], cfg: Config, model: str, norm: str,
 
 
 def _fig_error(results: list[RunResult], cfg: Config, models: list[str], outdir: Path) -> Figure:
-    fig, axes = plotting.plt().subplots(1, len(models), figsize=(5.2 * len(models), 3.9), dpi=100, squeeze=False)
+    fig, axes = plotting.panels(1, len(models), (5.2, 3.9))
     for ax, model in zip(axes[0], models):
         for norm in cfg.norms:
             xs, ys, lo, hi = _error_points(results, cfg, model, norm, lambda bs, _runs: bs)

@@ -280,13 +280,8 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
     ]
 
 
-def _row_of_axes(n: int, height: float) -> tuple[Any, Any]:
-    """A figure with one panel per model (at least one)."""
-    return plotting.plt().subplots(1, max(1, n), figsize=(5.2 * max(1, n), height), dpi=100, squeeze=False)
-
-
 def _fig_pareto(results: list[RunResult], table: dict[str, Any], models: list[str], outdir: Path) -> Figure:
-    fig, axes = _row_of_axes(len(models), 3.8)
+    fig, axes = plotting.panels(1, max(1, len(models)), (5.2, 3.8))
     for ax, model in zip(axes[0], models):
         rows = table[model]
         points = {n: (r["time_rel"].mean, r["acc"].mean) for n, r in rows.items() if r["time_rel"]}
@@ -331,7 +326,7 @@ def _fig_pareto(results: list[RunResult], table: dict[str, Any], models: list[st
 
 
 def _fig_times(results: list[RunResult], table: dict[str, Any], models: list[str], outdir: Path) -> Figure:
-    fig, axes = _row_of_axes(len(models), 3.6)
+    fig, axes = plotting.panels(1, max(1, len(models)), (5.2, 3.6))
     for ax, model in zip(axes[0], models):
         rows = table[model]
         names = [n for n in rows if rows[n]["time_rel"]]
@@ -361,7 +356,7 @@ def _fig_times(results: list[RunResult], table: dict[str, Any], models: list[str
 
 
 def _fig_memory(cfg: Config, table: dict[str, Any], models: list[str], outdir: Path) -> Figure:
-    fig, axes = _row_of_axes(len(models), 3.4)
+    fig, axes = plotting.panels(1, max(1, len(models)), (5.2, 3.4))
     for ax, model in zip(axes[0], models):
         rows = table[model]
         names = [n for n in rows if rows[n]["saved_kib"] is not None]

@@ -571,8 +571,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
 def _fig_smoothness(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
     models = list(cfg.models)
     keys = (("loss_range", "loss range"), ("grad_change", "‖g_s − g‖ (max)"), ("beta_smoothness", "β-smoothness"))
-    fig, axes = plotting.plt().subplots(len(keys), len(models), figsize=(4.6 * len(models), 2.5 * len(keys)),
-                                        dpi=100, squeeze=False)
+    fig, axes = plotting.panels(len(keys), len(models), (4.6, 2.5))
     for j, model in enumerate(models):
         for i, (key, label) in enumerate(keys):
             ax = axes[i][j]
@@ -602,7 +601,7 @@ def _fig_smoothness(results: list[RunResult], cfg: Config, outdir: Path) -> Figu
 
 def _fig_ics(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
     models = list(cfg.models)
-    fig, axes = plotting.plt().subplots(2, len(models), figsize=(4.6 * len(models), 5), dpi=100, squeeze=False)
+    fig, axes = plotting.panels(2, len(models), (4.6, 2.5))
     for j, model in enumerate(models):
         for i, (key, label) in enumerate((("ics_l2_by_layer", "‖G − G′‖"), ("ics_cos_by_layer", "cos(G, G′)"))):
             ax = axes[i][j]
@@ -638,8 +637,7 @@ def _fig_ics(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
 
 def _fig_activations(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
     models = list(cfg.models)
-    fig, axes = plotting.plt().subplots(len(models), len(cfg.norms),
-                                        figsize=(3.3 * len(cfg.norms), 2.5 * len(models)), dpi=100, squeeze=False)
+    fig, axes = plotting.panels(len(models), len(cfg.norms), (3.3, 2.5))
     for i, model in enumerate(models):
         for j, norm in enumerate(cfg.norms):
             ax = axes[i][j]
@@ -667,7 +665,7 @@ def _fig_activations(results: list[RunResult], cfg: Config, outdir: Path) -> Fig
 
 def _fig_training(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
     models = list(cfg.models)
-    fig, axes = plotting.plt().subplots(1, len(models), figsize=(4.6 * len(models), 3.2), dpi=100, squeeze=False)
+    fig, axes = plotting.panels(1, len(models), (4.6, 3.2))
     for j, model in enumerate(models):
         ax = axes[0][j]
         for norm in cfg.norms:

@@ -507,8 +507,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
 
 def _fig_accuracy(results: list[RunResult], cfg: Config, norms: list[str], outdir: Path) -> Figure:
     mults = sorted(cfg.multipliers)
-    fig, axes = plotting.plt().subplots(1, len(mults), figsize=(4 * len(mults), 3.3), dpi=100, squeeze=False,
-                                        sharey=True)
+    fig, axes = plotting.panels(1, len(mults), (4, 3.3), sharey=True)
     for ax, m in zip(axes[0], mults):
         for norm in norms:
             for k, r in enumerate(select(results, norm=norm, multiplier=float(m))):
@@ -531,8 +530,7 @@ def _fig_accuracy(results: list[RunResult], cfg: Config, norms: list[str], outdi
 def _fig_percentiles(results: list[RunResult], cfg: Config, norms: list[str], outdir: Path) -> Figure:
     mults = sorted(cfg.multipliers)
     seed = min(int(r.config["seed"]) for r in select(results))
-    fig, axes = plotting.plt().subplots(len(norms), len(mults), figsize=(4 * len(mults), 2.8 * len(norms)),
-                                        dpi=100, squeeze=False, sharex=True)
+    fig, axes = plotting.panels(len(norms), len(mults), (4, 2.8), sharex=True)
     for i, norm in enumerate(norms):
         for j, m in enumerate(mults):
             ax = axes[i][j]

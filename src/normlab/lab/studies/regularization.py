@@ -27,9 +27,8 @@ from typing import Any
 
 from normlab.lab import plotting
 from normlab.lab.analysis import pct, select, values
-from normlab.lab.measured import measured_config, study_settings
+from normlab.lab.measured import MEASURED_RUNNER, measured_config, study_settings
 from normlab.lab.norms import get_norm
-from normlab.lab.runners import MEASURED_RUNNER
 from normlab.lab.stats import Interval, combine_verdicts, diff_ci, format_interval, mean_ci, verdict
 from normlab.lab.store import RunResult
 from normlab.lab.studies import Card, Figure
@@ -143,7 +142,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
 
 def _fig_gap(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
     models = list(cfg.models)
-    fig, axes = plotting.plt().subplots(1, len(models), figsize=(4.4 * len(models), 3.3), dpi=100, squeeze=False)
+    fig, axes = plotting.panels(1, len(models), (4.4, 3.3))
     for ax, model in zip(axes[0], models):
         where = _where(cfg, model)
         for i, n in enumerate(cfg.norms):
@@ -170,7 +169,7 @@ def _fig_gap(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
 
 def _fig_curves(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
     models = list(cfg.models)
-    fig, axes = plotting.plt().subplots(1, len(models), figsize=(4.4 * len(models), 3.3), dpi=100, squeeze=False)
+    fig, axes = plotting.panels(1, len(models), (4.4, 3.3))
     for ax, model in zip(axes[0], models):
         where = _where(cfg, model)
         for i, n in enumerate(cfg.norms):

@@ -2,7 +2,7 @@
 
 What it measures
 ----------------
-* **Accuracy** of an LSTM classifier (:mod:`normlab.lab.rnn_models`, one layer of ``hidden``
+* **Accuracy** of an LSTM classifier (:mod:`normlab.lab.models.recurrent`, one layer of ``hidden``
   units, linear head on the last hidden state) with the cells ``none`` (plain LSTM), ``ln``
   (LayerNorm-LSTM, Ba et al. 2016), ``bn`` (BatchNorm-LSTM with per-step statistics and γ = 0.1,
   Cooijmans et al. 2016) and ``wn`` (weight-normalized LSTM, Salimans & Kingma 2016) on
@@ -71,16 +71,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from normlab.lab import norms, plotting
-from normlab.lab import rnn_models  # noqa: F401  - registers the "lstm" model (also in workers)
+from normlab.lab import plotting
 from normlab.lab.analysis import by_seed, pct, select
 from normlab.lab.data import load_dataset
 from normlab.lab.models import build_model, needs_data_init
+from normlab.lab.models import recurrent as rnn_models
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, paired_diff_ci, verdict
 from normlab.lab.store import RunResult
 from normlab.lab.studies import Card, Figure
 from normlab.lab.train import seed_everything, train
+from normlab.nn.utils import init_weight_norm_
 
 NAME = "rnn"
 TITLE = "Normalization in recurrent networks (LSTM)"
@@ -323,7 +324,7 @@ def rnn_gradflow(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
     bs = min(int(config["batch_size"]), len(y_all))
     if needs_data_init(model):
         idx = torch.randperm(len(y_all), generator=gen)[:256]
-        norms.layers.init_weight_norm_(model, x_all[idx])
+        init_weight_norm_(model, x_all[idx])
     measure = [torch.randperm(len(y_all), generator=gen)[:bs] for _ in range(int(config["batches"]))]
     model.train()
 
@@ -387,10 +388,6 @@ def _acc_auc(result: RunResult) -> float | None:
 def _final_acc(r: RunResult) -> float | None:
     v = r.metric("final_val_acc")
     return None if v is None else float(v)
-
-
-def _fmt_pct(iv: Interval) -> str:
-    return pct(iv, 3, "%")
 
 
 def _fmt_pp(iv: Interval) -> str:
@@ -464,7 +461,7 @@ def _card_question(results: list[RunResult], cfg: Config) -> Card:
             reached = sum(ok for _, ok in ett)
             ett_iv = mean_ci([e for e, _ in ett])
             parts.append(
-                f"{norm} {_fmt_pct(mean_ci(vals))} (epochs to {tpct}: {format_interval(ett_iv, 2)}, "
+                f"{norm} {pct(mean_ci(vals))} (epochs to {tpct}: {format_interval(ett_iv, 2)}, "
                 f"reached {reached}/{len(ett)})"
             )
         lines.append(f"{data}: " + " > ".join(parts))
@@ -558,8 +555,8 @@ def _card_shared(results: list[RunResult], cfg: Config) -> Card:
         iv = paired_diff_ci(a, b)
         v = verdict(iv, "greater", tolerance=0.01)
         measurement = (
-            f"{data0}, final validation accuracy: per-step statistics {_fmt_pct(mean_ci(a))}, "
-            f"shared statistics {_fmt_pct(mean_ci(b))}; per-step − shared {_fmt_pp(iv)} "
+            f"{data0}, final validation accuracy: per-step statistics {pct(mean_ci(a))}, "
+            f"shared statistics {pct(mean_ci(b))}; per-step − shared {_fmt_pp(iv)} "
             f"(paired over {len(seeds)} seeds)"
         )
     else:
@@ -684,8 +681,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
 def _fig_accuracy_curves(results: list[RunResult], cfg: Config, arms: list[str], outdir: Path) -> Figure:
     datasets = list(_datasets(cfg))
     target = float(cfg.target_acc)
-    fig, axes = plotting.plt().subplots(1, len(datasets), figsize=(4.6 * len(datasets), 3.4), dpi=100,
-                                        squeeze=False)
+    fig, axes = plotting.panels(1, len(datasets), (4.6, 3.4))
     for ax, data in zip(axes[0], datasets):
         for arm in arms:
             band = plotting.t_band([

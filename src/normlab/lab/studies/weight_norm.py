@@ -304,8 +304,7 @@ def _fig_init(results: list[RunResult], cfg: Config, norms: list[str], outdir: P
     """Per-unit mean and std of the pre-activations on the init batch."""
     where = _where(cfg)
     plt = plotting.plt()
-    fig, axes = plt.subplots(1, len(norms) or 1, figsize=(2.4 * max(1, len(norms)), 2.8), dpi=100,
-                             squeeze=False)
+    fig, axes = plotting.panels(1, len(norms) or 1, (2.4, 2.8))
     tol = cfg.init_tolerance
     for ax, n in zip(axes[0], norms):
         runs_n = [r for r in select(results, norm=n, **where) if r.metric("init_unit_means")]
