@@ -1,10 +1,13 @@
-"""Execute a study's runs in worker processes, resumably.
+"""Execute a study's runs in worker processes or on a Ray cluster, resumably.
 
 :func:`run_sweep` adds the runs to the store of a run directory, skips the finished ones and
-executes the rest in a process pool (``spawn`` context: no fork of a process that has torch
-threads running). Each worker opens its own SQLite connection, claims a run, logs every epoch as
-it comes (one commit each) and marks the run done or failed; a failing run records its traceback
-and the sweep goes on.
+hands the rest to an :class:`Executor`: :class:`InlineExecutor` (this process, ``workers=1``),
+:class:`LocalPoolExecutor` (the default: a process pool, ``spawn`` context: no fork of a process
+that has torch threads running) or :class:`RayExecutor` (Ray tasks; see its docstring for why
+only the driver writes the store there). A local worker opens its own SQLite connection, claims
+a run, logs every epoch as it comes (one commit each) and marks the run done or failed; a
+failing run records its traceback and the sweep goes on. Everything else (locking, what is left
+to do, progress bar, results, failure summary) is the same code for every executor.
 
 Resuming: kill the sweep at any moment (even ``kill -9`` of the whole process group) and start
 it again: finished runs are kept and not repeated; runs that were in progress are reset to
