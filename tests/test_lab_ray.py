@@ -107,22 +107,27 @@ def test_rerun_does_no_work_and_threads_follow_the_config(ray_cluster, tmp_path:
 
 def test_lost_worker_loses_no_finished_run(ray_cluster, tmp_path: Path) -> None:
     die_once = {"runner": "fake-die-once", "marker": str(tmp_path / "died"), "epochs": 3}
-    always = {"runner": "fake-crash", "crash": True}
-    configs = [_echo(i, epochs=2) for i in range(3)] + [die_once, always]
-    err = io.StringIO()
-    results = run_many([("k", c) for c in configs], tmp_path / "run", executor="ray",
-                       progress=True, stream=err)
-    assert [r.status for r in results] == ["done"] * 4 + ["failed"], [r.error for r in results]
+    configs = [_echo(i, epochs=2) for i in range(3)] + [die_once]
+    results = run_sweep("k", configs, tmp_path / "run", executor="ray", progress=False)
+    assert [r.status for r in results] == ["done"] * 4, [r.error for r in results]
     assert [r.attempts for r in results[:3]] == [1, 1, 1]
     retried = results[3]
     assert retried.attempts == 2
     token = retried.final["token"]
     assert [e["epoch"] for e in retried.epochs] == [0, 1, 2]
     assert {e["token"] for e in retried.epochs} == {token}  # nothing of the killed attempt
+    # A worker lost every time is reported, once it has been lost max_lost times (1 here, to
+    # kill one process, not two), and the rest of the sweep completes.
+    err = io.StringIO()
+    results = run_many([("k", c) for c in configs + [{"runner": "fake-crash", "crash": True}]],
+                       tmp_path / "run", executor=RayExecutor(max_lost=1), progress=True,
+                       stream=err)
+    assert [r.status for r in results] == ["done"] * 4 + ["failed"]
+    assert [r.attempts for r in results] == [1, 1, 1, 2, 1]  # finished runs untouched
     failed = results[4]
-    assert failed.attempts == 2 and "Ray worker running this run was lost" in failed.error
-    assert "lost 2 times" in failed.error and "WorkerCrashedError" in failed.error
-    assert "1 run(s) failed" in err.getvalue()
+    assert "Ray worker running this run was lost" in failed.error
+    assert "lost 1 time, not tried again" in failed.error and "WorkerCrashedError" in failed.error
+    assert "1 run(s) failed" in err.getvalue() and "WorkerCrashedError" in err.getvalue()
     with sqlite3.connect(tmp_path / "run" / DB_NAME) as conn:
         assert conn.execute("SELECT COUNT(*) FROM runs WHERE status = 'running'").fetchone() == (0,)
 

@@ -998,7 +998,8 @@ class RayExecutor(Executor):
                                                attempt=run.attempt)
                                 queue.insert(0, run.run_id)
                             else:
-                                end(run, f"{why}; lost {n} times, not tried again")
+                                times = f"{n} time{'s' if n > 1 else ''}"
+                                end(run, f"{why}; lost {times}, not tried again")
                     except StaleAttemptError:
                         in_flight.pop(gen, None)
                         with contextlib.suppress(Exception):
