@@ -860,7 +860,9 @@ class RayExecutor(Executor):
 
         if max_in_flight is not None and (isinstance(max_in_flight, bool) or
                                           not isinstance(max_in_flight, int) or max_in_flight < 1):
-            raise ValueError(f"max_in_flight: expected a positive int or None, got {max_in_flight!r}")
+            raise ValueError(
+                f"max_in_flight: expected a positive int or None, got {max_in_flight!r}"
+            )
         if isinstance(max_lost, bool) or not isinstance(max_lost, int) or max_lost < 1:
             raise ValueError(f"max_lost: expected a positive int, got {max_lost!r}")
         if importlib.util.find_spec("ray") is None:
