@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'normlab[ray]')")
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'normlab[ray]')",
+                         exc_type=ImportError)
 
 import lab_fake_runners  # noqa: E402  (registers the fake-* runners)
 from typer.testing import CliRunner  # noqa: E402
