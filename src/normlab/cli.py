@@ -6,6 +6,7 @@ Commands::
     normlab study NAME [options]            run one study (resumable), then build its report
     normlab report DIR                      rebuild the report of a run directory
     normlab demo [--out DIR] [--workers N]  every study's quick profile, one report
+      (study and demo: --executor ray [--address auto|HOST:PORT] runs them on a Ray cluster)
     normlab advise --model M --data D       which normalization for your own model and data
     normlab bench ...                       benchmarks (from normlab.bench)
 
@@ -112,6 +113,14 @@ def _positive_int(text: str) -> int:
     value = int(text)
     check_positive_int(value, "value")  # a ValueError: the caller names the option and the value
     return value
+
+
+def _executor(name: str) -> str:
+    """The ``--executor`` value, checked (``local`` or ``ray``)."""
+    choices = ("local", "ray")
+    if name not in choices:
+        _fail(f"--executor: expected one of {', '.join(choices)}, got {name!r}")
+    return name
 
 
 def _version_callback(value: bool) -> None:
@@ -279,6 +288,8 @@ def _execute(
     force: bool = False,
     dry_run: bool = False,
     data_options: dict[str, Any] | None = None,
+    executor: str = "local",
+    address: str | None = None,
     report: bool = True,
 ) -> list[Any]:
     """Run the sweeps of ``plan`` in ``out`` (one pool), build the report, print its path.
@@ -291,8 +302,23 @@ def _execute(
     from normlab.lab.report import build_report
     from normlab.lab.store import StoreError
     from normlab.lab.studies import config_meta
-    from normlab.lab.sweep import RunDirError, SweepLockedError, check_run_dir, run_many
+    from normlab.lab.sweep import (
+        ExecutorError,
+        RayExecutor,
+        RunDirError,
+        SweepLockedError,
+        check_run_dir,
+        run_many,
+    )
 
+    runs_on: Any = "local"
+    if executor == "ray":
+        try:  # before anything is written: a bad address leaves the run directory untouched
+            runs_on = RayExecutor(address, max_in_flight=workers)
+        except ExecutorError as exc:
+            _fail(str(exc))
+    elif address is not None:
+        _fail(f"--address: expected only with --executor ray, got --executor {executor}")
     try:
         check_run_dir(out, force=force)  # reads only: refused folders and files stay untouched
     except (RunDirError, StoreError) as exc:
@@ -306,6 +332,8 @@ def _execute(
         _fail(str(exc))
     n_studies = len(plan)
     summary = f"{len(jobs)} run(s) of {n_studies} stud{'y' if n_studies == 1 else 'ies'} in {out}"
+    if executor == "ray":
+        summary += f" on Ray ({address or 'default address'})"
     if dry_run:
         typer.echo(f"{summary}: data and model validated; dry run, nothing written")
         return []
@@ -323,12 +351,15 @@ def _execute(
     resume = (f"Finished runs are saved in {out}; the run directory is resumable: run the same "
               "command again to continue.")
     try:
-        results = run_many(jobs, out, workers=workers, progress=not quiet, meta=meta)
+        results = run_many(jobs, out, workers=workers, progress=not quiet, meta=meta,
+                           executor=runs_on)
         if not report:
             return results
         index = build_report(out)
     except SweepLockedError as exc:
         _fail(str(exc), code=1)
+    except ExecutorError as exc:
+        _fail(str(exc))
     except KeyboardInterrupt:
         typer.echo(f"\nInterrupted. {resume}", err=True)
         raise typer.Exit(130) from None
@@ -366,7 +397,16 @@ def study_cmd(
     data: str | None = typer.Option(None, "--data", metavar="SPEC", help="Data set spec."),
     model: str | None = typer.Option(None, "--model", metavar="SPEC", help="Model spec."),
     workers: int | None = typer.Option(
-        None, "--workers", min=1, metavar="N", help="Worker processes (default: number of cores)."
+        None, "--workers", min=1, metavar="N",
+        help="Runs at once (default: number of cores; with --executor ray: as the cluster schedules).",
+    ),
+    executor: str = typer.Option(
+        "local", "--executor", metavar="local|ray",
+        help="Where runs execute: worker processes here (local) or tasks on a Ray cluster (ray).",
+    ),
+    address: str | None = typer.Option(
+        None, "--address", metavar="auto|HOST:PORT",
+        help="With --executor ray: the cluster (default: RAY_ADDRESS, else a local Ray instance).",
     ),
     out: Path | None = typer.Option(
         None, "--out", metavar="DIR", help="Run directory (default: runs/<study>); resumes if it has results."
@@ -411,14 +451,24 @@ def study_cmd(
         _fail(str(exc))
     out_dir = out if out is not None else DEFAULT_RUNS_DIR / study.name
     _execute([(study, cfg, configs, quick)], out_dir, workers, quiet, force=force,
-             dry_run=dry_run, data_options=data_options)
+             dry_run=dry_run, data_options=data_options, executor=_executor(executor),
+             address=address)
 
 
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(DEFAULT_RUNS_DIR / "demo", "--out", metavar="DIR", help="Run directory."),
     workers: int | None = typer.Option(
-        None, "--workers", min=1, metavar="N", help="Worker processes (default: number of cores)."
+        None, "--workers", min=1, metavar="N",
+        help="Runs at once (default: number of cores; with --executor ray: as the cluster schedules).",
+    ),
+    executor: str = typer.Option(
+        "local", "--executor", metavar="local|ray",
+        help="Where runs execute: worker processes here (local) or tasks on a Ray cluster (ray).",
+    ),
+    address: str | None = typer.Option(
+        None, "--address", metavar="auto|HOST:PORT",
+        help="With --executor ray: the cluster (default: RAY_ADDRESS, else a local Ray instance).",
     ),
     include_hidden: bool = typer.Option(
         False, "--include-hidden", help="Also run hidden studies (e.g. smoke)."
@@ -450,7 +500,8 @@ def demo_cmd(
             plan.append((study, cfg, configs, True))
     except StudyError as exc:
         _fail(str(exc))
-    _execute(plan, out, workers, quiet, force=force, dry_run=dry_run)
+    _execute(plan, out, workers, quiet, force=force, dry_run=dry_run,
+             executor=_executor(executor), address=address)
 
 
 @app.command("advise")
