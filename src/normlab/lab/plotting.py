@@ -46,6 +46,15 @@ NORM_STYLE: dict[str, tuple[str, str]] = {
     "rms": ("tab:pink", ">"),
     "noisy-bn": ("tab:olive", "*"),
     "bn-shared": ("cornflowerblue", "o"),
+    "own": ("black", "*"),
+    "brn": ("steelblue", "d"),
+    "gbn": ("lightskyblue", "h"),
+    "ws+gn": ("darkred", "p"),
+    "frn": ("goldenrod", "X"),
+    "evonorm-s0": ("teal", "8"),
+    "evonorm-b0": ("darkcyan", "H"),
+    "dyt": ("darkgreen", "1"),
+    "derf": ("olivedrab", "2"),
 }
 
 
