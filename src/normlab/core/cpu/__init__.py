@@ -79,7 +79,7 @@ from normlab.core.cpu.channels_last import ChannelsLastPlan
 from normlab.core.cpu.cols import ColsPlan
 from normlab.core.cpu.jit import CACHE, CACHE_DIR
 from normlab.core.cpu.params import NP_DTYPE, f64
-from normlab.core.cpu.plan import Plan, cached, channels_last
+from normlab.core.cpu.plan import Plan, cached, is_channels_last
 from normlab.core.cpu.planes import PlanesPlan
 from normlab.core.cpu.pool import (POOL_MIN_BYTES, buffer_pool_stats, clear_buffer_pool,
                                    set_buffer_pool)
@@ -196,7 +196,7 @@ def _nc_layout(x: Tensor) -> tuple[bool, bool]:
     """(channels_last, needs a .contiguous() copy) for an (N, C, *) input."""
     if x.is_contiguous():
         return False, False
-    if channels_last(x):
+    if is_channels_last(x):
         return True, False
     return False, True
 
@@ -355,7 +355,7 @@ def _as_base(v: Tensor) -> Tensor:
 
 def _rows_layout(x: Tensor) -> bool:
     """Channels-first layer norm on memory where C is innermost is a plain row layer norm."""
-    return x.dim() == 2 or channels_last(x)
+    return x.dim() == 2 or is_channels_last(x)
 
 
 def _cols_key(x: Tensor, eps: float) -> ColsPlan:

@@ -21,7 +21,7 @@ from normlab.core.cpu.params import NP_DTYPE, f64, grad_buffer, param
 from normlab.core.cpu.pool import POOL_MIN_BYTES, pool
 from normlab.core.cpu.threads import threads
 
-__all__ = ["Plan", "cached", "channels_last", "view"]
+__all__ = ["Plan", "cached", "is_channels_last", "view"]
 
 
 def view(a: np.ndarray, shape) -> np.ndarray:
@@ -31,7 +31,7 @@ def view(a: np.ndarray, shape) -> np.ndarray:
     return v
 
 
-def channels_last(x: Tensor) -> bool:
+def is_channels_last(x: Tensor) -> bool:
     """(N, C, *S) stored with channels innermost (and not plainly contiguous)."""
     return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
 
