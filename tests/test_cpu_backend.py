@@ -254,7 +254,7 @@ def test_multithreaded_paths(op, layout, monkeypatch):
     """Small inputs normally run on one thread; force the threaded paths (thread chunks of
     rows/channels, per-thread dγ/dβ partials, and the channels-last row-chunk merge for odd N
     and for batch norm) on small odd shapes."""
-    monkeypatch.setattr(cpu, "PARALLEL_MIN_NUMEL", 0)
+    monkeypatch.setattr(cpu.threads, "PARALLEL_MIN_NUMEL", 0)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -521,7 +521,7 @@ def test_buffer_pool_reuses_only_dead_buffers():
 
 
 def test_cache_dir_fallback_when_package_is_read_only(tmp_path, monkeypatch):
-    from normlab.core import cpu_kernels_common as common
+    from normlab.core.cpu import jit as common
 
     here = os.path.join(os.path.dirname(common.__file__), "__pycache__")
     fallback = tmp_path / "fallback"

@@ -364,7 +364,7 @@ def test_numba_cache_folder_must_be_private(tmp_path: Path, monkeypatch: pytest.
     import stat
     import tempfile
 
-    ckc = pytest.importorskip("normlab.core.cpu_kernels_common")
+    ckc = pytest.importorskip("normlab.core.cpu.jit")
     import numba
 
     monkeypatch.setattr(numba.config, "CACHE_DIR", "")  # no NUMBA_CACHE_DIR

@@ -22,19 +22,26 @@ Passes over memory: forward = statistics (read x) + apply (read x, write y); bac
 DRAM for large tensors (batch statistics need the whole batch before the first output). Eval
 mode: one pass forward, one fused pass backward.
 
-Numerics as in ``cpu_kernels_rows``: per-channel shift = the sample's first row; sums over
-``ROWS`` rows in the input dtype, then float64; an overflowing block (|x| ≳ 1e19 in float32) or
-NaN/Inf is recomputed in float64; the mean is split as m_hi + lo by ``split_mean``.
+Numerics: ``shared``; per-channel shift = the sample's first row; sums over ``ROWS`` rows in
+the input dtype, then float64; an overflowing block (|x| ≳ 1e19 in float32) or NaN/Inf is
+recomputed in float64 (``exact_sums``); the mean is split as m_hi + lo.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 from numba import prange
 
-from normlab.core.cpu_kernels_common import helper, kernel, split_mean
+from normlab.core.cpu.jit import helper, kernel
+from normlab.core.cpu.plan import Plan
+from normlab.core.cpu.shared import (affine_coefs, dx_value, exact_sums, overflow_bound,
+                                     sum_partials, xhat, xhat_coefs)
+from normlab.core.cpu.threads import launch
 
-__all__ = ["cl_fwd", "cl_bwd", "ROWS"]
+__all__ = ["ChannelsLastPlan", "cl_fwd", "cl_bwd", "ROWS", "row_chunks"]
 
 ROWS = 16  # rows summed in the input dtype before the per-channel float64 accumulation
 
@@ -49,7 +56,7 @@ def _moments(x, row0, r0, r1, q1, q2):
     """q1[c] += Σ (x − x[row0, c]), q2[c] += Σ (x − x[row0, c])² over rows [r0, r1)."""
     C = x.shape[1]
     T = x.dtype.type
-    BIG = T(1e38) if x.itemsize == 4 else T(1e307)  # block sums above: redo in float64
+    big = overflow_bound(x)
     sh = x[row0]
     b1 = np.zeros(C, x.dtype)
     b2 = np.zeros(C, x.dtype)
@@ -76,15 +83,11 @@ def _moments(x, row0, r0, r1, q1, q2):
                 b1[c] += d
                 b2[c] += d * d
         for c in range(C):
-            if b2[c] <= BIG:  # False for +inf and NaN (np.isfinite is unsafe under reassoc)
+            if b2[c] <= big:  # False for +inf and NaN (np.isfinite is unsafe under reassoc)
                 q1[c] += b1[c]
                 q2[c] += b2[c]
             else:  # d² overflowed the input dtype, or NaN/Inf: redo in float64
-                sh64 = np.float64(sh[c])
-                for s in range(k0, k1):
-                    d64 = np.float64(x[s, c]) - sh64
-                    q1[c] += d64
-                    q2[c] += d64 * d64
+                q1[c], q2[c] = exact_sums(x[k0:k1, c], sh[c], q1[c], q2[c])
             b1[c] = T(0)
             b2[c] = T(0)
 
@@ -111,24 +114,6 @@ def _group_stats(x, row0, S, q1, q2, groups, mean, var):
 
 
 @helper
-def _fwd_coefs(x, mean, var, rstd, w, b, eps, center, mh, aa, bb):
-    """y = (x − m_hi)·a + b' per channel of one sample; writes rstd per group."""
-    C = x.shape[1]
-    T = x.dtype.type
-    groups = mean.shape[0]
-    Cg = C // groups
-    for g in range(groups):
-        rs = 1.0 if center else 1.0 / np.sqrt(var[g] + eps)
-        rstd[g] = rs
-        hi, lo = split_mean(mean[g], x)
-        for c in range(g * Cg, (g + 1) * Cg):
-            a = rs * w[c]
-            mh[c] = hi
-            aa[c] = T(a)
-            bb[c] = T(b[c] - lo * a)
-
-
-@helper
 def _apply(x, y, r0, r1, mh, aa, bb):
     C = x.shape[1]
     s = r0
@@ -152,23 +137,6 @@ def _apply(x, y, r0, r1, mh, aa, bb):
 
 
 @helper
-def _bwd_consts(x, mean, rstd, w, mh, ml, rsc, aa):
-    """Per-channel (m_hi, lo·rstd, rstd, rstd·w) of one sample."""
-    C = x.shape[1]
-    T = x.dtype.type
-    groups = mean.shape[0]
-    Cg = C // groups
-    for g in range(groups):
-        rs = rstd[g]
-        hi, lo = split_mean(mean[g], x)
-        for c in range(g * Cg, (g + 1) * Cg):
-            mh[c] = hi
-            ml[c] = T(lo * rs)
-            rsc[c] = T(rs)
-            aa[c] = T(rs * w[c])
-
-
-@helper
 def _grad_sums(x, dy, dx, r0, r1, mh, ml, rsc, aa, eval_mode, q1, q2):
     """q1[c] += Σ dy, q2[c] += Σ dy·x̂ over rows [r0, r1); eval_mode also writes dx = a·dy."""
     C = x.shape[1]
@@ -185,7 +153,7 @@ def _grad_sums(x, dy, dx, r0, r1, mh, ml, rsc, aa, eval_mode, q1, q2):
                 for c in range(C):
                     d = gr[c]
                     b1[c] += d
-                    b2[c] += d * ((xr[c] - mh[c]) * rsc[c] - ml[c])
+                    b2[c] += d * xhat(xr[c], mh[c], rsc[c], ml[c])
                     dxr[c] = aa[c] * d
         else:
             s = k0
@@ -201,7 +169,7 @@ def _grad_sums(x, dy, dx, r0, r1, mh, ml, rsc, aa, eval_mode, q1, q2):
                     e0 = g0[c]
                     e1 = g1[c]
                     b1[c] += e0 + e1
-                    b2[c] += e0 * ((x0[c] - m) * r - lo) + e1 * ((x1[c] - m) * r - lo)
+                    b2[c] += e0 * xhat(x0[c], m, r, lo) + e1 * xhat(x1[c], m, r, lo)
                 s += 2
             if s < k1:
                 xr = x[s]
@@ -209,7 +177,7 @@ def _grad_sums(x, dy, dx, r0, r1, mh, ml, rsc, aa, eval_mode, q1, q2):
                 for c in range(C):
                     d = gr[c]
                     b1[c] += d
-                    b2[c] += d * ((xr[c] - mh[c]) * rsc[c] - ml[c])
+                    b2[c] += d * xhat(xr[c], mh[c], rsc[c], ml[c])
         for c in range(C):
             q1[c] += b1[c]
             q2[c] += b2[c]
@@ -259,16 +227,15 @@ def _apply_bwd(x, dy, dx, r0, r1, mh, ml, rsc, wv, c1, c2):
             wc = wv[c]
             k1 = c1[c]
             k2 = c2[c]
-            d0[c] = r * ((g0[c] * wc - k1) - ((x0[c] - m) * r - lo) * k2)
-            d1[c] = r * ((g1[c] * wc - k1) - ((x1[c] - m) * r - lo) * k2)
+            d0[c] = dx_value(xhat(x0[c], m, r, lo), g0[c], wc, r, k1, k2)
+            d1[c] = dx_value(xhat(x1[c], m, r, lo), g1[c], wc, r, k1, k2)
         s += 2
     if s < r1:
         xr = x[s]
         gr = dy[s]
         dxr = dx[s]
         for c in range(C):
-            xh = (xr[c] - mh[c]) * rsc[c] - ml[c]
-            dxr[c] = rsc[c] * ((gr[c] * wv[c] - c1[c]) - xh * c2[c])
+            dxr[c] = dx_value(xhat(xr[c], mh[c], rsc[c], ml[c]), gr[c], wv[c], rsc[c], c1[c], c2[c])
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +262,7 @@ def cl_fwd(x, N, w, b, groups, train, center, eps, P, y, mean, var, rstd):
             mh = np.empty(C, x.dtype)
             aa = np.empty(C, x.dtype)
             bb = np.empty(C, x.dtype)
-            _fwd_coefs(x, mean[n], var[n], rstd[n], w, b, eps, center, mh, aa, bb)
+            affine_coefs(x, mean[n], var[n], rstd[n], w, b, eps, center, mh, aa, bb)
             _apply(x, y, n * S, (n + 1) * S, mh, aa, bb)
         return
     NP = N * P
@@ -318,7 +285,7 @@ def cl_fwd(x, N, w, b, groups, train, center, eps, P, y, mean, var, rstd):
     aa = np.empty((N, C), x.dtype)
     bb = np.empty((N, C), x.dtype)
     for n in range(N):
-        _fwd_coefs(x, mean[n], var[n], rstd[n], w, b, eps, center, mh[n], aa[n], bb[n])
+        affine_coefs(x, mean[n], var[n], rstd[n], w, b, eps, center, mh[n], aa[n], bb[n])
     for i in prange(NP):
         n = i // P
         p = i % P
@@ -343,7 +310,7 @@ def cl_bwd(x, dy, N, w, groups, train, center, P, mean, rstd, dx, dw, db):
             ml = np.empty(C, x.dtype)
             rsc = np.empty(C, x.dtype)
             aa = np.empty(C, x.dtype)
-            _bwd_consts(x, mean[n], rstd[n], w, mh, ml, rsc, aa)
+            xhat_coefs(x, mean[n], rstd[n], w, mh, ml, rsc, aa)
             _grad_sums(x, dy, dx, n * S, (n + 1) * S, mh, ml, rsc, aa, not train, pd[n], pdx[n])
             if train:
                 wv = np.empty(C, x.dtype)
@@ -357,7 +324,7 @@ def cl_bwd(x, dy, N, w, groups, train, center, P, mean, rstd, dx, dw, db):
         rsc = np.empty((N, C), x.dtype)
         aa = np.empty((N, C), x.dtype)
         for n in range(N):
-            _bwd_consts(x, mean[n], rstd[n], w, mh[n], ml[n], rsc[n], aa[n])
+            xhat_coefs(x, mean[n], rstd[n], w, mh[n], ml[n], rsc[n], aa[n])
         for i in prange(NP):
             n = i // P
             p = i % P
@@ -380,12 +347,39 @@ def cl_bwd(x, dy, N, w, groups, train, center, P, mean, rstd, dx, dw, db):
                 p = i % P
                 _apply_bwd(x, dy, dx, n * S + p * S // P, n * S + (p + 1) * S // P, mh[n],
                            ml[n], rsc[n], wv[n], c1[n], c2[n])
-    tw = np.zeros(C)
-    tb = np.zeros(C)
-    for i in range(NP):
-        for c in range(C):
-            tw[c] += pdx[i, c]
-            tb[c] += pd[i, c]
-    for c in range(C):  # dw/db may be float32 arrays: store the float64 totals once
-        dw[c] = tw[c]
-        db[c] = tb[c]
+    sum_partials(pdx, pd, dw, db)
+
+
+# --------------------------------------------------------------------------------------------
+# plan
+# --------------------------------------------------------------------------------------------
+
+
+def row_chunks(n: int, rows: int, nt: int) -> int:
+    """Row chunks per sample: 1 (whole samples, one parallel region) when the n samples
+    already split well over nt threads, else enough chunks to balance."""
+    if nt <= 1 or n % nt == 0 or n >= 4 * nt:
+        return 1
+    return max(1, min(rows, nt // math.gcd(n, nt)))
+
+
+@dataclass(frozen=True)
+class ChannelsLastPlan(Plan):
+    """(N, S, C) memory, ``shape2 = (N·S, C)``, statistics per (sample, group of C/G channels):
+    group/instance norm on channels-last input, and batch norm as N = 1, G = C (on
+    channels-last input, or on an (N, C) matrix)."""
+
+    n: int = 1
+    groups: int = 1
+    center: bool = False
+
+    def fwd(self, xa, w, b, nt, ya, mean, var, rstd) -> None:
+        n, g = self.n, self.groups
+        launch(cl_fwd, xa, n, w, b, g, self.train, self.center, self.eps,
+               row_chunks(n, xa.shape[0] // n, nt), ya, mean.reshape(n, g), var.reshape(n, g),
+               rstd.reshape(n, g))
+
+    def bwd(self, xa, dya, w, mean, rstd, nt, dxa, dw, db) -> None:
+        n, g = self.n, self.groups
+        launch(cl_bwd, xa, dya, n, w, g, self.train, self.center, row_chunks(n, xa.shape[0] // n, nt),
+               mean.reshape(n, g), rstd.reshape(n, g), dxa, dw, db)

@@ -1,4 +1,4 @@
-"""Shared settings of the numba kernels: compile flags, on-disk cache location, block sizes.
+"""Compilation of the numba kernels: flags, on-disk cache location, the decorators.
 
 Compile flags
     Every kernel is ``njit(parallel=True, cache=True, fastmath=FASTMATH)`` with
@@ -11,7 +11,16 @@ Compile flags
     (FMA formation) is left out on purpose: the backward recomputes g = γ·dy exactly as the
     forward sum did, so exact cancellations (a group of one element) stay exact instead of
     leaving an FMA residual amplified by 1/sqrt(eps). The hi/lo split of the mean is compiled
-    without any fast-math flag (see ``split_mean``).
+    without any fast-math flag (``strict``; see ``shared.split_mean``).
+
+Decorators
+    ``kernel``: the parallel entry points (one per family and direction). ``helper``: serial
+    building blocks called inside the parallel loops on a range of rows (a call per range, so
+    the call itself costs nothing). ``inline``: the small shared pieces of ``shared`` that sit
+    inside inner loops; they are inlined into the caller's numba IR (``inline="always"``), so
+    LLVM sees (and vectorizes) the same loop as if it were written out in place, with the
+    caller's flags. ``strict``: no fast-math flags at all, never inlined at the IR level (LLVM
+    keeps per-instruction flags when it inlines the compiled function).
 
 On-disk cache (compiled on first use, reused by later processes)
     The cache goes to, in order (the README's order): ``$NUMBA_CACHE_DIR`` if set (numba's own
@@ -24,8 +33,9 @@ On-disk cache (compiled on first use, reused by later processes)
     the kernels are compiled in every process (``cache=False``) instead of failing. The override
     is applied only while the normlab kernels are decorated, so other numba code in the process
     is unaffected. ``CACHE_DIR`` below records the choice (``None``: ``$NUMBA_CACHE_DIR``).
-    numba invalidates a kernel's cache when the kernel's source file changes; ``kernel`` also
-    ties it to this module's source (flags, block sizes, helpers).
+    numba invalidates a kernel's cache when the kernel's source file changes; the decorators
+    also tie it to the source of this module and of ``shared`` (flags, block sizes, the inlined
+    helpers), which numba does not track.
 """
 
 from __future__ import annotations
@@ -37,18 +47,11 @@ import stat
 import tempfile
 
 import numba
-import numpy as np
 from numba import njit
 
-__all__ = ["FASTMATH", "CACHE", "CACHE_DIR", "BLOCK", "kernel", "helper", "split_mean"]
+__all__ = ["FASTMATH", "CACHE", "CACHE_DIR", "kernel", "helper", "inline", "strict"]
 
 FASTMATH = {"reassoc", "nsz"}
-
-# Elements summed in the input dtype before the block sum is added to a float64 accumulator.
-# Within a block LLVM spreads the sum over 16-64 vector lanes, so each lane adds only a handful
-# of terms: float32 block sums are as accurate as a float64 sum for all practical purposes,
-# while the float64 accumulation across blocks keeps long rows (and 1e6 offsets) exact.
-BLOCK = 512
 
 
 def _writable(path: str) -> bool:
@@ -104,18 +107,25 @@ def _cache_dir_override():
         numba.config.CACHE_DIR = previous
 
 
+# The modules every kernel's machine code depends on besides its own source file.
+_SHARED_SOURCES = ("jit.py", "shared.py")
+
+
 def _common_stamp() -> str:
-    with open(__file__, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    digest = hashlib.sha256()
+    for name in _SHARED_SOURCES:
+        with open(os.path.join(os.path.dirname(__file__), name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
 
 
 _COMMON_STAMP = _common_stamp()
 
 
 def _stamp_with_common(dispatcher) -> None:
-    """Make the on-disk cache also depend on this module (flags, BLOCK, helpers).
+    """Make the on-disk cache also depend on ``_SHARED_SOURCES`` (flags, block sizes, helpers).
 
-    numba keys a kernel's cache on its own source file only, so a change here would otherwise
+    numba keys a kernel's cache on its own source file only, so a change there would otherwise
     reuse stale machine code. Best effort: numba internals may move (then only the kernel's own
     source is checked, numba's default).
     """
@@ -142,16 +152,15 @@ def helper(fn):
     return disp
 
 
-def _split_mean(mu, x):
-    """(hi, lo): hi = μ rounded to x's dtype, lo = μ − hi exactly (float64).
-
-    Compiled WITHOUT fast-math flags: under ``reassoc`` LLVM folds ``μ − fpext(fptrunc(μ))``
-    to 0, which would silently drop the part of the mean below float32 resolution (0.06 at
-    an offset of 1e6). LLVM keeps per-instruction flags when it inlines this into a kernel.
-    """
-    hi = x.dtype.type(mu)
-    return hi, mu - np.float64(hi)
+def inline(fn):
+    """Decorator of the small shared pieces used inside inner loops: inlined into the caller's
+    numba IR, so they compile (and vectorize) with the caller as if written out in place."""
+    return njit(inline="always", fastmath=FASTMATH, nogil=True)(fn)
 
 
-with _cache_dir_override():
-    split_mean = njit(cache=CACHE, nogil=True)(_split_mean)
+def strict(fn):
+    """Decorator of the serial helpers that must not get any fast-math flag (never IR-inlined)."""
+    with _cache_dir_override():
+        disp = njit(cache=CACHE, nogil=True)(fn)
+    _stamp_with_common(disp)
+    return disp

@@ -4,7 +4,7 @@ The statistics of position s of sample n are over the C channels, which lie ``S`
 the positions themselves are contiguous. So the kernels walk a block of ``POS_BLOCK`` positions
 at a time and, channel by channel, accumulate per-position sums in small float64 arrays: every
 inner loop runs along contiguous memory (vectorized), and a block (C × POS_BLOCK values) stays
-in L1/L2 between the passes. (Channels-last input is plain rows, ``cpu_kernels_rows``.)
+in L1/L2 between the passes. (Channels-last input is plain rows, ``rows``.)
 
 Passes over memory (per block, blocks split evenly over the threads with ``prange``):
 
@@ -19,12 +19,20 @@ x − μ are float64 (so an offset of 1e6 and |x| ≈ 1e30 in float32 are exact;
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import torch
 from numba import prange
+from torch import Tensor
 
-from normlab.core.cpu_kernels_common import kernel
+from normlab.core.cpu.jit import kernel
+from normlab.core.cpu.params import NP_DTYPE, f64, param
+from normlab.core.cpu.pool import pool
+from normlab.core.cpu.shared import dx_value, mean_var, sum_partials
+from normlab.core.cpu.threads import launch, threads
 
-__all__ = ["cols_fwd", "cols_bwd", "POS_BLOCK"]
+__all__ = ["ColsPlan", "cols_fwd", "cols_bwd", "POS_BLOCK"]
 
 POS_BLOCK = 64
 
@@ -59,11 +67,8 @@ def cols_fwd(x, w, b, eps, nt, y, mean, var, rstd):
                     a1[k] += d
                     a2[k] += d * d
             for k in range(L):
-                m = a1[k] / C
-                v = a2[k] / C - m * m
-                if v < 0.0:
-                    v = 0.0
-                mu[k] = sh[k] + m
+                m, v = mean_var(a1[k], a2[k], C, sh[k])
+                mu[k] = m
                 rs[k] = 1.0 / np.sqrt(v + eps)
                 mean[n, s0 + k] = mu[k]
                 var[n, s0 + k] = v
@@ -129,12 +134,44 @@ def cols_bwd(x, dy, w, mean, rstd, nt, dx, dw, db):
                 wc = np.float64(w[c])
                 for k in range(L):
                     xh = (np.float64(xr[k]) - mu[k]) * rs[k]
-                    dr[k] = T(rs[k] * (np.float64(gr[k]) * wc - sg[k] - xh * sgx[k]))
-    for c in range(C):
-        sw = 0.0
-        sb = 0.0
-        for t in range(nt):
-            sw += pw[t, c]
-            sb += pb[t, c]
-        dw[c] = sw
-        db[c] = sb
+                    dr[k] = T(dx_value(xh, np.float64(gr[k]), wc, rs[k], sg[k], sgx[k]))
+    sum_partials(pw, pb, dw, db)
+
+
+# --------------------------------------------------------------------------------------------
+# plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ColsPlan:
+    """Channels-first layer norm of a contiguous (N, C, *S) tensor, seen as (N, C, S) arrays;
+    statistics (N, S) float64. Work units are (sample, block of ``POS_BLOCK`` positions)."""
+
+    n: int
+    c: int
+    s: int
+    eps: float
+
+    def _units(self, numel: int) -> int:
+        return min(threads(numel), self.n * -(-self.s // POS_BLOCK))
+
+    def forward(self, x: Tensor, weight, bias) -> tuple[Tensor, np.ndarray, np.ndarray, np.ndarray]:
+        """(y like x, mean, var, rstd as (N, S) float64 arrays) of contiguous x."""
+        n, c, s = self.n, self.c, self.s
+        y = pool.empty(tuple(x.shape), x.stride(), x.dtype)
+        mean, var, rstd = (np.empty((n, s)) for _ in range(3))
+        launch(cols_fwd, x.numpy().reshape(n, c, s), param(weight, c, x.dtype, 1.0),
+               param(bias, c, x.dtype, 0.0), self.eps, self._units(x.numel()),
+               y.numpy().reshape(n, c, s), mean, var, rstd)
+        return y, mean, var, rstd
+
+    def backward(self, x: Tensor, dy: Tensor, weight, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(dx like x, dγ, dβ in x's dtype) of contiguous x and dy."""
+        n, c, s = self.n, self.c, self.s
+        dx = pool.empty(tuple(x.shape), x.stride(), x.dtype)
+        dw, db = np.empty(c, NP_DTYPE[x.dtype]), np.empty(c, NP_DTYPE[x.dtype])
+        launch(cols_bwd, x.numpy().reshape(n, c, s), dy.numpy().reshape(n, c, s),
+               param(weight, c, x.dtype, 1.0), f64(mean).reshape(n, s), f64(rstd).reshape(n, s),
+               self._units(x.numel()), dx.numpy().reshape(n, c, s), dw, db)
+        return dx, torch.from_numpy(dw), torch.from_numpy(db)
