@@ -37,7 +37,7 @@ from normlab._checks import check_normalized_shape as _normalized_shape
 from normlab._checks import check_param as _check_param
 from normlab._checks import check_scalar as _check_scalar
 from normlab._checks import check_trailing as _check_trailing
-from normlab.core import ops
+from normlab.core import masked, ops
 from normlab.core.reference import compute_dtype
 
 __all__ = [
@@ -66,17 +66,33 @@ def _update_running(running: Tensor, batch: Tensor, momentum: float) -> None:
         # a training InstanceNorm with running statistics work. Here the update is torch ops, which
         # a grad/jvp transform wraps, and writing a wrapped value into the buffer is refused: write
         # the unwrapped (primal) value. Batched (vmap) values stay batched, and fail as torch's do.
-        new = torch.add(running * (1.0 - momentum), batch.to(running.dtype), alpha=momentum)
-        f = torch._C._functorch
-        while f.is_functorch_wrapped_tensor(new) and not f.is_batchedtensor(new):
-            new = f.get_unwrapped(new)
-        if f.is_batchedtensor(new):
-            running.copy_(new)  # refused by vmap, as torch's
-        else:
-            with torch._C._DisableFuncTorch():
-                running.copy_(new)
+        _assign_running(running, torch.add(running * (1.0 - momentum), batch.to(running.dtype), alpha=momentum))
         return
     running.mul_(1.0 - momentum).add_(batch.to(running.dtype), alpha=momentum)
+
+
+def _assign_running(running: Tensor, new: Tensor) -> None:
+    """running ← new under functorch transforms: the unwrapped (primal) value (see _update_running)."""
+    f = torch._C._functorch
+    while f.is_functorch_wrapped_tensor(new) and not f.is_batchedtensor(new):
+        new = f.get_unwrapped(new)
+    if f.is_batchedtensor(new):
+        running.copy_(new)  # refused by vmap, as torch's
+    else:
+        with torch._C._DisableFuncTorch():
+            running.copy_(new)
+
+
+@torch.no_grad()
+def _update_running_where(running: Tensor, batch: Tensor, momentum: float, valid: Tensor) -> None:
+    """The running average of :func:`_update_running` where ``valid``; elsewhere ``running`` keeps
+    its value exactly (masked statistics: a channel without enough valid values is not updated)."""
+    batch = torch.where(valid, batch, 0.0).to(running.dtype)
+    new = torch.where(valid, torch.add(running * (1.0 - momentum), batch, alpha=momentum), running)
+    if torch._C._are_functorch_transforms_active():
+        _assign_running(running, new)
+    else:
+        running.copy_(new)
 
 
 # ----------------------------------------------------------------------------- batch norm
@@ -92,6 +108,7 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     *,
+    mask: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
     r"""Batch normalization (Ioffe & Szegedy 2015) of ``input`` of shape (N, C, \*).
@@ -101,8 +118,27 @@ def batch_norm(
     with μ_c, σ²_c over N and every spatial position of channel c (training, or no running
     statistics) or the running statistics (eval). Same signature as
     :func:`torch.nn.functional.batch_norm`.
+
+    ``mask`` (optional, keyword): a boolean tensor broadcastable to ``input``, True = valid
+    position (e.g. (N, 1, L) for padded sequences). The statistics are count-weighted over the
+    valid positions only, and the output is zero at the masked ones:
+
+    .. math::
+
+        n_c = \sum m,\quad \mu_c = \frac{\sum m\,x}{n_c},\quad
+        \sigma_c^2 = \frac{\sum m\,(x - \mu_c)^2}{n_c},\quad
+        y = m\Big(\gamma \frac{x - \mu_c}{\sqrt{\sigma_c^2 + \epsilon}} + \beta\Big)
+
+    (sums over N and every position of channel c), so masked BN over padded sequences is BN over
+    the concatenation of the valid steps, padding values cannot change any output and the
+    gradient at a masked position is exactly zero. In training the running statistics are
+    updated from these (``running_var`` with the unbiased σ²_c · n_c / (n_c − 1)) with
+    ``momentum`` as without a mask; a channel with n_c = 0 keeps its running mean and variance,
+    one with n_c = 1 its running variance; a channel with no valid position outputs zeros (no
+    NaN). In eval (running statistics) only the zeroing applies. With a mask the computation is
+    the pure-torch composite of :mod:`normlab.core.masked` (``backend`` is not consulted).
     """
-    if traced(input):
+    if mask is None and traced(input):
         return TF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     check_input(input, min_dim=2)
     check_eps(eps)
@@ -110,8 +146,12 @@ def batch_norm(
     c = input.shape[1]
     for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
         _check_param(t, (c,), name)
+    if mask is not None:
+        masked.check_mask(mask, input)
     use_batch_stats = training or running_mean is None or running_var is None
     if not use_batch_stats:
+        if mask is not None:
+            return masked.batch_norm_eval(input, mask, running_mean, running_var, weight, bias, eps)
         return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps, backend=backend)
     if eps == 0:
         raise ValueError("eps: expected a number > 0 for batch statistics (as torch.nn.functional.batch_norm), got 0")
@@ -123,6 +163,12 @@ def batch_norm(
             "would equal the bias. Use a larger batch, eval mode (running statistics), or a "
             "batch-independent norm such as GroupNorm or LayerNorm"
         )
+    if mask is not None:
+        y, mean, var, n = masked.batch_norm(input, mask, weight, bias, eps)
+        if training and running_mean is not None and running_var is not None:
+            _update_running_where(running_mean, mean, momentum, n >= 1)
+            _update_running_where(running_var, var * n / (n - 1).clamp_min(1), momentum, n >= 2)
+        return y
     y, mean, var, _ = ops.batch_norm(input, weight, bias, eps, backend=backend)
     if training and running_mean is not None and running_var is not None and m > 0:
         _update_running(running_mean, mean, momentum)
@@ -191,6 +237,7 @@ def group_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
     *,
+    mask: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
     r"""Group normalization (Wu & He 2018) of ``input`` of shape (N, C, \*).
@@ -198,8 +245,15 @@ def group_norm(
     The C channels are split into ``num_groups`` groups of C/G; μ and σ² are computed per
     (sample, group) over the group's channels and every spatial position; γ, β are per channel.
     G = 1 is LayerNorm over (C, \*), G = C is InstanceNorm.
+
+    ``mask`` (optional, keyword): a boolean tensor broadcastable to ``input``, True = valid
+    position (e.g. (N, 1, \*S) for padded images or sequences). Per (sample, group) g with
+    n_g = Σ_g m valid values: μ_g = Σ_g m·x / n_g, σ²_g = Σ_g m·(x − μ_g)² / n_g and
+    y = m·(γ (x − μ_g)/sqrt(σ²_g + ε) + β): zero at masked positions, so padding cannot change
+    any output and its gradient is exactly zero; a group with n_g = 0 outputs zeros (no NaN).
+    Computed by the pure-torch composite of :mod:`normlab.core.masked` (``backend`` unused).
     """
-    if traced(input):
+    if mask is None and traced(input):
         return TF.group_norm(input, num_groups, weight, bias, eps)
     check_input(input, min_dim=2)
     check_eps(eps)
@@ -207,6 +261,9 @@ def group_norm(
     check_divisor(num_groups, c, "num_groups", f"the {c} channels")
     _check_param(weight, (c,), "weight")
     _check_param(bias, (c,), "bias")
+    if mask is not None:
+        masked.check_mask(mask, input)
+        return masked.group_norm(input, mask, num_groups, weight, bias, eps)[0]
     return ops.group_norm(input, num_groups, weight, bias, eps, backend=backend)[0]
 
 
@@ -220,14 +277,24 @@ def instance_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     *,
+    mask: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
     r"""Instance normalization (Ulyanov et al. 2016): statistics per (sample, channel) over space.
 
     Equal to :func:`group_norm` with one group per channel. With running statistics they are the
     average over the batch of the per-instance statistics (as in torch).
+
+    ``mask`` (optional, keyword): a boolean tensor broadcastable to ``input``, True = valid
+    position. Per (sample, channel) with n = Σ m valid positions: μ = Σ m·x / n,
+    σ² = Σ m·(x − μ)² / n, y = m·(γ (x − μ)/sqrt(σ² + ε) + β) — zero at masked positions
+    (padding cannot change any output; its gradient is exactly zero), zeros for an instance
+    with n = 0 (no NaN). Running statistics, when tracked: the average over the instances with
+    n ≥ 1 of μ and over those with n ≥ 2 of the unbiased σ² · n/(n − 1), with ``momentum``; a
+    channel with no such instance keeps its value. ``use_input_stats=False``: the running
+    statistics, masked positions zeroed. Pure-torch composite (:mod:`normlab.core.masked`).
     """
-    if traced(input):
+    if mask is None and traced(input):
         return TF.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     check_input(input, min_dim=3)
     check_eps(eps)
@@ -235,9 +302,13 @@ def instance_norm(
     n, c = input.shape[0], input.shape[1]
     for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
         _check_param(t, (c,), name)
+    if mask is not None:
+        masked.check_mask(mask, input)
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean/running_var: expected tensors when use_input_stats=False, got None")
+        if mask is not None:
+            return masked.batch_norm_eval(input, mask, running_mean, running_var, weight, bias, eps)
         return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps, backend=backend)
     m = math.prod(input.shape[2:])
     if m == 1:
@@ -245,6 +316,17 @@ def instance_norm(
             f"input: instance norm needs more than 1 spatial value per channel, got shape "
             f"{tuple(input.shape)}: the per-instance variance is 0"
         )
+    if mask is not None:
+        y, mean, var, n = masked.group_norm(input, mask, c, weight, bias, eps)
+        if running_mean is not None and running_var is not None:
+            with torch.no_grad():  # batch averages over the instances with enough valid values
+                v1, v2 = n >= 1, n >= 2
+                k1, k2 = v1.sum(0), v2.sum(0)
+                mean_b = torch.where(v1, mean, 0.0).sum(0) / k1.clamp_min(1)
+                var_b = torch.where(v2, var * n / (n - 1).clamp_min(1), 0.0).sum(0) / k2.clamp_min(1)
+            _update_running_where(running_mean, mean_b, momentum, k1 > 0)
+            _update_running_where(running_var, var_b, momentum, k2 > 0)
+        return y
     y, mean, var, _ = ops.group_norm(input, c, weight, bias, eps, backend=backend)
     if running_mean is not None and running_var is not None and input.numel() > 0:
         _update_running(running_mean, mean.mean(0), momentum)
@@ -262,6 +344,7 @@ def layer_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
     *,
+    mask: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
     r"""Layer normalization (Ba, Kiros & Hinton 2016) over the trailing ``normalized_shape`` dims.
@@ -269,8 +352,21 @@ def layer_norm(
     .. math:: y = \gamma \odot \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
 
     μ, σ² per row (every leading index), γ and β of shape ``normalized_shape``.
+
+    ``mask`` (optional, keyword): a boolean tensor broadcastable to ``input``, True = valid
+    position ((B, T, 1) for padded tokens, (…, D) for padded features). Per row with n = Σ m
+    valid values:
+
+    .. math::
+
+        \mu = \frac{\sum m\,x}{n},\quad \sigma^2 = \frac{\sum m\,(x - \mu)^2}{n},\quad
+        y = m\Big(\gamma \odot \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta\Big)
+
+    zero at masked positions (padding cannot change any output; its gradient is exactly zero);
+    a row with n = 0 outputs zeros (no NaN). Pure-torch composite of :mod:`normlab.core.masked`
+    (``backend`` unused).
     """
-    if traced(input):
+    if mask is None and traced(input):
         return TF.layer_norm(input, normalized_shape, weight, bias, eps)
     shape = _normalized_shape(normalized_shape)
     check_input(input)
@@ -278,6 +374,9 @@ def layer_norm(
     _check_trailing(input, shape)
     _check_param(weight, shape, "weight")
     _check_param(bias, shape, "bias")
+    if mask is not None:
+        masked.check_mask(mask, input)
+        return masked.layer_norm(input, mask, len(shape), weight, bias, eps)[0]
     return ops.layer_norm(input, len(shape), weight, bias, eps, backend=backend)[0]
 
 
@@ -287,6 +386,7 @@ def layer_norm_2d(
     bias: Tensor | None = None,
     eps: float = 1e-6,
     *,
+    mask: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
     r"""Channels-first layer normalization of (N, C, \*) input: statistics over C per position.
@@ -294,8 +394,14 @@ def layer_norm_2d(
     .. math:: y_{n,:,s} = \gamma \odot \frac{x_{n,:,s} - \mu_{ns}}{\sqrt{\sigma^2_{ns} + \epsilon}} + \beta
 
     (ConvNeXt's LayerNorm). γ, β of shape (C,).
+
+    ``mask`` (optional, keyword): a boolean tensor broadcastable to ``input``, True = valid.
+    Per (sample, position) with n = Σ_c m valid channels: μ = Σ_c m·x / n,
+    σ² = Σ_c m·(x − μ)² / n, y = m·(γ (x − μ)/sqrt(σ² + ε) + β) — zero at masked positions
+    (gradient exactly zero there), zeros where n = 0. Pure-torch composite
+    (:mod:`normlab.core.masked`).
     """
-    if traced(input):
+    if mask is None and traced(input):
         view = (1, -1) + (1,) * (input.dim() - 2)
         mean = input.mean(1, keepdim=True)
         var = (input - mean).pow(2).mean(1, keepdim=True)
@@ -307,6 +413,9 @@ def layer_norm_2d(
     c = input.shape[1]
     _check_param(weight, (c,), "weight")
     _check_param(bias, (c,), "bias")
+    if mask is not None:
+        masked.check_mask(mask, input)
+        return masked.layer_norm_channels(input, mask, weight, bias, eps)[0]
     return ops.layer_norm_channels(input, weight, bias, eps, backend=backend)[0]
 
 
@@ -316,14 +425,20 @@ def rms_norm(
     weight: Tensor | None = None,
     eps: float | None = None,
     *,
+    mask: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
     r"""RMS normalization (Zhang & Sennrich 2019): :math:`y = \gamma \odot x / \sqrt{\overline{x^2} + \epsilon}`.
 
     No centring and no bias. ``eps=None`` uses the machine epsilon of the compute dtype, as torch
     does: ``finfo(float32).eps`` for 16-bit inputs, ``finfo(input.dtype).eps`` otherwise.
+
+    ``mask`` (optional, keyword): a boolean tensor broadcastable to ``input``, True = valid.
+    Per row with n = Σ m valid values: ν² = Σ m·x² / n and y = m·γ ⊙ x / sqrt(ν² + ε) — zero
+    at masked positions (gradient exactly zero there), zeros for a row with n = 0 (no NaN).
+    Pure-torch composite (:mod:`normlab.core.masked`).
     """
-    if traced(input):
+    if mask is None and traced(input):
         return TF.rms_norm(input, normalized_shape, weight, eps)
     shape = _normalized_shape(normalized_shape)
     check_input(input)
@@ -332,6 +447,9 @@ def rms_norm(
     check_eps(eps)
     _check_trailing(input, shape)
     _check_param(weight, shape, "weight")
+    if mask is not None:
+        masked.check_mask(mask, input)
+        return masked.layer_norm(input, mask, len(shape), weight, None, eps, rms=True)[0]
     return ops.layer_norm(input, len(shape), weight, None, eps, rms=True, backend=backend)[0]
 
 

@@ -6,6 +6,7 @@ from torch import Tensor, fx, nn
 
 from normlab import functional as F
 from normlab._checks import check_channels, check_dims
+from normlab.core import masked
 from normlab.nn._base import NormBase, RunningStats
 
 
@@ -37,6 +38,17 @@ class _BatchNorm(RunningStats):
       :func:`normlab.freeze_batchnorm` sets.
 
     ``"running"`` and ``"frozen"`` need running statistics (``track_running_stats=True``).
+
+    **Masks**: ``forward(input, mask=None)``; ``mask`` is a boolean tensor broadcastable to the
+    input, True = valid position (e.g. (N, 1, L) for padded sequences). The statistics are
+    count-weighted over the valid positions, n_c = Σ m, μ_c = Σ m·x / n_c,
+    σ²_c = Σ m·(x − μ_c)² / n_c, and y = m·(γ (x − μ_c)/sqrt(σ²_c + ε) + β): zero at masked
+    positions, so masked BN over padded sequences equals BN over the concatenation of the valid
+    steps (running statistics included: ``running_var`` gets σ²_c · n_c/(n_c − 1), momentum or
+    the cumulative average as without a mask; a channel with n_c = 0 keeps its running
+    statistics, n_c = 1 its running variance), padding cannot change any output and its
+    gradient is exactly zero. Eval: the running statistics, masked positions zeroed. See
+    :func:`normlab.functional.batch_norm`.
     """
 
     _dims: tuple[int, ...] = ()
@@ -92,10 +104,11 @@ class _BatchNorm(RunningStats):
                 p.requires_grad_(True)
         self._stats_mode = mode
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        mask = None if mask is None else masked.layer_mask(mask, self)
         mode = self._stats_mode
         traced = F.traced(input)
-        if traced and mode is None:
+        if traced and mode is None and mask is None:
             return super().forward(input)  # torch's own layer: standard operators in the graph
         if not traced:
             self._check_input_dim(input)
@@ -118,6 +131,7 @@ class _BatchNorm(RunningStats):
             batch_stats,
             momentum,
             self.eps,
+            mask=mask,
             backend=self.backend,
         )
 

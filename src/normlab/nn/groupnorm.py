@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from normlab import functional as F
 from normlab._checks import check_channels, check_divisor, check_eps, check_input, check_positive_int
+from normlab.core import masked
 
 
 class GroupNorm(nn.GroupNorm):
@@ -19,6 +20,12 @@ class GroupNorm(nn.GroupNorm):
     Independent of the batch size, same in train and eval. G = 1 is LayerNorm over (C, \*) and
     G = C is InstanceNorm. A subclass of torch.nn.GroupNorm: same constructor, defaults and
     state_dict keys (keyword-only ``bias=False`` drops β, ``backend`` forces a backend).
+
+    ``forward(input, mask=None)``: ``mask`` is a boolean tensor broadcastable to the input, True
+    = valid position (e.g. (N, 1, H, W) for padded images). Per (sample, group) with n = Σ m
+    valid values, μ = Σ m·x / n, σ² = Σ m·(x − μ)² / n and y = m·(γ (x − μ)/sqrt(σ² + ε) + β):
+    zero at masked positions (padding cannot change any output, its gradient is exactly zero),
+    zeros for a group with n = 0 (pytorch#81985). See :func:`normlab.functional.group_norm`.
     """
 
     def __init__(
@@ -39,9 +46,10 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self.backend = backend
 
-    def forward(self, input: Tensor) -> Tensor:
-        if F.traced(input):
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        mask = None if mask is None else masked.layer_mask(mask, self)
+        if mask is None and F.traced(input):
             return super().forward(input)
         check_input(input, min_dim=2)
         check_channels(input, self.num_channels)
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, backend=self.backend)
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, mask=mask, backend=self.backend)

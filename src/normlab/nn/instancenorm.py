@@ -7,6 +7,7 @@ from torch import Tensor, fx, nn
 
 from normlab import functional as F
 from normlab._checks import check_channels, check_dims
+from normlab.core import masked
 from normlab.nn._base import RunningStats
 
 
@@ -19,6 +20,14 @@ class _InstanceNorm(RunningStats):
     the layer uses them in eval mode (the batch average of the per-instance statistics is
     tracked), so it is usable at test time either way. Unbatched (C, \*) input is accepted.
     Equal to GroupNorm with one group per channel. Each class is a subclass of its torch.nn twin.
+
+    ``forward(input, mask=None)``: ``mask`` is a boolean tensor broadcastable to the input, True
+    = valid position (e.g. (N, 1, L) for padded sequences). Per (sample, channel) with n = Σ m
+    valid positions, μ = Σ m·x / n, σ² = Σ m·(x − μ)² / n and
+    y = m·(γ (x − μ)/sqrt(σ² + ε) + β): zero at masked positions (padding cannot change any
+    output, its gradient is exactly zero; pytorch#81985), zeros for an instance with n = 0.
+    Tracked running statistics average the instances with valid values; eval with running
+    statistics zeroes the masked positions. See :func:`normlab.functional.instance_norm`.
     """
 
     _spatial = 0
@@ -40,20 +49,23 @@ class _InstanceNorm(RunningStats):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.backend = backend
 
-    def forward(self, input: Tensor) -> Tensor:
-        if isinstance(input, fx.Proxy):
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        mask = None if mask is None else masked.layer_mask(mask, self)
+        if mask is None and isinstance(input, fx.Proxy):
             # torch's forward branches on the rank (unbatched input), which a Proxy lacks: record
             # one call of a function that does it at run time (torch.fx.wrap below)
             return _instance_norm_fx(input, self._spatial + 2, self.running_mean, self.running_var, self.weight,
                                      self.bias, self.training or not self.track_running_stats,
                                      0.0 if self.momentum is None else self.momentum, self.eps)
-        if F.traced(input):
+        if mask is None and F.traced(input):
             return super().forward(input)
         batched = self._spatial + 2
         check_dims(input, (batched - 1, batched), type(self).__name__)
         unbatched = input.dim() == batched - 1
         x = input.unsqueeze(0) if unbatched else input
         check_channels(x, self.num_features)
+        if mask is not None:
+            masked.check_mask(mask, input)  # against the input as given (a mask of unbatched input broadcasts to x)
         # As torch.nn.InstanceNorm: batches are not counted and momentum=None means 0 (no update).
         momentum = 0.0 if self.momentum is None else self.momentum
         use_input_stats = self.training or not self.track_running_stats
@@ -66,6 +78,7 @@ class _InstanceNorm(RunningStats):
             use_input_stats,
             momentum,
             self.eps,
+            mask=mask,
             backend=self.backend,
         )
         return y.squeeze(0) if unbatched else y

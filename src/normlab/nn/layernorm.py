@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from normlab import functional as F
 from normlab._checks import check_eps, check_normalized_shape
+from normlab.core import masked
 
 
 class LayerNorm(nn.LayerNorm):
@@ -19,6 +20,12 @@ class LayerNorm(nn.LayerNorm):
     (``elementwise_affine``; ``bias=False`` drops β). Independent of the batch, same in train and
     eval. A subclass of torch.nn.LayerNorm: same constructor, defaults and state_dict keys;
     keyword-only ``backend`` forces a backend for this layer.
+
+    ``forward(input, mask=None)``: ``mask`` is a boolean tensor broadcastable to the input, True
+    = valid position. Per row with n = Σ m valid values, μ = Σ m·x / n, σ² = Σ m·(x − μ)² / n
+    and y = m·(γ ⊙ (x − μ)/sqrt(σ² + ε) + β): zero at masked positions (padding cannot change
+    any output, its gradient is exactly zero), zeros for a row with n = 0. See
+    :func:`normlab.functional.layer_norm`.
     """
 
     def __init__(
@@ -37,10 +44,12 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(shape, eps, elementwise_affine, bias, device, dtype)
         self.backend = backend
 
-    def forward(self, input: Tensor) -> Tensor:
-        if F.traced(input):
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        mask = None if mask is None else masked.layer_mask(mask, self)
+        if mask is None and F.traced(input):
             return super().forward(input)
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend)
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, mask=mask,
+                            backend=self.backend)
 
 
 class RMSNorm(nn.RMSNorm):
@@ -50,6 +59,11 @@ class RMSNorm(nn.RMSNorm):
 
     No centring and no bias. ``eps=None`` uses the machine epsilon of the compute dtype (float32
     for 16-bit inputs), as torch.nn.RMSNorm, of which this is a subclass.
+
+    ``forward(input, mask=None)``: ``mask`` is a boolean tensor broadcastable to the input, True
+    = valid position. Per row with n = Σ m valid values, ν² = Σ m·x² / n and
+    y = m·γ ⊙ x / sqrt(ν² + ε): zero at masked positions, zeros for a row with n = 0. See
+    :func:`normlab.functional.rms_norm`.
     """
 
     def __init__(
@@ -68,10 +82,11 @@ class RMSNorm(nn.RMSNorm):
         super().__init__(shape, eps, elementwise_affine, device, dtype)
         self.backend = backend
 
-    def forward(self, input: Tensor) -> Tensor:
-        if F.traced(input):
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        mask = None if mask is None else masked.layer_mask(mask, self)
+        if mask is None and F.traced(input):
             return super().forward(input)
-        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, backend=self.backend)
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, mask=mask, backend=self.backend)
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -84,6 +99,11 @@ class LayerNorm2d(nn.LayerNorm):
     ``normalized_shape = (C,)`` (timm's constructor: ``num_channels, eps=1e-6, affine=True``), so
     state dicts of timm's layer load unchanged. Computed natively on (N, C, \*) memory, NCHW or
     channels_last, without permuting the tensor.
+
+    ``forward(input, mask=None)``: ``mask`` is a boolean tensor broadcastable to the input, True
+    = valid; statistics over the valid channels of each position (μ = Σ_c m·x / n,
+    σ² = Σ_c m·(x − μ)² / n), output zero at masked positions. See
+    :func:`normlab.functional.layer_norm_2d`.
     """
 
     def __init__(
@@ -101,5 +121,6 @@ class LayerNorm2d(nn.LayerNorm):
         super().__init__(check_normalized_shape(num_channels), eps, affine, bias, device, dtype)
         self.backend = backend
 
-    def forward(self, input: Tensor) -> Tensor:
-        return F.layer_norm_2d(input, self.weight, self.bias, self.eps, backend=self.backend)
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        mask = None if mask is None else masked.layer_mask(mask, self)
+        return F.layer_norm_2d(input, self.weight, self.bias, self.eps, mask=mask, backend=self.backend)
