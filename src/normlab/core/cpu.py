@@ -108,7 +108,7 @@ def _takes(op: str, x: Tensor) -> bool:
         return False
     if x.numel() == 0 or x.is_conj() or x.is_neg():
         return False
-    return x.dim() >= 1 if op == "layer_norm" else x.dim() >= 2
+    return x.dim() >= 1 if op in ("layer_norm", *POINTWISE_OPS) else x.dim() >= 2
 
 
 def supports(op: str, x: Tensor) -> bool:
@@ -774,3 +774,112 @@ def warmup(dtypes=(torch.float32, torch.float64)) -> None:
         layer_norm_backward(y, x, None, mean, rstd, 2, 1e-5)
         y, mean, _, rstd = layer_norm_channels(x, w, w, 1e-5)
         layer_norm_channels_backward(y, x, w, mean, rstd, 1e-5)
+        _warmup_pointwise(dt)
+
+
+# --------------------------------------------------------------------------------------------
+# point-wise ops: Dynamic Tanh, Dynamic erf (kernels in cpu_kernels_pointwise)
+# --------------------------------------------------------------------------------------------
+
+from normlab.core.cpu_kernels_pointwise import pw_bwd, pw_fwd  # noqa: E402
+
+POINTWISE_OPS = ("dynamic_tanh", "dynamic_erf")
+OPS = OPS + POINTWISE_OPS
+__all__ += ["dynamic_tanh", "dynamic_tanh_backward", "dynamic_erf", "dynamic_erf_backward"]
+
+
+def _pw_prepare(x: Tensor, weight, bias, channels_last: bool):
+    """(x in a layout the kernel takes, its (R, F, S) physical shape, F).
+
+    Channels-last layers: x contiguous, F = the parameters' size (x's last dim without them).
+    Channels-first: contiguous (N, C, S) planes, or rows of C on channels-last memory. Anything
+    else is copied once to contiguous.
+    """
+    x = x.detach()
+    if channels_last:
+        p = weight if weight is not None else bias
+        f = p.numel() if p is not None else (x.shape[-1] if x.dim() else 1)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        return x, (x.numel() // max(f, 1), f, 1), f
+    c = x.shape[1]
+    if _channels_last(x):
+        return x, (x.numel() // c, c, 1), c
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x, (x.shape[0], c, x.numel() // max(x.shape[0] * c, 1)), c
+
+
+def _pw_phys(t: Tensor, shape) -> tuple[np.ndarray, np.ndarray]:
+    """t's memory (contiguous, or channels-last with C innermost) as the kernel's (R, F, S) and
+    (R, F·S) arrays."""
+    if not t.is_contiguous():
+        t = t.movedim(1, -1)
+    a = t.numpy()
+    return a.reshape(shape), a.reshape(shape[0], shape[1] * shape[2])
+
+
+def _pw_scalar(t: Tensor | None, dtype: torch.dtype):
+    return _NP_DTYPE[dtype](0.0 if t is None else float(t.detach().reshape(())))
+
+
+def _pw_chunks(x: Tensor, shape) -> int:
+    units = shape[0] if shape[2] == 1 else shape[0] * shape[1]
+    return max(1, min(_threads(x.numel()), units))
+
+
+def _pw_forward(x: Tensor, alpha: Tensor, shift, weight, bias, channels_last: bool) -> Tensor:
+    x, shape, f = _pw_prepare(x, weight, bias, channels_last)
+    y = _pool.empty(tuple(x.shape), x.stride(), x.dtype)
+    _launch(pw_fwd, *_pw_phys(x, shape), _pw_scalar(alpha, x.dtype), _pw_scalar(shift, x.dtype),
+            _param(weight, f, x.dtype, 1.0), _param(bias, f, x.dtype, 0.0), shift is not None,
+            _pw_chunks(x, shape), *_pw_phys(y, shape))
+    return y
+
+
+def _pw_backward(dy, x, alpha, shift, weight, bias, channels_last: bool, mask):
+    """(dx, dα, ds, dγ, dβ): dx in x's dtype and layout, the rest float64 (flat for γ/β)."""
+    x, shape, f = _pw_prepare(x, weight, bias, channels_last)
+    dy = dy.detach()
+    if dy.dtype != x.dtype or dy.stride() != x.stride():
+        dy = torch.empty_strided(tuple(x.shape), x.stride(), dtype=x.dtype).copy_(dy)
+    dx = _pool.empty(tuple(x.shape), x.stride(), x.dtype)
+    nchunks = _pw_chunks(x, shape)
+    pa, ps = np.empty(nchunks), np.empty(nchunks)
+    pw, pb = np.zeros((nchunks, f)), np.zeros((nchunks, f))
+    _launch(pw_bwd, *_pw_phys(x, shape), *_pw_phys(dy, shape), _pw_scalar(alpha, x.dtype),
+            _pw_scalar(shift, x.dtype), _param(weight, f, x.dtype, 1.0), shift is not None, nchunks, *_pw_phys(dx, shape), pa, ps, pw, pb)
+    out = [dx if mask[0] else None, torch.tensor(pa.sum()), torch.tensor(ps.sum()),
+           torch.from_numpy(pw.sum(0)), torch.from_numpy(pb.sum(0))]
+    return tuple(o if m else None for o, m in zip(out, mask))
+
+
+def dynamic_tanh(x: Tensor, alpha: Tensor, weight, bias, *, channels_last: bool = True) -> Tensor:
+    """y = γ·tanh(α·x) + β in one pass (layout: as :func:`_pw_prepare`)."""
+    return _pw_forward(x, alpha, None, weight, bias, channels_last)
+
+
+def dynamic_tanh_backward(dy, x, alpha, weight, bias, *, channels_last: bool = True, mask=(True,) * 4):
+    """(dx, dα, dγ, dβ) in one pass; dα, dγ, dβ float64 (flat), None where not in ``mask``."""
+    dx, da, _, dw, db = _pw_backward(dy, x, alpha, None, weight, bias, channels_last,
+                                     (mask[0], mask[1], False, mask[2], mask[3]))
+    return dx, da, dw, db
+
+
+def dynamic_erf(x: Tensor, alpha: Tensor, shift: Tensor, weight, bias, *, channels_last: bool = True) -> Tensor:
+    """y = γ·erf(α·x + s) + β in one pass."""
+    return _pw_forward(x, alpha, shift, weight, bias, channels_last)
+
+
+def dynamic_erf_backward(dy, x, alpha, shift, weight, bias, *, channels_last: bool = True, mask=(True,) * 5):
+    """(dx, dα, ds, dγ, dβ) in one pass; all but dx float64."""
+    return _pw_backward(dy, x, alpha, shift, weight, bias, channels_last, tuple(mask))
+
+
+def _warmup_pointwise(dt: torch.dtype) -> None:
+    x = torch.randn(2, 4, 3, 3, dtype=dt)
+    a, w = torch.full((1,), 0.5, dtype=dt), torch.ones(4, dtype=dt)
+    for xi, cl, p in ((x, False, w), (x.contiguous(memory_format=torch.channels_last), False, w),
+                      (x, True, torch.ones(3, dtype=dt))):
+        dynamic_tanh_backward(dynamic_tanh(xi, a, p, p, channels_last=cl), xi, a, p, p, channels_last=cl)
+        dynamic_erf_backward(dynamic_erf(xi, a, a, p, p, channels_last=cl), xi, a, a, p, p, channels_last=cl)

@@ -1,0 +1,279 @@
+r"""Fused point-wise kernels: Dynamic Tanh and Dynamic erf (one pass forward, one pass backward).
+
+.. math::
+
+    \text{DyT:}\quad y = \gamma_f \tanh(\alpha x) + \beta_f \qquad
+    \text{Derf:}\quad y = \gamma_f \operatorname{erf}(\alpha x + s) + \beta_f
+
+Every kernel sees x as a C-contiguous (R, F, S) array: f indexes the affine parameters (the
+feature), S the contiguous positions that share one feature. Rows (``S == 1``): channels-last
+layers (F = the normalized shape's size) and channels-first ones on channels-last memory
+(F = C); planes (``S > 1``): channels-first layers on contiguous (N, C, \*S) memory.
+
+Passes over memory (the minimum): forward reads x and writes y; backward reads x and dy and
+writes dx (the activation is recomputed from x rather than saved), and reduces in the same pass
+
+.. math::
+
+    u = \alpha x + s,\ a = f(u),\ g = dy\,\gamma_f f'(u):\quad
+    dx = \alpha g,\quad d\alpha = \textstyle\sum g\,x,\quad ds = \sum g,\quad
+    d\gamma_f = \sum_{f} dy\, a,\quad d\beta_f = \sum_{f} dy
+
+with f' = 1 − tanh² (DyT) or 2/√π·exp(−u²) (Derf). Each parallel chunk (``prange``) accumulates
+its own float64 partial sums (dα and ds scalars, dγ and dβ per feature) and the launcher adds
+the chunks' rows: no atomics, the result depends only on the number of chunks.
+
+Element functions. numba on this platform has no vector math library (no SVML): ``np.tanh`` and
+``math.erf`` are scalar libm calls, 20–60 ns per element, several times slower than torch's
+vectorized ones. In float32 the kernels therefore use branch-free rational approximations that
+LLVM vectorizes (the minimax forms Eigen uses for ``tanh``/``erf`` of floats: clamp, odd
+polynomial over even polynomial; at most ~6 ulp, 3.5e-7 absolute, against float64 libm over
+[−12, 12]), and exp(−u²) of Derf's derivative is computed in float64 as (e^{−v/256})^{256}
+(a degree-10 Taylor polynomial, then 8 squarings: ~4e-10 relative, no libm call). float64
+keeps libm (``tanh``, ``erf``, ``exp``): exact to the last bits, which gradcheck needs.
+NaN propagates (every clamp is written so a NaN compares false and passes through; no
+fast-math flag that assumes finite values); ±Inf saturate to ±1 as in torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from normlab.core.cpu_kernels_common import CACHE, FASTMATH, _cache_dir_override, _stamp_with_common
+
+__all__ = ["pw_fwd", "pw_bwd", "tanh_f", "erf_f", "erf_deriv"]
+
+_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+
+# Eigen's float tanh: tanh(z) ≈ z·P(z²)/Q(z²) on |z| ≤ 7.9053 (beyond, 1 in float32).
+_TA = (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
+       -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16)
+_TB = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
+# Eigen's float erf: erf(z) ≈ z·P(z²)/Q(z²) on |z| ≤ 4 (beyond, ±1 in float32).
+_EA = (-1.60960333262415e-02, -2.95459980854025e-03, -7.34990630326855e-04, -5.69250639462346e-05,
+       -2.10102402082508e-06, 2.77068142495902e-08, -2.72614225801306e-10)
+_EB = (-1.42647390514189e-02, -7.37332916720468e-03, -1.68282697438203e-03, -2.13374055278905e-04,
+       -1.45660718464996e-05)
+
+_TA32 = tuple(np.float32(c) for c in _TA)
+_TB32 = tuple(np.float32(c) for c in _TB)
+_EA32 = tuple(np.float32(c) for c in _EA)
+_EB32 = tuple(np.float32(c) for c in _EB)
+_T_CLAMP = np.float32(7.90531110763549805)
+_T_SMALL = np.float32(0.0004)
+_E_CLAMP = np.float32(4.0)
+_INV_FACT = tuple(1.0 / math.factorial(k) for k in range(11))
+
+
+def tanh_f(z):
+    """tanh in the kernels' precision (see the module docstring); compiled via the overload."""
+    return np.tanh(z)
+
+
+def erf_f(z):
+    """erf in the kernels' precision."""
+    return math.erf(z)
+
+
+def erf_deriv(u):
+    """d erf(u)/du = 2/√π·exp(−u²), in float64 for float32 u (the caller casts)."""
+    return _TWO_OVER_SQRT_PI * math.exp(-u * u)
+
+
+# numba's default (Python) error model checks every float division for a zero divisor to raise
+# ZeroDivisionError, which keeps LLVM from vectorizing the rational approximations; with the
+# numpy model x/0 is ±inf or NaN as in IEEE arithmetic (the denominators here are never 0).
+_JIT = {"fastmath": FASTMATH, "error_model": "numpy"}
+
+
+def kernel(fn):
+    """``cpu_kernels_common.kernel`` plus the numpy error model (same flags, cache, stamp)."""
+    with _cache_dir_override():
+        disp = njit(parallel=True, cache=CACHE, nogil=True, **_JIT)(fn)
+    _stamp_with_common(disp)
+    return disp
+
+
+def _is_f32(z) -> bool:
+    return isinstance(z, types.Float) and z.bitwidth == 32
+
+
+@overload(tanh_f, jit_options=_JIT)
+def _tanh_ov(z):
+    if not _is_f32(z):
+        return lambda z: np.tanh(z)
+    a0, a1, a2, a3, a4, a5, a6 = _TA32
+    b0, b1, b2, b3 = _TB32
+    c, small = _T_CLAMP, _T_SMALL
+
+    def impl(z):
+        # written so that NaN (all comparisons false) passes through unchanged
+        w = c if z > c else z
+        w = -c if w < -c else w
+        w2 = w * w
+        p = ((((((a6 * w2 + a5) * w2 + a4) * w2 + a3) * w2 + a2) * w2 + a1) * w2 + a0) * w
+        q = ((b3 * w2 + b2) * w2 + b1) * w2 + b0
+        r = p / q
+        return z if ((z < small) & (z > -small)) else r
+
+    return impl
+
+
+@overload(erf_f, jit_options=_JIT)
+def _erf_ov(z):
+    if not _is_f32(z):
+        return lambda z: math.erf(z)
+    a0, a1, a2, a3, a4, a5, a6 = _EA32
+    b0, b1, b2, b3, b4 = _EB32
+    c = _E_CLAMP
+
+    def impl(z):
+        w = c if z > c else z
+        w = -c if w < -c else w
+        w2 = w * w
+        p = ((((((a6 * w2 + a5) * w2 + a4) * w2 + a3) * w2 + a2) * w2 + a1) * w2 + a0) * w
+        q = (((b4 * w2 + b3) * w2 + b2) * w2 + b1) * w2 + b0
+        return p / q
+
+    return impl
+
+
+@overload(erf_deriv, jit_options=_JIT)
+def _erf_deriv_ov(u):
+    k = _TWO_OVER_SQRT_PI
+    if not _is_f32(u):
+        return lambda u: k * math.exp(-u * u)
+    f = _INV_FACT
+
+    def impl(u):
+        v = np.float64(u) * np.float64(u)
+        v = 104.0 if v > 104.0 else v  # exp(−104) is below float32's smallest subnormal; NaN passes
+        w = -v * (1.0 / 256.0)
+        e = f[0] + w * (f[1] + w * (f[2] + w * (f[3] + w * (f[4] + w * (f[5] + w * (
+            f[6] + w * (f[7] + w * (f[8] + w * (f[9] + w * f[10])))))))))
+        for _ in range(8):
+            e = e * e
+        return k * e
+
+    return impl
+
+
+@kernel
+def pw_fwd(x, x2, alpha, shift, w, b, erf, nchunks, y, y2):
+    """y = w_f·f(α x + s) + b_f over (R, F, S) x; f = erf if ``erf`` else tanh (s unused).
+
+    ``x2``, ``y2``: the same memory as (R, F·S). Rows (S = 1) loop over ``x2[r]``, a contiguous
+    1-D array; ``x[r, :, 0]`` would be a strided one (S is not a compile-time constant), which
+    LLVM does not vectorize.
+    """
+    R, F, S = x.shape
+    units = R if S == 1 else R * F
+    for t in prange(nchunks):
+        lo, hi = t * units // nchunks, (t + 1) * units // nchunks
+        if S == 1:
+            for r in range(lo, hi):
+                xr, yr = x2[r], y2[r]
+                if erf:
+                    for j in range(F):
+                        yr[j] = w[j] * erf_f(alpha * xr[j] + shift) + b[j]
+                else:
+                    for j in range(F):
+                        yr[j] = w[j] * tanh_f(alpha * xr[j]) + b[j]
+        else:
+            for p in range(lo, hi):
+                r, f = p // F, p % F
+                xp, yp = x[r, f], y[r, f]
+                wf, bf = w[f], b[f]
+                if erf:
+                    for s in range(S):
+                        yp[s] = wf * erf_f(alpha * xp[s] + shift) + bf
+                else:
+                    for s in range(S):
+                        yp[s] = wf * tanh_f(alpha * xp[s]) + bf
+
+
+@kernel
+def pw_bwd(x, x2, dy, dy2, alpha, shift, w, erf, nchunks, dx, dx2, pa, ps, pw, pb):
+    """dx and per-chunk float64 partials pa = Σ g·x, ps = Σ g (g = dy·w_f·f'(u)),
+    pw[t, f] = Σ dy·f(u), pb[t, f] = Σ dy; dα = Σ_t pa, ds = Σ_t ps, dγ = Σ_t pw, dβ = Σ_t pb.
+    ``*2``: (R, F·S) views, as in :func:`pw_fwd`.
+
+    Rows: each row is two loops, both vectorized: the first (x, dy, γ in; dx and dy·f(u) into a
+    row-sized scratch out; scalar sums) and the second adding the scratch and dy into the
+    chunk's dγ, dβ rows. One loop doing both touches six arrays, more than LLVM's run-time
+    alias checks allow, and stays scalar.
+    """
+    R, F, S = x.shape
+    units = R if S == 1 else R * F
+    one = x.dtype.type(1)  # a bare 1 would promote float32 arithmetic to float64
+    for t in prange(nchunks):
+        lo, hi = t * units // nchunks, (t + 1) * units // nchunks
+        acc_a = 0.0
+        acc_s = 0.0
+        if S == 1:
+            pwt, pbt = pw[t], pb[t]
+            sc = np.empty(F, x.dtype)
+            for r in range(lo, hi):
+                xr, gr, dxr = x2[r], dy2[r], dx2[r]
+                sa = 0.0
+                ss = 0.0
+                if erf:
+                    for j in range(F):
+                        u = alpha * xr[j] + shift
+                        d = gr[j]
+                        g = d * w[j] * x.dtype.type(erf_deriv(u))
+                        dxr[j] = alpha * g
+                        sa += np.float64(g * xr[j])
+                        ss += np.float64(g)
+                        sc[j] = d * erf_f(u)
+                else:
+                    for j in range(F):
+                        a = tanh_f(alpha * xr[j])
+                        d = gr[j]
+                        g = d * w[j] * (one - a * a)
+                        dxr[j] = alpha * g
+                        sa += np.float64(g * xr[j])
+                        sc[j] = d * a
+                for j in range(F):
+                    pwt[j] += np.float64(sc[j])
+                    pbt[j] += np.float64(gr[j])
+                acc_a += sa
+                acc_s += ss
+        else:
+            for p in range(lo, hi):
+                r, f = p // F, p % F
+                xp, gp, dxp = x[r, f], dy[r, f], dx[r, f]
+                wf = w[f]
+                sa = 0.0
+                ss = 0.0
+                sw = 0.0
+                sb = 0.0
+                if erf:
+                    for s in range(S):
+                        u = alpha * xp[s] + shift
+                        d = gp[s]
+                        g = d * wf * x.dtype.type(erf_deriv(u))
+                        dxp[s] = alpha * g
+                        sa += np.float64(g * xp[s])
+                        ss += np.float64(g)
+                        sw += np.float64(d * erf_f(u))
+                        sb += np.float64(d)
+                else:
+                    for s in range(S):
+                        a = tanh_f(alpha * xp[s])
+                        d = gp[s]
+                        g = d * wf * (one - a * a)
+                        dxp[s] = alpha * g
+                        sa += np.float64(g * xp[s])
+                        sw += np.float64(d * a)
+                        sb += np.float64(d)
+                acc_a += sa
+                acc_s += ss
+                pw[t, f] += sw
+                pb[t, f] += sb
+        pa[t] = acc_a
+        ps[t] = acc_s
