@@ -201,3 +201,31 @@ def test_export_is_standard_ops(cls):
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert not any("normlab" in t for t in targets), targets
     assert_close(ep.module()(x), m(x).detach().double())
+
+
+@pytest.mark.parametrize("norm", ["brn", "gbn", "ws", "frn", "evonorm-s0", "evonorm-b0", "dyt", "derf"])
+def test_bench_compositions_compute_the_same_method(norm):
+    """The eager torch composition the kernel bench times against is the normlab method itself
+    (same parameters, same output and input gradient), so the speed-ups compare like with like."""
+    from normlab.bench import kernels as K
+
+    shape = {"cnn": (16, 64, 4, 4), "transformer": (8, 64), "weights": (32, 16, 3, 3)}[K.NORMS[norm][0]]
+    torch.manual_seed(0)
+    native, ours = K._layer(norm, shape[1], native=True), K._layer(norm, shape[1], native=False)
+    ours.load_state_dict(native.state_dict(), strict=False)
+    x = (torch.randn(shape) * 1.5 + 0.3).requires_grad_()
+    yn, yo = native(x), ours(x)
+    dy = torch.randn_like(yn)
+    (gn,) = torch.autograd.grad(yn, [x], dy)
+    (go,) = torch.autograd.grad(yo, [x], dy)
+    assert_close(yo, yn.detach().double(), rtol=1e-4, atol=1e-4)
+    assert_close(go, gn.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_bench_rows_smoke():
+    from normlab.bench import kernels as K
+
+    cases = [K.run_case(K.Case("dyt", (64, 256), "rows"), ["torch", "torch-compile", "cpu"], reps=1),
+             K.run_case(K.Case("frn", (4, 32, 4, 4), "nchw"), ["torch", "torch-compile", "cpu"], reps=1)]
+    summary = K.composed_summary(cases)
+    assert set(summary) == {"dyt", "frn"} and summary["dyt"]["median_x_compile"] > 0

@@ -50,18 +50,19 @@ NORMS: dict[str, tuple[str, str]] = {
     "frn": ("cnn", "FilterResponseNorm2d + TLU"),
     "evonorm-s0": ("cnn", "EvoNorm-S0, 32 groups"),
     "evonorm-b0": ("cnn", "EvoNorm-B0, training"),
+    "ws": ("weights", "Weight Standardization of a conv weight (O, I, 3, 3)"),
     "dyt": ("transformer", "Dynamic Tanh  γ·tanh(αx) + β"),
     "derf": ("transformer", "Dynamic erf  γ·erf(αx + s) + β"),
 }
 # norms whose "torch" contender is a composition of torch ops: also timed under torch.compile
-COMPOSED = ("brn", "gbn", "frn", "evonorm-s0", "evonorm-b0", "dyt", "derf")
+COMPOSED = ("brn", "gbn", "ws", "frn", "evonorm-s0", "evonorm-b0", "dyt", "derf")
 
 
 @dataclass
 class Case:
     norm: str
     shape: tuple[int, ...]
-    layout: str  # "nchw" | "nhwc" | "rows"
+    layout: str  # "nchw" | "nhwc" | "rows" | "oihw" (a conv weight)
     # median seconds: times[contender]["fwd" | "fwdbwd"]; contender "copy" has "copy"
     times: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -84,9 +85,12 @@ def cases(quick: bool, norms: list[str]) -> list[Case]:
     else:
         cnn = [(32, c, hw, hw) for c in (64, 128, 256, 512) for hw in (8, 16, 32, 64)]
         tr = [(r, h) for r in (2048, 8192) for h in (256, 512, 1024, 2048, 4096, 8192)]
+    weights = [(256, 256, 3, 3), (512, 512, 3, 3)] if quick else [(c, c, 3, 3) for c in (64, 128, 256, 512, 1024)]
     out = []
     for norm in norms:
-        if NORMS[norm][0] == "cnn":
+        if NORMS[norm][0] == "weights":
+            out += [Case(norm, s, "oihw") for s in weights]
+        elif NORMS[norm][0] == "cnn":
             out += [Case(norm, s, lay) for s in cnn for lay in ("nchw", "nhwc")]
         else:
             out += [Case(norm, s, "rows") for s in tr]
@@ -186,12 +190,28 @@ class _TorchPointwise(nn.Module):
     def __init__(self, c: int, erf: bool):
         super().__init__()
         self.erf = erf
-        self.alpha, self.shift = nn.Parameter(torch.full((1,), 0.5)), nn.Parameter(torch.zeros(1))
+        self.alpha = nn.Parameter(torch.full((1,), 0.5))
+        self.shift = nn.Parameter(torch.zeros(1)) if erf else None
         self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
 
     def forward(self, x):
         a = torch.erf(self.alpha * x + self.shift) if self.erf else torch.tanh(self.alpha * x)
         return self.weight * a + self.bias
+
+
+class _TorchWS(nn.Module):
+    """Weight Standardization as written in torch ops (timm's StdConv2d without the conv)."""
+
+    def forward(self, w):
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return (w - mean) / torch.sqrt(var + 1e-5)
+
+
+class _NormlabWS(nn.Module):
+    def forward(self, w):
+        from normlab.functional import weight_standardize
+
+        return weight_standardize(w, 1e-5)
 
 
 def _layer(norm: str, c: int, native: bool) -> nn.Module:
@@ -206,6 +226,7 @@ def _layer(norm: str, c: int, native: bool) -> nn.Module:
             "rms": lambda: nn.RMSNorm(c, eps=1e-6),
             "brn": lambda: _TorchBatchRenorm(c),
             "gbn": lambda: _TorchGhostBN(c),
+            "ws": lambda: _TorchWS(),
             "frn": lambda: _TorchFRN(c),
             "evonorm-s0": lambda: _TorchEvoS0(c),
             "evonorm-b0": lambda: _TorchEvoB0(c),
@@ -225,6 +246,7 @@ def _layer(norm: str, c: int, native: bool) -> nn.Module:
             "rms": lambda: L.RMSNorm(c, eps=1e-6),
             "brn": lambda: L.BatchRenorm2d(c),
             "gbn": lambda: L.GhostBatchNorm2d(c, virtual_batch_size=8),
+            "ws": lambda: _NormlabWS(),
             "frn": lambda: L.FilterResponseNorm2d(c),
             "evonorm-s0": lambda: L.EvoNormS0(c),
             "evonorm-b0": lambda: L.EvoNormB0(c),
