@@ -241,7 +241,8 @@ def test_every_operator_is_covered():
     registered = {name for name in dir(N) if not name.startswith("_") and isinstance(getattr(N, name), torch._ops.OpOverloadPacket)}
     covered = {"batch_norm", "batch_norm_backward", "batch_norm_eval", "group_norm", "group_norm_backward",
                "layer_norm", "layer_norm_backward", "layer_norm_channels", "layer_norm_channels_backward",
-               "dynamic_tanh", "dynamic_tanh_backward", "dynamic_erf", "dynamic_erf_backward"}
+               "dynamic_tanh", "dynamic_tanh_backward", "dynamic_erf", "dynamic_erf_backward",
+               "filter_response_norm", "filter_response_norm_backward"}
     assert registered == covered, registered ^ covered
 
 
@@ -280,3 +281,20 @@ def test_opcheck_pointwise(case):
         assert y.is_contiguous(memory_format=torch.channels_last)
     mask = [True, True] + ([True] if kind == "erf" else []) + [affine, affine]
     torch.library.opcheck(bop, (torch.randn_like(y), x, *params, w, b, cl, backend, mask))
+
+
+@pytest.mark.parametrize("case", [(torch.float32, "contiguous", True, ""), (torch.float64, "channels_last", True, ""),
+                                  (torch.bfloat16, "sliced", False, ""), (torch.float32, "sliced", True, "reference"),
+                                  (torch.float32, "contiguous", False, "")],
+                         ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_opcheck_filter_response_norm(case):
+    dtype, layout, affine, backend = case
+    x = _input(SHAPE, dtype, layout)
+    g = torch.Generator().manual_seed(2)
+    w, b, tau = ((torch.randn(SHAPE[1], generator=g) * 0.3 + v).to(dtype) if affine else None for v in (1.0, 0.0, -0.2))
+    args = (x, w, b, tau, 1e-6, backend)
+    torch.library.opcheck(N.filter_response_norm, tuple(
+        t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args))
+    y, rstd = N.filter_response_norm(*args)
+    mask = [True, affine, affine, affine]
+    torch.library.opcheck(N.filter_response_norm_backward, (torch.randn_like(y), x, w, b, tau, rstd, 1e-6, backend, mask))

@@ -229,3 +229,63 @@ def test_bench_rows_smoke():
              K.run_case(K.Case("frn", (4, 32, 4, 4), "nchw"), ["torch", "torch-compile", "cpu"], reps=1)]
     summary = K.composed_summary(cases)
     assert set(summary) == {"dyt", "frn"} and summary["dyt"]["median_x_compile"] > 0
+
+
+# ---- Filter Response Norm + TLU through normlab::filter_response_norm (fused on the CPU)
+
+
+def _frn_formula(x, w, b, tau, eps):
+    """Singh & Krishnan 2020 in float64: z = max(γ·x/sqrt(mean_HW(x²) + ε) + β, τ)."""
+    v = (1, -1, 1, 1)
+    nu2 = (x * x).mean((2, 3), keepdim=True)
+    return torch.maximum(x / torch.sqrt(nu2 + eps) * w.view(v) + b.view(v), tau.view(v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_frn_vs_formula(dtype, layout, backend):
+    g = torch.Generator().manual_seed(3)
+    x = _layout((torch.randn(4, 6, 5, 7, generator=g, dtype=torch.float64) * 2 + 0.3).to(dtype), layout)
+    w, b, tau = ((1 + 0.3 * torch.randn(6, generator=g, dtype=torch.float64)).to(dtype),
+                 (0.2 * torch.randn(6, generator=g, dtype=torch.float64)).to(dtype),
+                 (-0.3 + 0.2 * torch.randn(6, generator=g, dtype=torch.float64)).to(dtype))
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+    leaves = [t.detach().requires_grad_() for t in (x, w, b, tau)]
+    y = F.filter_response_norm(*leaves, eps=1e-6, backend=backend)
+    got = torch.autograd.grad(y, leaves, dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = _frn_formula(*ref_leaves, 1e-6)
+    want = torch.autograd.grad(ref, ref_leaves, dy.double())
+    assert y.dtype == dtype
+    assert_close(y, ref.detach(), dtype, msg="y")
+    for name, gi, wi in zip(["dx", "dweight", "dbias", "dtau"], got, want):
+        assert gi.dtype == dtype and gi.shape == wi.shape, name
+        assert_close(gi, wi, dtype, msg=name)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_frn_gradcheck_gradgradcheck_and_no_tlu():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64).requires_grad_()
+    w, b, tau = (torch.randn(3, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    fn = lambda *a: F.filter_response_norm(*a, eps=1e-6)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b, tau))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b, tau))
+    y = F.filter_response_norm(x, w, b, None, eps=1e-6)
+    ref = _frn_formula(x.detach(), w.detach(), b.detach(), torch.full((3,), -math.inf, dtype=x.dtype), 1e-6)
+    assert_close(y, ref)
+
+
+def test_frn_nan_and_empty():
+    x = torch.randn(2, 4, 3, 3)
+    x[0, 1, 1, 1] = float("nan")
+    w, b, tau = torch.ones(4), torch.zeros(4), torch.full((4,), -0.5)
+    y = F.filter_response_norm(x, w, b, tau)
+    assert torch.isnan(y[0, 1]).all() and not torch.isnan(y[1]).any() and not torch.isnan(y[0, 0]).any()
+    e = torch.randn(0, 4, 3, 3, requires_grad=True)
+    ye = F.filter_response_norm(e, w, b, tau)
+    assert ye.shape == e.shape
+    (ge,) = torch.autograd.grad(ye.sum(), [e])
+    assert ge.shape == e.shape

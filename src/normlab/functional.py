@@ -618,9 +618,10 @@ def filter_response_norm(
         z = \max(\gamma \hat x + \beta,\ \tau)
 
     No centring. ``tau=None`` leaves out the TLU. ``learned_eps`` (a 1-element tensor) makes ε
-    learnable as in the paper: ε_total = ``eps`` + |learned_eps|. With a fixed ε the RMS
-    reduction is ``normlab::layer_norm`` over the positions (rms mode); a learned ε is a tensor,
-    so that path is plain torch ops.
+    learnable as in the paper: ε_total = ``eps`` + |learned_eps|. With a fixed ε the whole layer
+    is the ``normlab::filter_response_norm`` operator (on the CPU backend one fused pass forward,
+    one backward); a learned ε is a tensor, so that path (and tracing for export) is plain torch
+    ops.
     """
     check_input(input, min_dim=3)
     check_eps(eps)
@@ -631,7 +632,8 @@ def filter_response_norm(
         raise ValueError(f"learned_eps: expected a 1-element tensor, got shape {tuple(learned_eps.shape)}")
     k = input.dim() - 2
     if learned_eps is None and not traced(input):
-        xhat = ops.layer_norm(input, k, None, None, eps, rms=True, backend=backend)[0]
+        # one operator for the whole layer (the CPU backend: one fused pass each way)
+        return ops.filter_response_norm(input, weight, bias, tau, eps, backend=backend)[0]
     else:
         xc = input.to(compute_dtype(input.dtype))
         nu2 = xc.pow(2).mean(tuple(range(2, input.dim())), keepdim=True)

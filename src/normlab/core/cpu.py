@@ -883,3 +883,51 @@ def _warmup_pointwise(dt: torch.dtype) -> None:
                       (x, True, torch.ones(3, dtype=dt))):
         dynamic_tanh_backward(dynamic_tanh(xi, a, p, p, channels_last=cl), xi, a, p, p, channels_last=cl)
         dynamic_erf_backward(dynamic_erf(xi, a, a, p, p, channels_last=cl), xi, a, a, p, p, channels_last=cl)
+    y, rstd = filter_response_norm(x, w, w, w, 1e-6)
+    filter_response_norm_backward(y, x, w, w, w, rstd, 1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Filter Response Norm + TLU (kernels in cpu_kernels_pointwise)
+# --------------------------------------------------------------------------------------------
+
+from normlab.core.cpu_kernels_pointwise import frn_bwd, frn_fwd  # noqa: E402
+
+OPS = OPS + ("filter_response_norm",)
+__all__ += ["filter_response_norm", "filter_response_norm_backward"]
+
+
+def _frn_planes(x: Tensor) -> tuple[Tensor, int, int]:
+    """x as contiguous (N·C, S) planes (channels-last or strided input: one copy)."""
+    x = x.detach()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x, x.shape[0] * x.shape[1], x.numel() // max(x.shape[0] * x.shape[1], 1)
+
+
+def filter_response_norm(x: Tensor, weight, bias, tau, eps: float):
+    """(y, rstd): y = max(γ·x·rstd + β, τ), rstd = 1/sqrt(mean_HW(x²) + ε) float64 of shape (N, C);
+    y contiguous (the operator restores channels-last). ``tau=None``: no threshold."""
+    x, planes, s = _frn_planes(x)
+    c = x.shape[1]
+    y = _pool.empty(tuple(x.shape), x.stride(), x.dtype)
+    rstd = np.empty(planes)
+    _launch(frn_fwd, x.numpy().reshape(planes, s), _param(weight, c, x.dtype, 1.0), _param(bias, c, x.dtype, 0.0),
+            _param(tau, c, x.dtype, -math.inf), float(eps), max(1, min(_threads(x.numel()), planes)),
+            y.numpy().reshape(planes, s), rstd)
+    return y, torch.from_numpy(rstd.reshape(x.shape[0], c))
+
+
+def filter_response_norm_backward(dy, x, weight, bias, tau, rstd, eps: float, *, mask=(True,) * 4):
+    """(dx, dγ, dβ, dτ): dx contiguous in x's dtype, the rest float64 (C,)."""
+    x, planes, s = _frn_planes(x)
+    c = x.shape[1]
+    dy = dy.detach().to(x.dtype).contiguous()
+    dx = _pool.empty(tuple(x.shape), x.stride(), x.dtype)
+    nchunks = max(1, min(_threads(x.numel()), planes))
+    pw, pb, pt = (np.zeros((nchunks, c)) for _ in range(3))
+    _launch(frn_bwd, x.numpy().reshape(planes, s), dy.numpy().reshape(planes, s), _param(weight, c, x.dtype, 1.0),
+            _param(bias, c, x.dtype, 0.0), _param(tau, c, x.dtype, -math.inf), _f64(rstd), nchunks,
+            dx.numpy().reshape(planes, s), pw, pb, pt)
+    out = (dx, torch.from_numpy(pw.sum(0)), torch.from_numpy(pb.sum(0)), torch.from_numpy(pt.sum(0)))
+    return tuple(o if m else None for o, m in zip(out, mask))

@@ -277,3 +277,72 @@ def pw_bwd(x, x2, dy, dy2, alpha, shift, w, erf, nchunks, dx, dx2, pa, ps, pw, p
                 pb[t, f] += sb
         pa[t] = acc_a
         ps[t] = acc_s
+
+
+# --------------------------------------------------------------------------------------------
+# Filter Response Normalization + TLU on (P = N·C, S) planes
+# --------------------------------------------------------------------------------------------
+# ν² = mean_s(x²), r = 1/sqrt(ν² + ε), z = γ_c·x·r + β_c, y = max(z, τ_c). Forward: one read of
+# x from memory (the plane is re-read from cache), one write of y. Backward: with torch.maximum's
+# gradient (dy to z unless z < τ, to τ unless z > τ, half to each on a tie; so a NaN z sends dy
+# to both), dz = dy·k_z, dτ_c = Σ dy·k_τ, dγ_c = Σ dz·x̂, dβ_c = Σ dz, and the RMS-norm input gradient
+# dx = r·(dx̂ − x̂·mean_s(dx̂·x̂)) with x̂ = x·r, dx̂ = γ_c·dz: two passes over each plane (the
+# second from cache).
+
+
+@kernel
+def frn_fwd(x, w, b, tau, eps, nchunks, y, rstd):
+    P, S = x.shape
+    C = w.shape[0]
+    for t in prange(nchunks):
+        for p in range(t * P // nchunks, (t + 1) * P // nchunks):
+            c = p % C
+            xp, yp = x[p], y[p]
+            ss = 0.0
+            for s in range(S):
+                ss += np.float64(xp[s]) * np.float64(xp[s])
+            r = 1.0 / np.sqrt(ss / S + eps)
+            rstd[p] = r
+            a = x.dtype.type(w[c] * r)
+            bc, tc = b[c], tau[c]
+            for s in range(S):
+                z = a * xp[s] + bc
+                yp[s] = tc if z < tc else z  # NaN z compares false and passes through
+
+
+@kernel
+def frn_bwd(x, dy, w, b, tau, rstd, nchunks, dx, pw, pb, pt):
+    P, S = x.shape
+    C = w.shape[0]
+    half = x.dtype.type(0.5)
+    one = x.dtype.type(1)
+    zero = x.dtype.type(0)
+    for t in prange(nchunks):
+        for p in range(t * P // nchunks, (t + 1) * P // nchunks):
+            c = p % C
+            xp, gp, dxp = x[p], dy[p], dx[p]
+            r = x.dtype.type(rstd[p])
+            wc, bc, tc = w[c], b[c], tau[c]
+            sq = 0.0
+            sw = 0.0
+            sb = 0.0
+            st = 0.0
+            for s in range(S):
+                xh = xp[s] * r
+                z = wc * xh + bc
+                k = zero if z < tc else (half if z == tc else one)
+                kt = zero if z > tc else (half if z == tc else one)
+                dz = gp[s] * k
+                sw += np.float64(dz * xh)
+                sb += np.float64(dz)
+                st += np.float64(gp[s] * kt)
+                sq += np.float64(dz * wc * xh)
+            m = x.dtype.type(sq / S)
+            for s in range(S):
+                xh = xp[s] * r
+                z = wc * xh + bc
+                k = zero if z < tc else (half if z == tc else one)
+                dxp[s] = r * (wc * gp[s] * k - xh * m)
+            pw[t, c] += sw
+            pb[t, c] += sb
+            pt[t, c] += st

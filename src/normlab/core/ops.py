@@ -43,7 +43,7 @@ from torch import Tensor
 from normlab.core import dispatch, reference
 
 __all__ = ["stat_dtype", "batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_channels",
-           "dynamic_tanh", "dynamic_erf"]
+           "dynamic_tanh", "dynamic_erf", "filter_response_norm"]
 
 stat_dtype = reference.stat_dtype
 
@@ -699,3 +699,88 @@ def dynamic_erf(x, alpha: Tensor, shift: Tensor, weight, bias, channels_last: bo
                 backend: str | None = None):
     """y = γ·erf(α·x + s) + β through ``normlab::dynamic_erf`` (α, s 1-element tensors)."""
     return call("dynamic_erf", x, alpha, shift, weight, bias, bool(channels_last), backend or "")
+
+
+# ----------------------------------------------------------------- filter response norm + TLU
+#     filter_response_norm(x, weight?, bias?, tau?, eps, backend)            -> (y, [rstd]) (N, C)
+#     filter_response_norm_backward(dy, x, weight?, bias?, tau?, rstd, eps, backend, mask)
+#                                                                            -> (dx, dγ, dβ, dτ)
+# y = max(γ·x·rstd + β, τ), rstd = 1/sqrt(mean over positions of x² + ε); y/dx in the per-channel
+# canonical layout; ``mask`` over (x, γ, β, τ); tau None: no threshold.
+
+
+def _frn_impl(x, weight, bias, tau, eps, backend):
+    y, rstd = _backend("filter_response_norm", x, backend).filter_response_norm(x, weight, bias, tau, eps)
+    return _canonical(y, x, True), *_stats(x, rstd)
+
+
+def _frn_backward_impl(dy, x, weight, bias, tau, rstd, eps, backend, mask):
+    dx, *grads = _backend("filter_response_norm", x, backend).filter_response_norm_backward(
+        dy, x, weight, bias, tau, rstd, eps, mask=tuple(mask))
+    dx = _canonical(dx, x, True) if mask[0] else x.new_empty((0,))
+    return (dx, *_pw_param_grads(x, (weight, bias, tau), grads, mask[1:]))
+
+
+def _frn_fake(x, weight, bias, tau, eps, backend):
+    return _empty_out(x, True), x.new_empty(tuple(x.shape[:2]), dtype=stat_dtype(x))
+
+
+def _frn_backward_fake(dy, x, weight, bias, tau, rstd, eps, backend, mask):
+    dx = _empty_out(x, True) if mask[0] else x.new_empty((0,))
+    rest = [p.new_empty(p.shape) if (m and p is not None) else x.new_empty((0,), dtype=x.dtype if p is None else p.dtype)
+            for p, m in zip((weight, bias, tau), mask[1:])]
+    return (dx, *rest)
+
+
+_ops.update({
+    "filter_response_norm": _define("filter_response_norm", _frn_impl, _frn_fake, {
+        "x": _T, "weight": _OT, "bias": _OT, "tau": _OT, "eps": float, "backend": str,
+        "return": tuple[Tensor, Tensor]}),
+    "filter_response_norm_backward": _define("filter_response_norm_backward", _frn_backward_impl,
+                                             _frn_backward_fake, {
+        "dy": _T, "x": _T, "weight": _OT, "bias": _OT, "tau": _OT, "rstd": _T, "eps": float, "backend": str,
+        "mask": Sequence[bool], "return": tuple[Tensor, Tensor, Tensor, Tensor]}),
+})
+_IMPLS.update({"filter_response_norm": _frn_impl, "filter_response_norm_backward": _frn_backward_impl})
+_COMPOSITE["filter_response_norm"] = lambda x, w, b, t, eps, _: reference.filter_response_norm(x, w, b, t, eps)
+_N_DIFF["filter_response_norm"] = 4
+
+
+def _frn_setup(ctx, inputs, output):
+    x, weight, bias, tau, eps, backend = inputs
+    ctx.save_for_backward(x, weight, bias, tau, output[1])
+    ctx.args = (eps, backend)
+    ctx.compiled = True
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _frn_backward(ctx, dy, *_):
+    """The backward operator (one fused kernel on the CPU), or with ``create_graph=True`` the
+    reference composite differentiated on the saved inputs."""
+    if dy is None:
+        return (None,) * 6
+    x, weight, bias, tau, rstd = ctx.saved_tensors
+    inputs = (x, weight, bias, tau)
+    need = ctx.needs_input_grad[:4]
+    if torch.is_grad_enabled():
+        with torch.enable_grad():
+            y = reference.filter_response_norm(*inputs, ctx.args[0])[0]
+            wrt = [t for t, n in zip(inputs, need) if n and t is not None]
+            grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
+        out = []
+        for t, n in zip(inputs, need):
+            g = next(grads) if (n and t is not None) else None
+            out.append(torch.zeros_like(t) if (g is None and n and t is not None) else g)
+        return (*out, None, None)
+    grads = _run("filter_response_norm_backward", ctx.compiled)(dy, *inputs, rstd, *ctx.args, list(need))
+    return (*(g if n else None for g, n in zip(grads, need)), None, None)
+
+
+_ops["filter_response_norm"].register_autograd(_frn_backward, setup_context=_frn_setup)
+_EAGER["filter_response_norm"] = _eager_function("filter_response_norm", _frn_backward, setup=_frn_setup, n_out=2)
+
+
+def filter_response_norm(x, weight, bias, tau, eps: float, backend: str | None = None):
+    """(y, rstd) through ``normlab::filter_response_norm``."""
+    return call("filter_response_norm", x, weight, bias, tau, float(eps), backend or "")

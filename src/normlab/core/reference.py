@@ -383,3 +383,57 @@ def dynamic_erf(x: Tensor, alpha: Tensor, shift: Tensor, weight, bias, *, channe
 def dynamic_erf_backward(dy, x, alpha, shift, weight, bias, *, channels_last: bool = True, mask=(True,) * 5):
     """(dx, dα, ds, dγ, dβ) of :func:`dynamic_erf`."""
     return _pw_backward(dy, x, alpha, shift, weight, bias, channels_last, tuple(mask))
+
+
+# --------------------------------------------------------------------------------------------
+# Filter Response Normalization + TLU
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["filter_response_norm", "filter_response_norm_backward"]
+
+
+def filter_response_norm(x: Tensor, weight, bias, tau, eps: float):
+    """(y, rstd): ν² = mean_*(x²) per (n, c), rstd = 1/sqrt(ν² + ε), y = max(γ·x·rstd + β, τ)."""
+    acc = compute_dtype(x.dtype)
+    xc = x.to(acc)
+    dims = tuple(range(2, x.dim()))
+    rstd = torch.rsqrt(xc.pow(2).mean(dims, keepdim=True) + eps)
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    y = xc * rstd
+    if weight is not None:
+        y = y * weight.to(acc).view(view)
+    if bias is not None:
+        y = y + bias.to(acc).view(view)
+    if tau is not None:
+        y = torch.maximum(y, tau.to(acc).view(view))
+    return y.to(x.dtype), rstd.reshape(x.shape[:2])
+
+
+def filter_response_norm_backward(dy, x, weight, bias, tau, rstd, eps: float, *, mask=(True,) * 4):
+    """(dx, dγ, dβ, dτ) of :func:`filter_response_norm`, hand-derived: torch.maximum's gradient
+    (dy to z unless z < τ, to τ unless z > τ, half to each on a tie), dz = dy·k_z,
+    dγ = Σ dz·x̂, dβ = Σ dz, dτ = Σ dy·k_τ, dx = r·(dx̂ − x̂·mean_*(dx̂·x̂)) with dx̂ = γ·dz."""
+    acc = compute_dtype(x.dtype)
+    xc, dyc = x.to(acc), dy.to(acc)
+    dims = tuple(range(2, x.dim()))
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    r = rstd.to(acc).reshape(x.shape[:2] + (1,) * (x.dim() - 2))
+    xh = xc * r
+    w = None if weight is None else weight.to(acc).view(view)
+    z = xh if w is None else xh * w
+    if bias is not None:
+        z = z + bias.to(acc).view(view)
+    if tau is None:
+        dz, dt = dyc, None
+    else:
+        t = tau.to(acc).view(view)
+        half = torch.where(z == t, 0.5, 1.0).to(acc)
+        dz = (dyc * half).masked_fill(z < t, 0)
+        dt = (dyc * half).masked_fill(z > t, 0)
+    red = [0, *dims]
+    dxh = dz if w is None else dz * w
+    dx = (r * (dxh - xh * (dxh * xh).mean(dims, keepdim=True))).to(x.dtype) if mask[0] else None
+    dw = (dz * xh).sum(red) if mask[1] else None
+    db = dz.sum(red) if mask[2] else None
+    dtau = dt.sum(red) if (mask[3] and dt is not None) else None
+    return dx, dw, db, dtau
