@@ -883,51 +883,66 @@ def _warmup_pointwise(dt: torch.dtype) -> None:
                       (x, True, torch.ones(3, dtype=dt))):
         dynamic_tanh_backward(dynamic_tanh(xi, a, p, p, channels_last=cl), xi, a, p, p, channels_last=cl)
         dynamic_erf_backward(dynamic_erf(xi, a, a, p, p, channels_last=cl), xi, a, a, p, p, channels_last=cl)
-    y, rstd = filter_response_norm(x, w, w, w, 1e-6)
-    filter_response_norm_backward(y, x, w, w, w, rstd, 1e-6)
+    for xi in (x, x.contiguous(memory_format=torch.channels_last)):
+        y, rstd = filter_response_norm(xi, w, w, w, 1e-6)
+        filter_response_norm_backward(y, xi, w, w, w, rstd, 1e-6)
 
 
 # --------------------------------------------------------------------------------------------
 # Filter Response Norm + TLU (kernels in cpu_kernels_pointwise)
 # --------------------------------------------------------------------------------------------
 
-from normlab.core.cpu_kernels_pointwise import frn_bwd, frn_fwd  # noqa: E402
+from normlab.core.cpu_kernels_pointwise import frn_bwd, frn_bwd_cl, frn_fwd, frn_fwd_cl  # noqa: E402
 
 OPS = OPS + ("filter_response_norm",)
 __all__ += ["filter_response_norm", "filter_response_norm_backward"]
 
 
-def _frn_planes(x: Tensor) -> tuple[Tensor, int, int]:
-    """x as contiguous (N·C, S) planes (channels-last or strided input: one copy)."""
+def _frn_layout(x: Tensor) -> tuple[Tensor, bool, tuple[int, int, int]]:
+    """(x, channels-last?, kernel shape): contiguous (N·C, S, 1) planes or channels-last
+    (N, S, C) rows; any other strides are copied once to contiguous."""
     x = x.detach()
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // max(n * c, 1)
+    if _channels_last(x):
+        return x, True, (n, s, c)
     if not x.is_contiguous():
         x = x.contiguous()
-    return x, x.shape[0] * x.shape[1], x.numel() // max(x.shape[0] * x.shape[1], 1)
+    return x, False, (n * c, s, 1)
+
+
+def _frn_arr(t: Tensor, cl: bool, shape) -> np.ndarray:
+    a = t.movedim(1, -1).numpy() if cl else t.numpy()
+    return a.reshape(shape) if cl else a.reshape(shape[:2])
 
 
 def filter_response_norm(x: Tensor, weight, bias, tau, eps: float):
     """(y, rstd): y = max(γ·x·rstd + β, τ), rstd = 1/sqrt(mean_HW(x²) + ε) float64 of shape (N, C);
-    y contiguous (the operator restores channels-last). ``tau=None``: no threshold."""
-    x, planes, s = _frn_planes(x)
-    c = x.shape[1]
+    y in x's layout (contiguous or channels-last). ``tau=None``: no threshold."""
+    x, cl, shape = _frn_layout(x)
+    n, c = x.shape[0], x.shape[1]
     y = _pool.empty(tuple(x.shape), x.stride(), x.dtype)
-    rstd = np.empty(planes)
-    _launch(frn_fwd, x.numpy().reshape(planes, s), _param(weight, c, x.dtype, 1.0), _param(bias, c, x.dtype, 0.0),
-            _param(tau, c, x.dtype, -math.inf), float(eps), max(1, min(_threads(x.numel()), planes)),
-            y.numpy().reshape(planes, s), rstd)
-    return y, torch.from_numpy(rstd.reshape(x.shape[0], c))
+    rstd = np.empty((n, c))
+    units = n if cl else n * c
+    _launch(frn_fwd_cl if cl else frn_fwd, _frn_arr(x, cl, shape), _param(weight, c, x.dtype, 1.0),
+            _param(bias, c, x.dtype, 0.0), _param(tau, c, x.dtype, -math.inf), float(eps),
+            max(1, min(_threads(x.numel()), units)), _frn_arr(y, cl, shape), rstd if cl else rstd.reshape(-1))
+    return y, torch.from_numpy(rstd)
 
 
 def filter_response_norm_backward(dy, x, weight, bias, tau, rstd, eps: float, *, mask=(True,) * 4):
-    """(dx, dγ, dβ, dτ): dx contiguous in x's dtype, the rest float64 (C,)."""
-    x, planes, s = _frn_planes(x)
-    c = x.shape[1]
-    dy = dy.detach().to(x.dtype).contiguous()
+    """(dx, dγ, dβ, dτ): dx in x's layout and dtype, the rest float64 (C,)."""
+    x, cl, shape = _frn_layout(x)
+    n, c = x.shape[0], x.shape[1]
+    dy = dy.detach()
+    if dy.dtype != x.dtype or dy.stride() != x.stride():
+        dy = torch.empty_strided(tuple(x.shape), x.stride(), dtype=x.dtype).copy_(dy)
     dx = _pool.empty(tuple(x.shape), x.stride(), x.dtype)
-    nchunks = max(1, min(_threads(x.numel()), planes))
+    nchunks = max(1, min(_threads(x.numel()), n if cl else n * c))
     pw, pb, pt = (np.zeros((nchunks, c)) for _ in range(3))
-    _launch(frn_bwd, x.numpy().reshape(planes, s), dy.numpy().reshape(planes, s), _param(weight, c, x.dtype, 1.0),
-            _param(bias, c, x.dtype, 0.0), _param(tau, c, x.dtype, -math.inf), _f64(rstd), nchunks,
-            dx.numpy().reshape(planes, s), pw, pb, pt)
+    r = _f64(rstd)
+    _launch(frn_bwd_cl if cl else frn_bwd, _frn_arr(x, cl, shape), _frn_arr(dy, cl, shape),
+            _param(weight, c, x.dtype, 1.0), _param(bias, c, x.dtype, 0.0), _param(tau, c, x.dtype, -math.inf),
+            r.reshape(n, c) if cl else r, nchunks, _frn_arr(dx, cl, shape), pw, pb, pt)
     out = (dx, torch.from_numpy(pw.sum(0)), torch.from_numpy(pb.sum(0)), torch.from_numpy(pt.sum(0)))
     return tuple(o if m else None for o, m in zip(out, mask))

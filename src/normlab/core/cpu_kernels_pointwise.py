@@ -287,7 +287,7 @@ def pw_bwd(x, x2, dy, dy2, alpha, shift, w, erf, nchunks, dx, dx2, pa, ps, pw, p
 # gradient (dy to z unless z < τ, to τ unless z > τ, half to each on a tie; so a NaN z sends dy
 # to both), dz = dy·k_z, dτ_c = Σ dy·k_τ, dγ_c = Σ dz·x̂, dβ_c = Σ dz, and the RMS-norm input gradient
 # dx = r·(dx̂ − x̂·mean_s(dx̂·x̂)) with x̂ = x·r, dx̂ = γ_c·dz: two passes over each plane (the
-# second from cache).
+# second from cache). Channels-last input: ``frn_fwd_cl`` / ``frn_bwd_cl`` below.
 
 
 @kernel
@@ -346,3 +346,71 @@ def frn_bwd(x, dy, w, b, tau, rstd, nchunks, dx, pw, pb, pt):
             pw[t, c] += sw
             pb[t, c] += sb
             pt[t, c] += st
+
+
+# FRN on channels-last memory: x is (N, S, C) with C innermost; the statistics of sample n are
+# column sums over its S rows, so each sample is one parallel unit (two passes over it, the
+# second from cache: a CNN sample is at most a few MiB).
+
+
+@kernel
+def frn_fwd_cl(x, w, b, tau, eps, nchunks, y, rstd):
+    N, S, C = x.shape
+    for t in prange(nchunks):
+        acc = np.empty(C)
+        a = np.empty(C, x.dtype)
+        for n in range(t * N // nchunks, (t + 1) * N // nchunks):
+            xn, yn = x[n], y[n]
+            acc[:] = 0.0
+            for s in range(S):
+                xs = xn[s]
+                for c in range(C):
+                    acc[c] += np.float64(xs[c]) * np.float64(xs[c])
+            for c in range(C):
+                r = 1.0 / np.sqrt(acc[c] / S + eps)
+                rstd[n, c] = r
+                a[c] = x.dtype.type(w[c] * r)
+            for s in range(S):
+                xs, ys = xn[s], yn[s]
+                for c in range(C):
+                    z = a[c] * xs[c] + b[c]
+                    ys[c] = tau[c] if z < tau[c] else z
+
+
+@kernel
+def frn_bwd_cl(x, dy, w, b, tau, rstd, nchunks, dx, pw, pb, pt):
+    N, S, C = x.shape
+    half = x.dtype.type(0.5)
+    one = x.dtype.type(1)
+    zero = x.dtype.type(0)
+    for t in prange(nchunks):
+        r = np.empty(C, x.dtype)
+        m = np.empty(C, x.dtype)
+        sq = np.empty(C)
+        pwt, pbt, ptt = pw[t], pb[t], pt[t]
+        for n in range(t * N // nchunks, (t + 1) * N // nchunks):
+            xn, gn, dxn = x[n], dy[n], dx[n]
+            for c in range(C):
+                r[c] = x.dtype.type(rstd[n, c])
+            sq[:] = 0.0
+            for s in range(S):
+                xs, gs = xn[s], gn[s]
+                for c in range(C):
+                    xh = xs[c] * r[c]
+                    z = w[c] * xh + b[c]
+                    k = zero if z < tau[c] else (half if z == tau[c] else one)
+                    kt = zero if z > tau[c] else (half if z == tau[c] else one)
+                    dz = gs[c] * k
+                    pwt[c] += np.float64(dz * xh)
+                    pbt[c] += np.float64(dz)
+                    ptt[c] += np.float64(gs[c] * kt)
+                    sq[c] += np.float64(dz * w[c] * xh)
+            for c in range(C):
+                m[c] = x.dtype.type(sq[c] / S)
+            for s in range(S):
+                xs, gs, dxs = xn[s], gn[s], dxn[s]
+                for c in range(C):
+                    xh = xs[c] * r[c]
+                    z = w[c] * xh + b[c]
+                    k = zero if z < tau[c] else (half if z == tau[c] else one)
+                    dxs[c] = r[c] * (w[c] * gs[c] * k - xh * m[c])
