@@ -79,3 +79,23 @@ def numpy_final(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
 
     log(0, {"loss": np.float32(0.5), "nan": float("nan")})
     return {"acc": np.float64(0.75), "steps": np.int64(3), "curve": np.arange(3), "nan": float("nan")}
+
+
+@register_runner("fake-die-once")
+def die_once(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
+    """Logs an epoch, then kills its own process on the first attempt (``<marker>`` absent).
+
+    Every epoch and the final dict carry a per-attempt token, so a test can check that nothing
+    of the killed attempt is left in the store.
+    """
+    token = uuid.uuid4().hex
+    marker = Path(config["marker"])
+    first = not marker.exists()
+    marker.write_text(token)
+    log(0, {"token": token})
+    if first:
+        time.sleep(0.2)
+        os._exit(3)
+    for e in range(1, int(config.get("epochs", 3))):
+        log(e, {"token": token})
+    return {"token": token, "pid": os.getpid()}

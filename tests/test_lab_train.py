@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from normlab.lab import norms
+import normlab.nn as lnn
+from normlab.lab import train as train_module
 from normlab.lab.models import build_model
 from normlab.lab.train import TrainConfig, TrainHook, evaluate, peak_rss_mb, set_threads, train
 
@@ -172,14 +173,14 @@ def test_adam_and_each_model_trains_a_step() -> None:
 # Weight norm init, eval mode, hooks
 # --------------------------------------------------------------------------------------------
 def test_weight_norm_data_init_is_applied(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = norms.layers.init_weight_norm_
+    real = train_module.init_weight_norm_
     seen: list[tuple[nn.Module, torch.Tensor]] = []
 
     def spy(model: nn.Module, batch: torch.Tensor) -> nn.Module:
         seen.append((model, batch))
         return real(model, batch)
 
-    monkeypatch.setattr(norms.layers, "init_weight_norm_", spy)
+    monkeypatch.setattr(train_module, "init_weight_norm_", spy)
 
     class FirstLayerStats(TrainHook):
         def on_train_start(self, model, config, data) -> None:
@@ -208,7 +209,7 @@ def test_evaluate_uses_eval_mode() -> None:
     x, y = torch.randn(64, 4) * 3 + 1, torch.arange(64) % 3
     model.train()
     model(x)  # give BN some running statistics
-    bn = next(m for m in model.modules() if isinstance(m, norms.layers.BatchNorm1d))
+    bn = next(m for m in model.modules() if isinstance(m, lnn.BatchNorm1d))
     running = bn.running_mean.clone()
     data = TensorDataset(x, y)
     full = evaluate(model, data, batch_size=512)

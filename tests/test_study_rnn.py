@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from normlab.lab import rnn_models
 from normlab.lab.models import build_model, model_names, needs_data_init
 from normlab.lab.store import RunResult
 from normlab.lab.studies import CARD_VERDICTS, Card, Figure, get_study

@@ -405,7 +405,7 @@ def test_data_dependent_init_errors() -> None:
 
     with pytest.raises(RuntimeError, match="unused"):
         init_weight_norm_(Skips(), torch.randn(3, 2))
-    with pytest.raises(TypeError, match="batch must be"):
+    with pytest.raises(TypeError, match="batch: expected a Tensor"):
         init_weight_norm_(weight_norm(nn.Linear(2, 2)), 3.0)
 
 
@@ -420,11 +420,11 @@ def test_errors() -> None:
         weight_norm(bn, name="running_mean")
     with pytest.raises(ValueError, match=r"dim=2 is out of range.*\[-2, 1\]"):
         weight_norm(nn.Linear(2, 2), dim=2)
-    with pytest.raises(ValueError, match="dim must be an int, None or 'auto'"):
+    with pytest.raises(ValueError, match="dim: expected an int, None or 'auto'"):
         weight_norm(nn.Linear(2, 2), dim="last")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="dim must be an int"):
+    with pytest.raises(TypeError, match="dim: expected an int, None or 'auto', got float"):
         weight_norm(nn.Linear(2, 2), dim=1.0)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="module must be"):
+    with pytest.raises(TypeError, match="module: expected a torch.nn.Module"):
         weight_norm(torch.randn(2, 2))  # type: ignore[arg-type]
     twice = weight_norm(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="already weight-normalized"):
@@ -436,5 +436,5 @@ def test_errors() -> None:
         remove_weight_norm(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="not weight-normalized"):
         remove_weight_norm(twice, name="bias")
-    with pytest.raises(ValueError, match="dim must be a non-negative int"):
+    with pytest.raises(ValueError, match="dim: expected a non-negative int or None"):
         WeightNorm(-1)

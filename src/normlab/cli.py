@@ -6,6 +6,8 @@ Commands::
     normlab study NAME [options]            run one study (resumable), then build its report
     normlab report DIR                      rebuild the report of a run directory
     normlab demo [--out DIR] [--workers N]  every study's quick profile, one report
+      (study and demo: --executor ray [--address auto|HOST:PORT] runs them on a Ray cluster)
+    normlab advise --model M --data D       which normalization for your own model and data
     normlab bench ...                       benchmarks (from normlab.bench)
 
 Every failure prints one line, ``Error: ...``, without a traceback. Exit status 2: bad input
@@ -30,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
+
+from normlab._checks import check_positive_int
 
 if TYPE_CHECKING:
     from normlab.lab.studies import Study
@@ -107,9 +111,16 @@ def _parse_list(text: str | None, option: str, convert: Callable[[str], T]) -> l
 
 def _positive_int(text: str) -> int:
     value = int(text)
-    if value < 1:
-        raise ValueError(text)
+    check_positive_int(value, "value")  # a ValueError: the caller names the option and the value
     return value
+
+
+def _executor(name: str) -> str:
+    """The ``--executor`` value, checked (``local`` or ``ray``)."""
+    choices = ("local", "ray")
+    if name not in choices:
+        _fail(f"--executor: expected one of {', '.join(choices)}, got {name!r}")
+    return name
 
 
 def _version_callback(value: bool) -> None:
@@ -277,16 +288,37 @@ def _execute(
     force: bool = False,
     dry_run: bool = False,
     data_options: dict[str, Any] | None = None,
-) -> None:
-    """Run the sweeps of ``plan`` in ``out`` (one pool), build the report, print its path."""
+    executor: str = "local",
+    address: str | None = None,
+    report: bool = True,
+) -> list[Any]:
+    """Run the sweeps of ``plan`` in ``out`` (one pool), build the report, print its path.
+
+    ``report=False`` (a first phase of a command that runs more): no report, failed runs are
+    returned with the others instead of ending the command."""
     import signal
     import sqlite3
 
     from normlab.lab.report import build_report
     from normlab.lab.store import StoreError
     from normlab.lab.studies import config_meta
-    from normlab.lab.sweep import RunDirError, SweepLockedError, check_run_dir, run_many
+    from normlab.lab.sweep import (
+        ExecutorError,
+        RayExecutor,
+        RunDirError,
+        SweepLockedError,
+        check_run_dir,
+        run_many,
+    )
 
+    runs_on: Any = "local"
+    if executor == "ray":
+        try:  # before anything is written: a bad address leaves the run directory untouched
+            runs_on = RayExecutor(address, max_in_flight=workers)
+        except ExecutorError as exc:
+            _fail(str(exc))
+    elif address is not None:
+        _fail(f"--address: expected only with --executor ray, got --executor {executor}")
     try:
         check_run_dir(out, force=force)  # reads only: refused folders and files stay untouched
     except (RunDirError, StoreError) as exc:
@@ -300,9 +332,11 @@ def _execute(
         _fail(str(exc))
     n_studies = len(plan)
     summary = f"{len(jobs)} run(s) of {n_studies} stud{'y' if n_studies == 1 else 'ies'} in {out}"
+    if executor == "ray":
+        summary += f" on Ray ({address or 'default address'})"
     if dry_run:
         typer.echo(f"{summary}: data and model validated; dry run, nothing written")
-        return
+        return []
     # The configs are recorded by the sweep once it holds the directory's lock, so a command
     # refused because another sweep is running there changes nothing.
     meta = dict(config_meta(study, cfg, quick=quick, data_options=data_options)
@@ -317,10 +351,15 @@ def _execute(
     resume = (f"Finished runs are saved in {out}; the run directory is resumable: run the same "
               "command again to continue.")
     try:
-        results = run_many(jobs, out, workers=workers, progress=not quiet, meta=meta)
+        results = run_many(jobs, out, workers=workers, progress=not quiet, meta=meta,
+                           executor=runs_on)
+        if not report:
+            return results
         index = build_report(out)
     except SweepLockedError as exc:
         _fail(str(exc), code=1)
+    except ExecutorError as exc:
+        _fail(str(exc))
     except KeyboardInterrupt:
         typer.echo(f"\nInterrupted. {resume}", err=True)
         raise typer.Exit(130) from None
@@ -342,6 +381,7 @@ def _execute(
     if failed:
         typer.echo(f"{len(failed)} run(s) failed; see the report.", err=True)
         raise typer.Exit(1)
+    return results
 
 
 @app.command("study")
@@ -357,7 +397,16 @@ def study_cmd(
     data: str | None = typer.Option(None, "--data", metavar="SPEC", help="Data set spec."),
     model: str | None = typer.Option(None, "--model", metavar="SPEC", help="Model spec."),
     workers: int | None = typer.Option(
-        None, "--workers", min=1, metavar="N", help="Worker processes (default: number of cores)."
+        None, "--workers", min=1, metavar="N",
+        help="Runs at once (default: number of cores; with --executor ray: as the cluster schedules).",
+    ),
+    executor: str = typer.Option(
+        "local", "--executor", metavar="local|ray",
+        help="Where runs execute: worker processes here (local) or tasks on a Ray cluster (ray).",
+    ),
+    address: str | None = typer.Option(
+        None, "--address", metavar="auto|HOST:PORT",
+        help="With --executor ray: the cluster (default: RAY_ADDRESS, else a local Ray instance).",
     ),
     out: Path | None = typer.Option(
         None, "--out", metavar="DIR", help="Run directory (default: runs/<study>); resumes if it has results."
@@ -380,8 +429,11 @@ def study_cmd(
     """Run one study (resuming what an earlier run left) and build its report."""
     from normlab.lab.studies import StudyError, get_study
 
-    if seeds is not None and seeds < 1:
-        _fail(f"--seeds must be >= 1, got {seeds}")
+    if seeds is not None:
+        try:
+            check_positive_int(seeds, "--seeds")
+        except ValueError as exc:
+            _fail(str(exc))
     data_options = _parse_data_options(data_option, num_classes)
 
     overrides = {
@@ -399,14 +451,24 @@ def study_cmd(
         _fail(str(exc))
     out_dir = out if out is not None else DEFAULT_RUNS_DIR / study.name
     _execute([(study, cfg, configs, quick)], out_dir, workers, quiet, force=force,
-             dry_run=dry_run, data_options=data_options)
+             dry_run=dry_run, data_options=data_options, executor=_executor(executor),
+             address=address)
 
 
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(DEFAULT_RUNS_DIR / "demo", "--out", metavar="DIR", help="Run directory."),
     workers: int | None = typer.Option(
-        None, "--workers", min=1, metavar="N", help="Worker processes (default: number of cores)."
+        None, "--workers", min=1, metavar="N",
+        help="Runs at once (default: number of cores; with --executor ray: as the cluster schedules).",
+    ),
+    executor: str = typer.Option(
+        "local", "--executor", metavar="local|ray",
+        help="Where runs execute: worker processes here (local) or tasks on a Ray cluster (ray).",
+    ),
+    address: str | None = typer.Option(
+        None, "--address", metavar="auto|HOST:PORT",
+        help="With --executor ray: the cluster (default: RAY_ADDRESS, else a local Ray instance).",
     ),
     include_hidden: bool = typer.Option(
         False, "--include-hidden", help="Also run hidden studies (e.g. smoke)."
@@ -438,7 +500,138 @@ def demo_cmd(
             plan.append((study, cfg, configs, True))
     except StudyError as exc:
         _fail(str(exc))
-    _execute(plan, out, workers, quiet, force=force, dry_run=dry_run)
+    _execute(plan, out, workers, quiet, force=force, dry_run=dry_run,
+             executor=_executor(executor), address=address)
+
+
+@app.command("advise")
+def advise_cmd(
+    model: str = typer.Option(
+        ..., "--model", metavar="SPEC",
+        help="Your model: package.module:function returning an nn.Module (it may take input_shape "
+             "and num_classes; it needs no norm parameter).",
+    ),
+    data: str = typer.Option(..., "--data", metavar="SPEC", help="Your data (any spec `normlab study` takes)."),
+    batch_size: str = typer.Option("32", "--batch-size", metavar="LIST", help="Batch size(s), e.g. 8,64."),
+    budget: str = typer.Option("10m", "--budget", metavar="TIME", help="Wall-clock budget, e.g. 90s, 10m, 1h."),
+    methods: str | None = typer.Option(
+        None, "--methods", metavar="LIST",
+        help="Methods to try (default: own,bn,gn,ln,rms,ws+gn,frn,brn,none; own = your model as written).",
+    ),
+    seeds: int = typer.Option(3, "--seeds", min=2, metavar="N", help="Evaluation seeds per method."),
+    optimizer: str = typer.Option("adam", "--optimizer", metavar="NAME", help="adam or sgd."),
+    steps: int | None = typer.Option(
+        None, "--steps", min=1, metavar="N", help="Steps per run, instead of what --budget buys."
+    ),
+    model_option: list[str] | None = typer.Option(
+        None, "--model-option", metavar="KEY=VALUE", help="Keyword argument for your model function (repeatable)."
+    ),
+    data_option: list[str] | None = typer.Option(
+        None, "--data-option", metavar="KEY=VALUE", help="Data loader option (repeatable)."
+    ),
+    num_classes: int | None = typer.Option(None, "--num-classes", min=1, metavar="K", help="Number of classes."),
+    workers: int | None = typer.Option(
+        None, "--workers", min=1, metavar="N", help="Worker processes (default: number of cores)."
+    ),
+    out: Path = typer.Option(DEFAULT_RUNS_DIR / "advise", "--out", metavar="DIR", help="Run directory (resumable)."),
+    force: bool = typer.Option(
+        False, "--force", help="Write into an existing folder that is not a normlab run directory."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Which normalization for your model? Swap it for each method, train, compare, recommend.
+
+    Each method replaces your model's normalization layers (normlab.convert); every (method, batch
+    size) gets a short learning-rate search (seed 0), then fresh seeds at the best rate, all within
+    --budget. The report gives error and step time per method with 95% intervals, the Pareto
+    front, and one recommendation computed from the data.
+    """
+    import dataclasses
+    import time
+
+    from normlab.lab import advise as planner
+    from normlab.lab.data import load_dataset
+    from normlab.lab.store import DB_NAME, Store, StoreError
+    from normlab.lab.studies import get_study, load_study_config
+    from normlab.lab.studies import advise as study_mod
+    from normlab.lab.sweep import RunDirError, available_cores, check_run_dir
+
+    t_start = time.perf_counter()
+    try:
+        budget_s = planner.parse_budget(budget)
+    except ValueError as exc:
+        _fail(str(exc))
+    if optimizer not in study_mod.LRS:
+        _fail(f"--optimizer: expected one of {sorted(study_mod.LRS)}, got {optimizer!r}")
+    sizes = _parse_list(batch_size, "--batch-size", _positive_int) or []
+    wanted = tuple(_parse_list(methods, "--methods", str) or study_mod.METHODS)
+    model_options = _parse_data_options(model_option, None)
+    data_options = _parse_data_options(data_option, num_classes)
+    study = get_study(study_mod.NAME)
+    cfg = study_mod.Config(model=model, data=data, model_options=model_options,
+                           data_options=data_options, methods=wanted,
+                           batch_sizes=tuple(sizes), seeds=seeds, optimizer=optimizer,
+                           lrs=study_mod.LRS[optimizer], budget_s=budget_s)
+    try:
+        check_run_dir(out, force=force)
+    except (RunDirError, StoreError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"--out: cannot use {out} ({exc.strerror or exc})")
+    settings = ("model", "data", "model_options", "data_options", "batch_sizes", "seeds", "optimizer", "lrs", "budget_s")
+    previous = None
+    if (out / DB_NAME).is_file():
+        try:
+            with Store(out / DB_NAME) as store:
+                previous = load_study_config(store, study)
+        except (StoreError, ValueError, TypeError) as exc:
+            _fail(str(exc))
+    asked = wanted
+    if previous is not None and all(getattr(previous, f) == getattr(cfg, f) for f in settings) and \
+            previous.asked == asked and (steps is None or steps == previous.steps):
+        # the same command again: the same plan (so the same runs; finished ones are not redone)
+        cfg = dataclasses.replace(previous, chosen={})
+        note = "resuming the recorded plan"
+    else:
+        try:
+            bundle = load_dataset(data, seed=0, val_fraction=0.2, **data_options)
+            found = planner.candidates(cfg, bundle)
+        except (ValueError, TypeError, OSError) as exc:
+            _fail(str(exc))
+        for m, why in found.skipped.items():
+            typer.echo(f"advise: skipping {m}: {why}", err=True)
+        cfg = dataclasses.replace(cfg, methods=tuple(found.methods),
+                                  labels=found.labels, asked=asked)
+        say = None if quiet else (lambda text: typer.echo(f"advise: {text}", err=True))
+        calibration = planner.calibrate(cfg, bundle, found.methods, progress=say)
+        n_workers = min(workers or available_cores(), available_cores())
+        if steps is None:
+            try:
+                per_run = planner.run_overhead_s(cfg, bundle, found.methods)
+                startup = planner.startup_s()
+                steps = planner.plan_steps(cfg, calibration, found.methods, budget_s=budget_s,
+                                           spent_s=time.perf_counter() - t_start, workers=n_workers,
+                                           per_run_s=per_run, startup=startup)
+            except ValueError as exc:
+                _fail(str(exc))
+        cfg = dataclasses.replace(cfg, steps=steps, calibration=calibration)
+        note = "calibrated"
+    n_pairs = len(cfg.methods) * len(cfg.batch_sizes)
+    typer.echo(f"advise: {note}: {len(cfg.methods)} methods ({', '.join(cfg.methods)}) × "
+               f"{len(cfg.batch_sizes)} batch size(s); {n_pairs * (len(cfg.lrs) + cfg.seeds)} runs of "
+               f"{cfg.steps} steps", err=True)
+    try:
+        study.validate(cfg)
+    except ValueError as exc:
+        _fail(str(exc))
+    search = _execute([(study, cfg, study.runs(cfg), False)], out, workers, quiet, force=force,
+                      report=False)
+    cfg = dataclasses.replace(cfg, chosen=study_mod.choose_lrs(search, cfg))
+    results = _execute([(study, cfg, study.runs(cfg), False)], out, workers, quiet)
+    done = [r for r in results if r.done]
+    for card in study_mod.analyze(done, cfg):
+        typer.echo(card.measurement)
+    typer.echo(f"advise: {time.perf_counter() - t_start:.0f} s of the {budget_s:.0f} s budget", err=True)
 
 
 @app.command("report")

@@ -29,6 +29,14 @@ from torch import Tensor
 
 import torch.nn.functional as TF
 
+# The public check_* stay importable from here (they were defined here before _checks.py).
+from normlab._checks import check_channels, check_eps, check_input, check_momentum
+from normlab._checks import check_divisor, check_positive_int
+from normlab._checks import check_limit as _check_limit
+from normlab._checks import check_normalized_shape as _normalized_shape
+from normlab._checks import check_param as _check_param
+from normlab._checks import check_scalar as _check_scalar
+from normlab._checks import check_trailing as _check_trailing
 from normlab.core import ops, reference
 from normlab.core.reference import compute_dtype
 
@@ -49,48 +57,6 @@ __all__ = [
 def traced(x) -> bool:
     """True while ``x`` flows through torch.export, torch.jit.trace or torch.fx.symbolic_trace."""
     return isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_exporting()
-
-
-def check_input(x: Tensor, name: str = "input", *, min_dim: int = 1) -> None:
-    """Tensor of a floating dtype with at least ``min_dim`` dims (empty tensors are valid)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not (x.is_floating_point()):
-        raise TypeError(
-            f"{name}: expected a floating-point tensor (float16, bfloat16, float32, float64), "
-            f"got dtype {x.dtype}; convert with .float()"
-        )
-    if x.dim() < min_dim:
-        raise ValueError(f"{name}: expected at least {min_dim}-D input, got {x.dim()}-D of shape {tuple(x.shape)}")
-
-
-def check_eps(eps: float) -> None:
-    """ε ≥ 0 (0 is allowed, as in torch: a constant group then gives NaN, not an error)."""
-    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and eps >= 0):
-        raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
-
-
-def check_momentum(momentum: float | None, *, allow_none: bool = False) -> None:
-    """Momentum of the running averages: a number in [0, 1] (None = cumulative, modules only)."""
-    if momentum is None and allow_none:
-        return
-    if isinstance(momentum, bool) or not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
-        expected = "a number in [0, 1] or None" if allow_none else "a number in [0, 1]"
-        raise ValueError(f"momentum: expected {expected}, got {momentum!r}")
-
-
-def check_channels(x: Tensor, num_channels: int, name: str = "input") -> None:
-    if x.dim() < 2:
-        raise ValueError(f"{name}: expected (N, C, *) input with C = {num_channels}, got shape {tuple(x.shape)}")
-    if x.shape[1] != num_channels:
-        raise ValueError(
-            f"{name}: expected {num_channels} channels (dim 1), got {x.shape[1]} in shape {tuple(x.shape)}"
-        )
-
-
-def _check_param(t: Tensor | None, shape: tuple[int, ...], name: str) -> None:
-    if t is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
 @torch.no_grad()
@@ -238,8 +204,7 @@ def group_norm(
     check_input(input, min_dim=2)
     check_eps(eps)
     c = input.shape[1]
-    if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
-        raise ValueError(f"num_groups: expected a positive divisor of the {c} channels, got {num_groups!r}")
+    check_divisor(num_groups, c, "num_groups", f"the {c} channels")
     _check_param(weight, (c,), "weight")
     _check_param(bias, (c,), "bias")
     return ops.group_norm(input, num_groups, weight, bias, eps, backend=backend)[0]
@@ -288,21 +253,6 @@ def instance_norm(
 
 
 # ----------------------------------------------------------------------------- layer / RMS
-
-
-def _normalized_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if not shape or any((not isinstance(s, int)) or s <= 0 for s in shape):
-        raise ValueError(f"normalized_shape: expected a non-empty sequence of positive ints, got {normalized_shape!r}")
-    return shape
-
-
-def _check_trailing(input: Tensor, shape: tuple[int, ...]) -> None:
-    if tuple(input.shape[input.dim() - len(shape):]) != shape or input.dim() < len(shape):
-        raise ValueError(
-            f"normalized_shape: expected the input's trailing dims to be {list(shape)}, "
-            f"got input of shape {list(input.shape)}"
-        )
 
 
 def layer_norm(
@@ -409,14 +359,6 @@ __all__ += [
 
 def _chan_view(x: Tensor) -> tuple[int, ...]:
     return (1, -1) + (1,) * (x.dim() - 2)
-
-
-def _check_limit(value, name: str, low: float) -> None:
-    """A number limit (r_max ≥ 1, d_max ≥ 0); tensors (from a schedule) are not inspected."""
-    if isinstance(value, Tensor):
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
-        raise ValueError(f"{name}: expected a number >= {low:g}, got {value!r}")
 
 
 def _needs_running(running_mean, running_var, what: str) -> None:
@@ -554,8 +496,7 @@ def ghost_batch_norm(
     c = input.shape[1]
     for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
         _check_param(t, (c,), name)
-    if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
-        raise ValueError(f"virtual_batch_size: expected a positive int, got {virtual_batch_size!r}")
+    check_positive_int(virtual_batch_size, "virtual_batch_size")
     use_batch_stats = training or running_mean is None or running_var is None
     if not use_batch_stats:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps, backend=backend)
@@ -679,8 +620,7 @@ def evonorm_s0(
     check_input(input, min_dim=2)
     check_eps(eps)
     c = input.shape[1]
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0 or c % groups:
-        raise ValueError(f"groups: expected a positive divisor of the {c} channels, got {groups!r}")
+    check_divisor(groups, c, "groups", f"the {c} channels")
     for t, name in ((weight, "weight"), (bias, "bias"), (v, "v")):
         _check_param(t, (c,), name)
     xc = input.to(compute_dtype(input.dtype))
@@ -741,14 +681,6 @@ def evonorm_b0(
     if bias is not None:
         y = y + bias.view(view)
     return y.to(input.dtype)
-
-
-def _check_scalar(t, name: str) -> None:
-    if isinstance(t, Tensor):
-        if t.numel() != 1:
-            raise ValueError(f"{name}: expected a scalar (1-element tensor), got shape {tuple(t.shape)}")
-    elif isinstance(t, bool) or not isinstance(t, (int, float)):
-        raise TypeError(f"{name}: expected a number or a 1-element tensor, got {type(t).__name__}")
 
 
 def _check_pointwise_affine(input: Tensor, weight, bias, channels_last: bool) -> None:

@@ -100,11 +100,9 @@ def torchify(model: nn.Module) -> nn.Module:
 
 
 def _count_norms(model: nn.Module) -> int:
-    import normlab.nn as L
+    from normlab.nn.utils import is_norm_layer
 
-    kinds = (L.BatchNorm1d, L.BatchNorm2d, L.GroupNorm, L.InstanceNorm1d, L.InstanceNorm2d,
-             L.LayerNorm, L.RMSNorm, L.MeanOnlyBatchNorm)
-    return sum(isinstance(m, kinds) for m in model.modules())
+    return sum(is_norm_layer(m) for m in model.modules())
 
 
 def _step_fn(model: nn.Module, x, target, backend: str | None):
@@ -307,9 +305,10 @@ def run_zoo(names, *, threads=(1, 2), reps: int = 15, batch: int = 16, compiled:
 
 
 def _is_norm(m: nn.Module) -> bool:
-    from torch.nn.modules.batchnorm import _NormBase
+    from normlab.nn.utils import is_norm_layer
 
-    return isinstance(m, (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or type(m).__name__.endswith("RMSNorm")
+    # Model zoos define their own RMSNorm classes (not torch subclasses): counted by name.
+    return is_norm_layer(m) or type(m).__name__.endswith("RMSNorm")
 
 
 def render_zoo(results: list[dict], console=None) -> None:

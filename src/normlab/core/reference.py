@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "moments",
     "normalize",
     "batch_norm",
     "batch_norm_backward",
@@ -147,6 +148,19 @@ def normalize(
         y = y + bias.to(acc)
     mean = None if mode == RMS else _mean(shift, corr, stat_dtype(x))
     return y.to(x.dtype), mean, var, rstd
+
+
+def moments(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
+    r"""Biased mean and variance of ``x`` over ``dims`` (reduced dims dropped), as :func:`normalize`
+    computes them: μ = shift + c, σ² = mean(d²) − c² with d = x − shift, c = mean(d).
+
+    In the compute dtype (float32 for 16-bit inputs, the input dtype otherwise); no gradient.
+    """
+    dims = tuple(d % x.dim() for d in dims)
+    with torch.no_grad():
+        xc = x.to(compute_dtype(x.dtype))
+        shift, corr, var, _ = _moments(xc, dims, STANDARD, 0.0)
+        return (shift + corr).squeeze(dims), var.squeeze(dims)
 
 
 def _mean(shift: Tensor, corr: Tensor, dtype: torch.dtype) -> Tensor:

@@ -70,7 +70,6 @@ import os
 import pickle
 import re
 import struct
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,11 +79,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from normlab._checks import check_int, check_positive_int
+from normlab.lab.util import add_entry, import_object
+
 __all__ = [
     "DataBundle",
     "data_identity",
     "dataset_names",
-    "import_object",
     "load_dataset",
     "read_idx",
     "register_dataset",
@@ -288,10 +289,9 @@ def _subset_order(y: torch.Tensor, classification: bool) -> torch.Tensor:
 
 
 def _limit(ds: TensorDataset, limit: int | None, classification: bool, name: str) -> TensorDataset:
+    check_positive_int(limit, name, allow_none=True)
     if limit is None:
         return ds
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ValueError(f"{name}: expected a positive int or None, got {limit!r}")
     x, y = ds.tensors
     if limit >= len(y):
         return ds
@@ -456,8 +456,7 @@ def load_synthetic2d(
     task: str = "regression",
 ) -> DataBundle:
     """The article's two-feature example (see the module docstring); draws use ``seed``."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n: expected an int >= 2, got {n!r}")
+    check_int(n, "n", low=2)
     if task not in ("regression", "classification"):
         raise ValueError(f"task: expected 'regression' or 'classification', got {task!r}")
     if noise < 0:
@@ -566,9 +565,7 @@ def register_dataset(name: str, loader: Loader, *, overwrite: bool = False) -> N
         raise ValueError(f"name: expected a non-empty name without ':', '/', ',', got {name!r}")
     if not callable(loader):
         raise TypeError(f"loader: expected a callable, got {type(loader).__name__}")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"name: data set {name!r} is already registered (pass overwrite=True)")
-    _REGISTRY[name] = loader
+    add_entry(_REGISTRY, name, loader, kind="data set", overwrite=overwrite)
 
 
 def dataset_names() -> list[str]:
@@ -1063,34 +1060,6 @@ def _load_image_folder(
 # module:function
 # --------------------------------------------------------------------------------------------
 _MODULE_FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-
-
-def import_object(spec: str, what: str) -> Any:
-    """Import ``obj`` from ``"package.module:obj"``; ``what`` names the argument in errors."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
-            raise ValueError(f"{what}: cannot import module {module_name!r} of {spec!r} ({exc})") from exc
-        cwd = os.getcwd()
-        on_path = any(os.path.abspath(p or os.curdir) == cwd for p in sys.path)
-        where = (f"the current folder {cwd} and the Python path" if on_path else
-                 f"the Python path, which does not include the current folder {cwd}")
-        raise ValueError(
-            f"{what}: cannot import module {module_name!r} of {spec!r}: no module named {exc.name!r} in "
-            f"{where} (check the "
-            "spelling, or run from the folder that holds it)"
-        ) from None
-    except ImportError as exc:
-        raise ValueError(f"{what}: cannot import module {module_name!r} of {spec!r} ({exc})") from exc
-    try:
-        obj = getattr(module, attr)
-    except AttributeError:
-        raise ValueError(f"{what}: module {module_name!r} has no attribute {attr!r}") from None
-    if not callable(obj):
-        raise TypeError(f"{what}: {spec!r} is a {type(obj).__name__}, expected a callable")
-    return obj
 
 
 def _dataset_tensors(ds: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:

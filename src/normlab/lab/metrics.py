@@ -48,6 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from normlab.nn.utils import is_norm_layer
+
 
 __all__ = [
     "DEFAULT_SCALES",
@@ -358,25 +360,18 @@ def capture_preactivations(
     handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, module_type)]
     if not handles:
         raise ValueError(f"model has no {module_type} module to capture the input of")
+    _run_hooked(model, x, handles)
+    return captured
+
+
+def _run_hooked(model: nn.Module, x: torch.Tensor, handles: list[Any]) -> None:
+    """One forward of ``x`` with state preserved; the hooks' ``handles`` are removed after it."""
     try:
         with preserve_state(model):
             model(x)
     finally:
         for h in handles:
             h.remove()
-    return captured
-
-
-def _is_norm(module: nn.Module) -> bool:
-    from normlab.lab.norms import is_norm_layer
-
-    torch_norms = (
-        nn.modules.batchnorm._BatchNorm,
-        nn.modules.instancenorm._InstanceNorm,
-        nn.GroupNorm,
-        nn.LayerNorm,
-    )
-    return is_norm_layer(module) or isinstance(module, torch_norms)
 
 
 @torch.no_grad()
@@ -408,16 +403,11 @@ def capture_normalized_outputs(model: nn.Module, x: torch.Tensor) -> list[tuple[
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             handles.append(m.register_forward_hook(layer_hook(name)))
-        elif _is_norm(m):
+        elif is_norm_layer(m):
             handles.append(m.register_forward_hook(norm_hook))
     if not any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in model.modules()):
         raise ValueError("model has no Linear/Conv1d/Conv2d layer")
-    try:
-        with preserve_state(model):
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, x, handles)
     return [(name, t) for name, t, _ in outputs]
 
 

@@ -41,26 +41,27 @@ Kinds of the tensor the layer receives (``kind`` argument of ``make``):
   BN pool their statistics over ``N`` and ``T`` ("sequence-wise" BN). InstanceNorm is
   rejected, as for ``"linear"``.
 
-Layers come from :mod:`normlab.nn` (see :data:`layers`): this module is the only place in the
-lab that says where normalization layers and weight normalization come from.
+Layers come from :mod:`normlab.nn` (which norm layers a model holds:
+:func:`normlab.nn.utils.is_norm_layer`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 from torch import nn
+
+import normlab.nn as nl
+from normlab.lab.util import add_entry
+from normlab.nn.utils import ChannelsLast
 
 __all__ = [
     "KINDS",
     "NormSpec",
     "default_groups",
     "get_norm",
-    "is_norm_layer",
-    "layers",
     "norm_names",
     "register_norm",
 ]
@@ -69,43 +70,7 @@ KINDS: tuple[str, ...] = ("conv1d", "conv2d", "linear", "sequence")
 
 
 # --------------------------------------------------------------------------------------------
-# Where the layers come from: normlab.nn (torch.nn-identical signatures).
-# --------------------------------------------------------------------------------------------
-def _normlab_layers() -> SimpleNamespace:
-    """Collect the layer classes and weight-norm helpers the lab uses from ``normlab.nn``."""
-    import normlab.nn as src
-    from normlab.nn.utils import init_weight_norm_, weight_norm, weight_standardization
-
-    return SimpleNamespace(
-        BatchNorm1d=src.BatchNorm1d,
-        BatchNorm2d=src.BatchNorm2d,
-        LayerNorm=src.LayerNorm,
-        GroupNorm=src.GroupNorm,
-        InstanceNorm1d=src.InstanceNorm1d,
-        InstanceNorm2d=src.InstanceNorm2d,
-        RMSNorm=src.RMSNorm,
-        MeanOnlyBatchNorm=src.MeanOnlyBatchNorm,
-        BatchRenorm1d=src.BatchRenorm1d,
-        BatchRenorm2d=src.BatchRenorm2d,
-        GhostBatchNorm1d=src.GhostBatchNorm1d,
-        GhostBatchNorm2d=src.GhostBatchNorm2d,
-        FilterResponseNorm2d=src.FilterResponseNorm2d,
-        EvoNormS0=src.EvoNormS0,
-        EvoNormB0=src.EvoNormB0,
-        DynamicTanh=src.DynamicTanh,
-        DynamicErf=src.DynamicErf,
-        weight_standardization=weight_standardization,
-        weight_norm=weight_norm,
-        init_weight_norm_=init_weight_norm_,
-    )
-
-
-#: Namespace of the layers and weight-norm functions used by the lab models and trainer.
-layers: SimpleNamespace = _normlab_layers()
-
-
-# --------------------------------------------------------------------------------------------
-# Adapters: apply a layer that normalizes dim 1 (or the last dim) to another layout.
+# Adapter: apply a layer made for (rows, C) to a (N, T, C) sequence (ChannelsLast: normlab.nn.utils).
 # --------------------------------------------------------------------------------------------
 class RowWise(nn.Module):
     """Apply ``inner`` (made for ``(rows, C)``) to a ``(N, T, C)`` sequence, one row per step.
@@ -123,17 +88,6 @@ class RowWise(nn.Module):
                 f"x: expected a (N, T, C) sequence for a 'sequence' norm, got shape {tuple(x.shape)}"
             )
         return self.inner(x.reshape(-1, x.shape[-1])).reshape(x.shape)
-
-
-class ChannelsLast(nn.Module):
-    """Apply ``inner`` (which normalizes the last dim) to the channel dim of ``(N, C, *)``."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.movedim(1, -1)).movedim(-1, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,8 +171,8 @@ def _make_none(c: int, kind: str) -> nn.Module:
 
 def _make_bn(c: int, kind: str) -> nn.Module:
     if kind == "conv2d":
-        return layers.BatchNorm2d(c)
-    return _for_kind(kind, c, layers.BatchNorm1d)
+        return nl.BatchNorm2d(c)
+    return _for_kind(kind, c, nl.BatchNorm1d)
 
 
 def _make_gn(groups: int | None) -> LayerFactory:
@@ -229,7 +183,7 @@ def _make_gn(groups: int | None) -> LayerFactory:
                 f"norm 'gn:{g}': num_channels ({c}) must be divisible by the number of groups ({g})"
             )
         # GroupNorm accepts (N, C) and (N, C, *) alike.
-        return _for_kind(kind, c, lambda ch: layers.GroupNorm(g, ch))
+        return _for_kind(kind, c, lambda ch: nl.GroupNorm(g, ch))
 
     return make
 
@@ -237,15 +191,15 @@ def _make_gn(groups: int | None) -> LayerFactory:
 def _make_ln(c: int, kind: str) -> nn.Module:
     if kind in ("conv1d", "conv2d"):
         # LN for conv nets as in the Group Norm paper: one (mean, var) per sample over (C, *).
-        return layers.GroupNorm(1, c)
-    return layers.LayerNorm(c)  # (N, C) and (N, T, C) alike: over the last dim
+        return nl.GroupNorm(1, c)
+    return nl.LayerNorm(c)  # (N, C) and (N, T, C) alike: over the last dim
 
 
 def _make_in(c: int, kind: str) -> nn.Module:
     if kind == "conv1d":
-        return layers.InstanceNorm1d(c, affine=True)
+        return nl.InstanceNorm1d(c, affine=True)
     if kind == "conv2d":
-        return layers.InstanceNorm2d(c, affine=True)
+        return nl.InstanceNorm2d(c, affine=True)
     raise ValueError(
         f"norm 'in': InstanceNorm normalizes each channel over its positions, and a {kind!r} "
         f"layer's features have none (one value per channel per sample); use 'ln', 'gn' or 'bn'"
@@ -254,25 +208,25 @@ def _make_in(c: int, kind: str) -> nn.Module:
 
 def _make_rms(c: int, kind: str) -> nn.Module:
     if kind in ("conv1d", "conv2d"):
-        return ChannelsLast(layers.RMSNorm(c))
-    return layers.RMSNorm(c)  # over the last dim, per row (or per time step)
+        return ChannelsLast(nl.RMSNorm(c))
+    return nl.RMSNorm(c)  # over the last dim, per row (or per time step)
 
 
 def _make_mobn(c: int, kind: str) -> nn.Module:
-    return _for_kind(kind, c, layers.MeanOnlyBatchNorm)
+    return _for_kind(kind, c, nl.MeanOnlyBatchNorm)
 
 
 def _make_brn(c: int, kind: str) -> nn.Module:
     if kind == "conv2d":
-        return layers.BatchRenorm2d(c)
-    return _for_kind(kind, c, layers.BatchRenorm1d)
+        return nl.BatchRenorm2d(c)
+    return _for_kind(kind, c, nl.BatchRenorm1d)
 
 
 def _make_gbn(g: int) -> LayerFactory:
     def make(c: int, kind: str) -> nn.Module:
         if kind == "conv2d":
-            return layers.GhostBatchNorm2d(c, virtual_batch_size=g)
-        return _for_kind(kind, c, lambda ch: layers.GhostBatchNorm1d(ch, virtual_batch_size=g))
+            return nl.GhostBatchNorm2d(c, virtual_batch_size=g)
+        return _for_kind(kind, c, lambda ch: nl.GhostBatchNorm1d(ch, virtual_batch_size=g))
 
     return make
 
@@ -280,22 +234,22 @@ def _make_gbn(g: int) -> LayerFactory:
 def _make_frn(c: int, kind: str) -> nn.Module:
     if kind != "conv2d":
         raise ValueError(f"norm 'frn': FilterResponseNorm2d normalizes (N, C, H, W) input, got a {kind!r} layer")
-    return layers.FilterResponseNorm2d(c)
+    return nl.FilterResponseNorm2d(c)
 
 
 def _make_evonorm_s0(c: int, kind: str) -> nn.Module:
-    return _for_kind(kind, c, lambda ch: layers.EvoNormS0(ch, groups=default_groups(ch)))
+    return _for_kind(kind, c, lambda ch: nl.EvoNormS0(ch, groups=default_groups(ch)))
 
 
 def _make_evonorm_b0(c: int, kind: str) -> nn.Module:
     if kind not in ("conv1d", "conv2d"):
         raise ValueError(f"norm 'evonorm-b0': needs positions (a conv layer's output), got a {kind!r} layer")
-    return layers.EvoNormB0(c)
+    return nl.EvoNormB0(c)
 
 
 def _make_pointwise(cls_name: str) -> LayerFactory:
     def make(c: int, kind: str) -> nn.Module:
-        cls = getattr(layers, cls_name)
+        cls = getattr(nl, cls_name)
         if kind in ("conv1d", "conv2d"):
             return cls(c, channels_last=False)
         return cls(c)  # (N, C) and (N, T, C): the last dim
@@ -320,9 +274,7 @@ def register_norm(name: str, spec: NormSpec, *, overwrite: bool = False) -> None
         raise ValueError(f"name: ':' is reserved for parameters (as in 'gn:4'), got {name!r}")
     if not isinstance(spec, NormSpec):
         raise TypeError(f"spec: expected a NormSpec, got {type(spec).__name__}")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"name: norm {name!r} is already registered (pass overwrite=True)")
-    _REGISTRY[name] = spec
+    add_entry(_REGISTRY, name, spec, kind="norm", overwrite=overwrite)
 
 
 def norm_names() -> list[str]:
@@ -376,26 +328,6 @@ def get_norm(name: str) -> NormSpec:
         f"norm: unknown name {name!r}; expected one of {norm_names()}, 'gn:G' (e.g. 'gn:4') "
         f"'gbn:G', 'wn+NAME' or 'ws+NAME'"
     )
-
-
-def is_norm_layer(module: nn.Module) -> bool:
-    """True for a normalization layer (not for the adapters, whose child is the layer)."""
-    types = (
-        layers.BatchNorm1d,
-        layers.BatchNorm2d,
-        layers.LayerNorm,
-        layers.GroupNorm,
-        layers.InstanceNorm1d,
-        layers.InstanceNorm2d,
-        layers.RMSNorm,
-        layers.MeanOnlyBatchNorm,
-        layers.FilterResponseNorm2d,
-        layers.EvoNormS0,
-        layers.EvoNormB0,
-        layers.DynamicTanh,
-        layers.DynamicErf,
-    )
-    return isinstance(module, types)
 
 
 for _spec in (

@@ -5,7 +5,8 @@ described by ``config``, calls ``log(epoch, metrics)`` after every epoch (the sw
 call to the store at once) and returns the final metrics. A run config names its runner under
 the key ``"runner"`` (default ``"train"``).
 
-The built-in ``"train"`` runner trains a model with :func:`normlab.lab.train.train`. Studies
+The built-in ``"train"`` runner trains a model with :func:`normlab.lab.train.train`; the built-in
+``"measured-train"`` runner trains and then measures it (:mod:`normlab.lab.measured`). Studies
 register their own runners in their module::
 
     from normlab.lab.runners import register_runner
@@ -40,6 +41,7 @@ LogFn: TypeAlias = Callable[[int, dict[str, Any]], None]
 Runner: TypeAlias = Callable[[dict[str, Any], LogFn], dict[str, Any]]
 
 DEFAULT_RUNNER = "train"
+#: Train, then measure cost and initialization (:mod:`normlab.lab.measured`); used by several studies.
 
 _RUNNERS: dict[str, Runner] = {}
 
@@ -90,25 +92,21 @@ def runner_name(config: dict[str, Any]) -> str:
 def get_runner(name: str) -> Runner:
     """The runner registered as ``name``.
 
-    If it is not registered yet, every study module is imported (studies register their runners
-    at import) before giving up with an error listing the known runners.
+    A runner is registered when the module that defines it is imported: a study's runners when
+    the study is (:func:`normlab.lab.studies.get_study`, :func:`~normlab.lab.studies.load_all`).
+    This registry knows no study, so an unknown name is an error listing the known runners.
     """
-    fn = _RUNNERS.get(name)
-    if fn is not None:
-        return fn
-    from normlab.lab import studies
-
-    studies.load_all()
     fn = _RUNNERS.get(name)
     if fn is None:
         raise UnknownRunnerError(
-            f"unknown runner {name!r}; registered runners: {', '.join(sorted(_RUNNERS)) or 'none'}"
+            f"unknown runner {name!r}; registered runners: {', '.join(sorted(_RUNNERS)) or 'none'} "
+            "(a runner is registered when the module defining it is imported, e.g. its study)"
         )
     return fn
 
 
 def available_runners() -> list[str]:
-    """Names of the runners registered so far (studies not imported yet are not included)."""
+    """Names of the runners registered so far (those of studies not imported yet are not included)."""
     return sorted(_RUNNERS)
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "Store",
     "StoreError",
     "canonical_json",
+    "flatten",
     "run_id",
 ]
 
@@ -414,8 +415,6 @@ class Store:
             ).fetchone()
         return int(attempt)
 
-    start_run = claim
-
     def _guard(self, attempt: int | None) -> tuple[str, tuple[Any, ...]]:
         """SQL condition (and parameters) that the run is running under ``attempt``."""
         if attempt is None:
@@ -622,8 +621,8 @@ class Store:
         cfg_keys: set[str] = set()
         fin_keys: set[str] = set()
         for r in results:
-            cfg = _flatten(r.config, "config.")
-            fin = _flatten(r.final or {}, "final.")
+            cfg = _csv_cells(r.config, "config.")
+            fin = _csv_cells(r.final or {}, "final.")
             cfg_keys.update(cfg)
             fin_keys.update(fin)
             flat_rows.append(
@@ -665,13 +664,23 @@ def _iso(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
 
 
-def _flatten(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level with dotted keys: ``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
-        elif isinstance(v, (list, tuple)):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _csv_cells(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """:func:`flatten`, with lists written as JSON and non-finite floats marked for the CSV."""
+    out: dict[str, Any] = {}
+    for key, v in flatten(d, prefix).items():
+        if isinstance(v, (list, tuple)):
             out[key] = json.dumps(v)
         elif isinstance(v, float) and not math.isfinite(v):
             out[key] = _NonFinite(v)

@@ -43,9 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from normlab.lab import norms
+from normlab._checks import check_positive_int
 from normlab.lab.data import DataBundle, load_dataset
 from normlab.lab.models import build_model, count_parameters, needs_data_init
+from normlab.nn.utils import init_weight_norm_
 
 __all__ = [
     "TrainConfig",
@@ -113,16 +114,9 @@ class TrainConfig:
     init_samples: int = 256
 
     def __post_init__(self) -> None:
-        def positive_int(name: str, allow_none: bool = False) -> None:
-            value = getattr(self, name)
-            if allow_none and value is None:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-
         for name in ("batch_size", "epochs", "base_batch", "eval_every", "init_samples"):
-            positive_int(name)
-        positive_int("max_steps", allow_none=True)
+            check_positive_int(getattr(self, name), name)
+        check_positive_int(self.max_steps, "max_steps", allow_none=True)
         for name in ("data", "model", "norm"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name}: expected a str, got {type(getattr(self, name)).__name__}")
@@ -190,8 +184,7 @@ class TrainHook:
 # --------------------------------------------------------------------------------------------
 def set_threads(n: int) -> int:
     """Set torch's intra-op thread count to ``n``; returns the previous count."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive int, got {n!r}")
+    check_positive_int(n, "n")
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
     return previous
@@ -361,7 +354,7 @@ def train(
             init_gen = torch.Generator().manual_seed(cfg.seed + 1)
             idx = torch.randperm(data.n_train, generator=init_gen)[: cfg.init_samples]
             model.train()
-            norms.layers.init_weight_norm_(model, data.train.tensors[0][idx])
+            init_weight_norm_(model, data.train.tensors[0][idx])
 
         lr = cfg.effective_lr
         if cfg.optimizer == "sgd":

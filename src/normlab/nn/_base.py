@@ -11,19 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normlab.functional import check_eps, check_momentum
-
-
-def check_num_features(num_features: int, name: str = "num_features") -> None:
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {num_features!r}")
+from normlab._checks import check_eps, check_momentum, check_positive_int
 
 
 class RunningStats:
     """Mixin for subclasses of ``torch.nn.modules.batchnorm._NormBase``."""
 
     def _validate(self, num_features, eps, momentum) -> None:
-        check_num_features(num_features)
+        check_positive_int(num_features, "num_features")
         check_eps(eps)
         check_momentum(momentum, allow_none=True)
 
@@ -63,7 +58,7 @@ class NormBase(RunningStats, nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        check_num_features(num_features)
+        check_positive_int(num_features, "num_features")
         check_eps(eps)
         check_momentum(momentum, allow_none=True)
         factory = {"device": device, "dtype": dtype}
@@ -131,12 +126,3 @@ class NormBase(RunningStats, nn.Module):
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
             state_dict[key] = self.num_batches_tracked if self.num_batches_tracked is not None else torch.tensor(0)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-
-
-def check_dims(input: Tensor, allowed: tuple[int, ...], layer: str) -> None:
-    """A clear error when the input's rank is not one a layer accepts."""
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
-    if input.dim() not in allowed:
-        want = " or ".join(f"{d}-D" for d in allowed)
-        raise ValueError(f"input: {layer} expected {want} input, got {input.dim()}-D input of shape {tuple(input.shape)}")

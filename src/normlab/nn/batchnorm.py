@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import Tensor, fx, nn
 
 from normlab import functional as F
-from normlab.nn._base import NormBase, RunningStats, check_dims
+from normlab._checks import check_channels, check_dims
+from normlab.nn._base import NormBase, RunningStats
 
 
 class _BatchNorm(RunningStats):
@@ -64,7 +65,7 @@ class _BatchNorm(RunningStats):
         if isinstance(input, fx.Proxy):
             return  # torch.fx.symbolic_trace: a Proxy has no rank or shape to check
         check_dims(input, self._dims, type(self).__name__)
-        F.check_channels(input, self.num_features)
+        check_channels(input, self.num_features)
 
     @property
     def stats_mode(self) -> str | None:
@@ -178,7 +179,7 @@ class MeanOnlyBatchNorm(NormBase):
                                           momentum=self._momentum_for_step())
         if not isinstance(input, Tensor) or input.dim() < 2:
             check_dims(input, (2, 3, 4, 5), type(self).__name__)
-        F.check_channels(input, self.num_features)
+        check_channels(input, self.num_features)
         momentum = self._momentum_for_step()
         return F.mean_only_batch_norm(
             input,

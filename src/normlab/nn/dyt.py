@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab import functional as F
+from normlab._checks import check_channels, check_input, check_normalized_shape, check_trailing
 
 __all__ = ["DynamicErf", "DynamicTanh"]
 
@@ -15,7 +16,7 @@ __all__ = ["DynamicErf", "DynamicTanh"]
 class _PointwiseNorm(nn.Module):
     def __init__(self, normalized_shape, alpha_init, channels_last, elementwise_affine, bias, device, dtype) -> None:
         super().__init__()
-        shape = F._normalized_shape(normalized_shape)
+        shape = check_normalized_shape(normalized_shape)
         if not channels_last and len(shape) != 1:
             raise ValueError(
                 f"normalized_shape: expected one int (C) for channels_last=False, got {normalized_shape!r}"
@@ -46,11 +47,11 @@ class _PointwiseNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _check(self, input: Tensor) -> None:
-        F.check_input(input)
+        check_input(input)
         if self.channels_last:
-            F._check_trailing(input, self.normalized_shape)
+            check_trailing(input, self.normalized_shape)
         else:
-            F.check_channels(input, self.normalized_shape[0])
+            check_channels(input, self.normalized_shape[0])
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, alpha_init={self.alpha_init}, channels_last={self.channels_last}, "

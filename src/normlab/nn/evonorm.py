@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab import functional as F
-from normlab.nn._base import check_dims, check_num_features
+from normlab._checks import check_channels, check_dims, check_divisor, check_eps, check_momentum, check_positive_int
 
 __all__ = ["EvoNormB0", "EvoNormS0"]
 
@@ -23,10 +23,9 @@ class EvoNormS0(nn.Module):
 
     def __init__(self, num_features: int, groups: int = 32, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
-        check_num_features(num_features)
-        F.check_eps(eps)
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0 or num_features % groups:
-            raise ValueError(f"groups: expected a positive divisor of num_features={num_features}, got {groups!r}")
+        check_positive_int(num_features, "num_features")
+        check_eps(eps)
+        check_divisor(groups, num_features, "groups", f"num_features={num_features}")
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.groups, self.eps = num_features, groups, float(eps)
         self.weight = nn.Parameter(torch.ones(num_features, **factory))
@@ -44,7 +43,7 @@ class EvoNormS0(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if not F.traced(input):
             check_dims(input, (2, 3, 4, 5), type(self).__name__)
-            F.check_channels(input, self.num_features)
+            check_channels(input, self.num_features)
         return F.evonorm_s0(input, self.groups, self.weight, self.bias, self.v, self.eps)
 
 
@@ -63,9 +62,9 @@ class EvoNormB0(nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, device=None, dtype=None) -> None:
         super().__init__()
-        check_num_features(num_features)
-        F.check_eps(eps)
-        F.check_momentum(momentum)
+        check_positive_int(num_features, "num_features")
+        check_eps(eps)
+        check_momentum(momentum)
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.eps, self.momentum = num_features, float(eps), momentum
         self.weight = nn.Parameter(torch.ones(num_features, **factory))
@@ -85,6 +84,6 @@ class EvoNormB0(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if not F.traced(input):
             check_dims(input, (3, 4, 5), type(self).__name__)
-            F.check_channels(input, self.num_features)
+            check_channels(input, self.num_features)
         return F.evonorm_b0(input, self.running_var, self.weight, self.bias, self.v, self.training,
                             self.momentum, self.eps)

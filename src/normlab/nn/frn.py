@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab import functional as F
-from normlab.nn._base import check_dims, check_num_features
+from normlab._checks import check_channels, check_dims, check_eps, check_positive_int
 
 __all__ = ["FilterResponseNorm2d"]
 
@@ -28,8 +28,8 @@ class FilterResponseNorm2d(nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-6, learnable_eps: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        check_num_features(num_features)
-        F.check_eps(eps)
+        check_positive_int(num_features, "num_features")
+        check_eps(eps)
         if not isinstance(learnable_eps, bool):
             raise TypeError(f"learnable_eps: expected a bool, got {type(learnable_eps).__name__}")
         factory = {"device": device, "dtype": dtype}
@@ -55,5 +55,5 @@ class FilterResponseNorm2d(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if not F.traced(input):
             check_dims(input, (4,), type(self).__name__)
-            F.check_channels(input, self.num_features)
+            check_channels(input, self.num_features)
         return F.filter_response_norm(input, self.weight, self.bias, self.tau, self.eps, learned_eps=self.learned_eps)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from normlab import functional as F
+from normlab._checks import check_positive_int
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -48,8 +49,7 @@ class _GhostBatchNorm(_BatchNorm):
         backend: str | None = None,
     ) -> None:
         g = virtual_batch_size
-        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-            raise ValueError(f"virtual_batch_size: expected a positive int, got {g!r}")
+        check_positive_int(g, "virtual_batch_size")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias, backend=backend)
         self.virtual_batch_size = g

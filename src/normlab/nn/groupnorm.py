@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from normlab import functional as F
-from normlab.nn._base import check_num_features
+from normlab._checks import check_channels, check_divisor, check_eps, check_input, check_positive_int
 
 
 class GroupNorm(nn.GroupNorm):
@@ -33,16 +33,15 @@ class GroupNorm(nn.GroupNorm):
         bias: bool = True,
         backend: str | None = None,
     ) -> None:
-        check_num_features(num_channels, "num_channels")
-        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0 or num_channels % num_groups:
-            raise ValueError(f"num_groups: expected a positive divisor of num_channels={num_channels}, got {num_groups!r}")
-        F.check_eps(eps)
+        check_positive_int(num_channels, "num_channels")
+        check_divisor(num_groups, num_channels, "num_groups", f"num_channels={num_channels}")
+        check_eps(eps)
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self.backend = backend
 
     def forward(self, input: Tensor) -> Tensor:
         if F.traced(input):
             return super().forward(input)
-        F.check_input(input, min_dim=2)
-        F.check_channels(input, self.num_channels)
+        check_input(input, min_dim=2)
+        check_channels(input, self.num_channels)
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, backend=self.backend)

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, fx, nn
 
 from normlab import functional as F
-from normlab.nn._base import RunningStats, check_dims
+from normlab._checks import check_channels, check_dims
+from normlab.nn._base import RunningStats
 
 
 class _InstanceNorm(RunningStats):
@@ -52,7 +53,7 @@ class _InstanceNorm(RunningStats):
         check_dims(input, (batched - 1, batched), type(self).__name__)
         unbatched = input.dim() == batched - 1
         x = input.unsqueeze(0) if unbatched else input
-        F.check_channels(x, self.num_features)
+        check_channels(x, self.num_features)
         # As torch.nn.InstanceNorm: batches are not counted and momentum=None means 0 (no update).
         momentum = 0.0 if self.momentum is None else self.momentum
         use_input_stats = self.training or not self.track_running_stats

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from normlab import functional as F
+from normlab._checks import check_eps, check_normalized_shape
 
 
 class LayerNorm(nn.LayerNorm):
@@ -31,8 +32,8 @@ class LayerNorm(nn.LayerNorm):
         *,
         backend: str | None = None,
     ) -> None:
-        shape = F._normalized_shape(normalized_shape)
-        F.check_eps(eps)
+        shape = check_normalized_shape(normalized_shape)
+        check_eps(eps)
         super().__init__(shape, eps, elementwise_affine, bias, device, dtype)
         self.backend = backend
 
@@ -61,9 +62,9 @@ class RMSNorm(nn.RMSNorm):
         *,
         backend: str | None = None,
     ) -> None:
-        shape = F._normalized_shape(normalized_shape)
+        shape = check_normalized_shape(normalized_shape)
         if eps is not None:
-            F.check_eps(eps)
+            check_eps(eps)
         super().__init__(shape, eps, elementwise_affine, device, dtype)
         self.backend = backend
 
@@ -96,8 +97,8 @@ class LayerNorm2d(nn.LayerNorm):
         dtype=None,
         backend: str | None = None,
     ) -> None:
-        F.check_eps(eps)
-        super().__init__(F._normalized_shape(num_channels), eps, affine, bias, device, dtype)
+        check_eps(eps)
+        super().__init__(check_normalized_shape(num_channels), eps, affine, bias, device, dtype)
         self.backend = backend
 
     def forward(self, input: Tensor) -> Tensor:

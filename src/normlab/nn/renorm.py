@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from normlab import functional as F
+from normlab._checks import check_int, check_limit
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "Ramp"]
@@ -40,9 +41,8 @@ class Ramp:
         for v, name in ((start, "start"), (end, "end")):
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
-        for v, name, low in ((steps, "steps", 1), (delay, "delay", 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
+        check_int(steps, "steps", low=1)
+        check_int(delay, "delay", low=0)
         self.start, self.end, self.steps, self.delay = float(start), float(end), steps, delay
 
     def __call__(self, step):
@@ -54,13 +54,6 @@ class Ramp:
 
     def __repr__(self) -> str:
         return f"Ramp({self.start:g}, {self.end:g}, steps={self.steps}, delay={self.delay})"
-
-
-def _check_limit_arg(value, name: str, low: float) -> None:
-    if callable(value) and not isinstance(value, (int, float)):
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
-        raise ValueError(f"{name}: expected a number >= {low:g} or a callable schedule, got {value!r}")
 
 
 class _BatchRenorm(_BatchNorm):
@@ -113,10 +106,9 @@ class _BatchRenorm(_BatchNorm):
                 f"track_running_stats: Batch Renormalization needs running statistics (r and d are computed "
                 f"from them), expected True, got {track_running_stats!r}"
             )
-        _check_limit_arg(r_max, "r_max", 1.0)
-        _check_limit_arg(d_max, "d_max", 0.0)
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup: expected an int >= 0, got {warmup!r}")
+        check_limit(r_max, "r_max", 1.0, schedule=True)
+        check_limit(d_max, "d_max", 0.0, schedule=True)
+        check_int(warmup, "warmup", low=0)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias, backend=backend)
         self.r_max, self.d_max, self.warmup = r_max, d_max, warmup

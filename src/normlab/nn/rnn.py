@@ -44,16 +44,12 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from normlab import functional as F
+from normlab._checks import check_eps, check_momentum, check_positive_int
 from normlab.nn.utils.weight_norm import weight_norm
 
 __all__ = ["NormLSTM", "LayerNormLSTM", "BatchNormLSTM", "WeightNormLSTM"]
 
 _State = tuple[Tensor, Tensor]
-
-
-def _check_positive_int(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
 
 
 class NormLSTM(nn.Module):
@@ -102,9 +98,9 @@ class NormLSTM(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_positive_int(input_size, "input_size")
-        _check_positive_int(hidden_size, "hidden_size")
-        _check_positive_int(num_layers, "num_layers")
+        check_positive_int(input_size, "input_size")
+        check_positive_int(hidden_size, "hidden_size")
+        check_positive_int(num_layers, "num_layers")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout: expected a number in [0, 1], got {dropout!r}")
         if bidirectional:
@@ -434,7 +430,7 @@ class LayerNormLSTM(NormLSTM):
         eps: float = 1e-5,
         backend: str | None = None,
     ) -> None:
-        F.check_eps(eps)
+        check_eps(eps)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device, dtype)
         self.eps = float(eps)
         self.backend = backend
@@ -533,11 +529,11 @@ class BatchNormLSTM(NormLSTM):
         momentum: float = 0.1,
         backend: str | None = None,
     ) -> None:
-        _check_positive_int(max_steps, "max_steps")
+        check_positive_int(max_steps, "max_steps")
         if isinstance(gamma_init, bool) or not isinstance(gamma_init, numbers.Real) or not math.isfinite(gamma_init):
             raise ValueError(f"gamma_init: expected a finite number, got {gamma_init!r}")
-        F.check_eps(eps)
-        F.check_momentum(momentum)
+        check_eps(eps)
+        check_momentum(momentum)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device, dtype)
         self.max_steps = int(max_steps)
         self.gamma_init = float(gamma_init)

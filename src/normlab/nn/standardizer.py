@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from normlab._checks import check_positive_int
+from normlab.core.reference import moments
+
 __all__ = ["Standardizer"]
 
 
@@ -103,18 +106,17 @@ class Standardizer(nn.Module):
             isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
         ):
             raise TypeError(
-                f"num_features must be an int or None, got {type(num_features).__name__}"
+                f"num_features: expected a positive int or None, got {type(num_features).__name__}"
             )
-        if num_features is not None and num_features <= 0:
-            raise ValueError(f"num_features must be a positive int, got {num_features}")
+        check_positive_int(num_features, "num_features", allow_none=True)
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+            raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-            raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+            raise TypeError(f"eps: expected a real number, got {type(eps).__name__}")
         if not (eps >= 0.0 and math.isfinite(eps)):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+            raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+            raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
 
         self._num_features_arg = None if num_features is None else int(num_features)
         self.num_features: int | None = self._num_features_arg
@@ -193,10 +195,10 @@ class Standardizer(nn.Module):
                 self._update(self._as_float_tensor(self._batch_input(batch, i), f"x (batch {i})"))
                 seen += 1
             if seen == 0:
-                raise ValueError("x is an empty iterable: expected at least one batch")
+                raise ValueError("x: expected at least one batch, got an empty iterable")
         else:
             raise TypeError(
-                "x must be a Tensor, a numpy array, or an iterable of batches, "
+                "x: expected a Tensor, a numpy array, or an iterable of batches, "
                 f"got {type(x).__name__}"
             )
         unseen = (self.count == 0).nonzero().flatten().tolist()
@@ -220,8 +222,8 @@ class Standardizer(nn.Module):
         """
         if not isinstance(x, (Tensor, np.ndarray)):
             raise TypeError(
-                f"x must be a Tensor or numpy array, got {type(x).__name__} "
-                "(use fit() for an iterable of batches)"
+                "x: expected a Tensor or numpy array (use fit() for an iterable of batches), "
+                f"got {type(x).__name__}"
             )
         self._update(self._as_float_tensor(x, "x"))
         return self
@@ -233,7 +235,7 @@ class Standardizer(nn.Module):
         if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (Tensor, np.ndarray)):
             return batch[0]
         raise TypeError(
-            f"batch {index} of x must be a Tensor, a numpy array, or a tuple/list whose first "
+            f"x (batch {index}): expected a Tensor, a numpy array, or a tuple/list whose first "
             f"element is one, got {type(batch).__name__}"
         )
 
@@ -242,7 +244,7 @@ class Standardizer(nn.Module):
         t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
         if not t.dtype.is_floating_point:
             raise TypeError(
-                f"{arg} must have a floating dtype, got {t.dtype}; convert it first, "
+                f"{arg}: expected a floating dtype, got {t.dtype}; convert it first, "
                 "e.g. x.float() (integer and bool data are not standardized implicitly)"
             )
         return t
@@ -250,40 +252,40 @@ class Standardizer(nn.Module):
     def _feature_axis(self, x: Tensor, arg: str) -> int:
         if not -x.ndim <= self.axis < x.ndim:
             raise ValueError(
-                f"{arg} has {x.ndim} dims, so feature axis={self.axis} is out of range "
-                f"[{-x.ndim}, {x.ndim - 1}]"
+                f"axis: expected a feature axis in [{-x.ndim}, {x.ndim - 1}] for {arg} of "
+                f"{x.ndim} dims, got {self.axis}"
             )
         return self.axis % x.ndim
 
     def _check_features(self, x: Tensor, axis: int, arg: str) -> None:
         if self.num_features is not None and x.shape[axis] != self.num_features:
             raise ValueError(
-                f"{arg} has {x.shape[axis]} features along axis {self.axis} (shape "
-                f"{tuple(x.shape)}), but this Standardizer expects {self.num_features}"
+                f"{arg}: expected {self.num_features} features along axis {self.axis}, got "
+                f"{x.shape[axis]} (shape {tuple(x.shape)})"
             )
 
     @torch.no_grad()
     def _update(self, x: Tensor) -> None:
         if x.ndim < 2:
             raise ValueError(
-                f"x must have at least 2 dims (samples and features), got shape {tuple(x.shape)}"
+                f"x: expected at least 2 dims (samples and features), got shape {tuple(x.shape)}"
             )
         axis = self._feature_axis(x, "x")
         self._check_features(x, axis, "x")
         num_features = x.shape[axis]
         if num_features == 0:
-            raise ValueError(f"x has no features along axis {self.axis}, shape {tuple(x.shape)}")
+            raise ValueError(f"x: expected at least 1 feature along axis {self.axis}, got shape {tuple(x.shape)}")
         # Features last, every other axis flattened into samples; float64 so that large batches and
         # large means do not lose digits in the sums.
         flat = x.detach().movedim(axis, -1).reshape(-1, num_features).to(torch.float64)
         if flat.shape[0] == 0:
-            raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}): expected at least 1 sample")
+            raise ValueError(f"x: expected at least 1 sample, got an empty batch of shape {tuple(x.shape)}")
         if torch.isinf(flat).any():
-            raise ValueError("x contains infinite values; they have no finite mean or variance")
+            raise ValueError("x: expected finite values (an infinite value has no finite mean or variance), got Inf")
         nan = torch.isnan(flat)
         has_nan = bool(nan.any())
         if has_nan and not self.ignore_nan:
-            raise ValueError("x contains NaN; pass ignore_nan=True to leave NaNs out of the statistics")
+            raise ValueError("x: expected no NaN (pass ignore_nan=True to leave NaNs out of the statistics), got NaN")
 
         if has_nan:
             valid = ~nan
@@ -293,8 +295,9 @@ class Standardizer(nn.Module):
             m2_b = torch.where(valid, flat - mean_b, 0.0).square().sum(0)
         else:
             n_b = torch.full((num_features,), float(flat.shape[0]), dtype=torch.float64, device=flat.device)
-            mean_b = flat.mean(0)
-            m2_b = (flat - mean_b).square().sum(0)  # two-pass: no cancellation from sum(x^2) - n*mean^2
+            # The core's corrected two-pass moments: no cancellation from sum(x²) − n·mean².
+            mean_b, var_b = moments(flat, (0,))
+            m2_b = var_b * n_b
 
         if self.num_features is None:
             self.num_features = num_features
@@ -334,13 +337,13 @@ class Standardizer(nn.Module):
 
     def _prepare(self, x: Tensor, method: str) -> tuple[Tensor, Tensor, int, torch.dtype]:
         if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+            raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
         if not self.is_fitted:
             raise RuntimeError(
                 f"Standardizer is not fitted: call fit(x) or partial_fit(x) before {method}()"
             )
         if not x.dtype.is_floating_point:
-            raise TypeError(f"x must have a floating dtype, got {x.dtype}")
+            raise TypeError(f"x: expected a floating dtype, got {x.dtype}")
         axis = self._feature_axis(x, "x")
         self._check_features(x, axis, "x")
         # float32 at least so half/bfloat16 inputs are not standardized with rounded statistics;

@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from normlab import functional as F
+from normlab._checks import check_eps
 
 __all__ = ["StdConv2d"]
 
@@ -22,7 +23,7 @@ class StdConv2d(nn.Conv2d):
     """
 
     def __init__(self, *args, eps: float = 1e-5, **kwargs) -> None:
-        F.check_eps(eps)
+        check_eps(eps)
         super().__init__(*args, **kwargs)
         self.eps = float(eps)
 

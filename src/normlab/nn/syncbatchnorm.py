@@ -21,8 +21,9 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from normlab import functional as F
+from normlab._checks import check_channels, check_dims, check_input
 from normlab.core import distributed as D
-from normlab.nn._base import RunningStats, check_dims
+from normlab.nn._base import RunningStats
 
 __all__ = ["DistributedDataParallel", "SyncBatchNorm", "SyncBatchNormAct2d", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
@@ -81,8 +82,8 @@ class SyncBatchNorm(RunningStats, nn.SyncBatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         if not isinstance(input, Tensor) or input.dim() < 2:
             check_dims(input, (2, 3, 4, 5), type(self).__name__)
-        F.check_input(input, min_dim=2)
-        F.check_channels(input, self.num_features)
+        check_input(input, min_dim=2)
+        check_channels(input, self.num_features)
 
     def forward(self, input: Tensor) -> Tensor:
         traced = F.traced(input)

@@ -29,16 +29,18 @@ from typing import Any
 
 from normlab.lab.report.assets import CSP, CSS
 from normlab.lab.stats import format_interval
-from normlab.lab.store import DB_NAME, RunResult, Store
+from normlab.lab.store import DB_NAME, RunResult, Store, flatten
 from normlab.lab.studies import (
     Card,
     Figure,
     Study,
     StudyError,
     broken_studies,
+    config_meta_key,
     expected_run_ids,
     get_study,
     load_study_config,
+    load_study_meta,
 )
 
 __all__ = ["build_report", "esc"]
@@ -129,12 +131,12 @@ def _collect(store: Store, name: str, figroot: Path, strict: bool) -> _Section:
 
     sec = _Section(name=study.name, title=study.title, summary=study.summary, order=study.order)
     cfg = load_study_config(store, study)
-    stored = store.get_meta(f"study:{study.name}:config")
+    stored = load_study_meta(store, study)
     if cfg is None:
         cfg = study.Config()
         sec.notes.append("No study config recorded in this run directory: using the defaults.")
     else:
-        sec.quick = bool(stored.get("quick", False)) if isinstance(stored, dict) else None
+        sec.quick = bool(stored.get("quick", False)) if stored is not None else None
     sec.config = dataclasses.asdict(cfg)
 
     # Only the runs of the recorded config: a directory re-used with another grid keeps the old
@@ -281,19 +283,9 @@ def _figure_html(fig: Figure) -> str:
     )
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _varying_keys(runs: list[RunResult]) -> list[str]:
     """Config keys whose values differ between runs (the ones worth a column)."""
-    flats = [_flat(r.config) for r in runs]
+    flats = [flatten(r.config) for r in runs]
     keys: list[str] = []
     for f in flats:
         keys.extend(k for k in f if k not in keys)
@@ -324,7 +316,7 @@ def _runs_table(runs: list[RunResult]) -> str:
     )
     body = []
     for r in runs:
-        flat = _flat(r.config)
+        flat = flatten(r.config)
         cells = [
             f'<td class="mono" title="{esc(r.run_id)}">{esc(r.run_id[:12])}</td>',
             f"<td>{_status_badge(r.status)}</td>",

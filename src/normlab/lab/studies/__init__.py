@@ -27,8 +27,12 @@ Optional: ``HIDDEN = True`` keeps the study out of ``normlab demo`` and ``normla
 (without ``--all``); ``validate(cfg)`` raises ``ValueError`` with a clear message for bad
 settings, before anything runs.
 
-Helpers for analyses: :func:`select`, :func:`values`, :func:`group_values`, plus the statistics in
-:mod:`normlab.lab.stats`.
+Helpers: :mod:`normlab.lab.analysis` (metric values of the finished runs, by seed, log-ratio
+intervals, number formats) with the statistics of :mod:`normlab.lab.stats`;
+:mod:`normlab.lab.plotting` (one colour and marker per norm, interval bars and bands, saving);
+:mod:`normlab.lab.hooks` (training hooks); the shared ``measured-train`` runner
+(:mod:`normlab.lab.measured`). A study imports those, never another study. How to add one:
+``docs/CONTRACTS.md``.
 """
 
 from __future__ import annotations
@@ -38,14 +42,13 @@ import importlib
 import pkgutil
 import traceback
 import warnings
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from normlab.lab.stats import Interval
-from normlab.lab.store import RunResult, Store
+from normlab.lab.store import RunResult, Store, run_id
 
 __all__ = [
     "CARD_VERDICTS",
@@ -59,16 +62,14 @@ __all__ = [
     "broken_studies",
     "config_from_dict",
     "config_meta",
+    "config_meta_key",
     "get_study",
-    "group_values",
     "load_all",
     "expected_run_ids",
     "load_study_config",
+    "load_study_meta",
     "merge_data_options",
-    "save_png",
     "save_study_config",
-    "select",
-    "values",
 ]
 
 CARD_VERDICTS: tuple[str, ...] = ("supported", "not supported", "inconclusive", "answer")
@@ -350,7 +351,8 @@ def config_from_dict(study: Study, data: dict[str, Any]) -> Any:
     return study.Config(**kwargs)
 
 
-def _meta_key(study_name: str) -> str:
+def config_meta_key(study_name: str) -> str:
+    """The store meta key under which the Config a study is run with is recorded."""
     return f"study:{study_name}:config"
 
 
@@ -365,7 +367,7 @@ def config_meta(
     value: dict[str, Any] = {"config": dataclasses.asdict(cfg), "quick": quick}
     if data_options:
         value["data_options"] = dict(data_options)
-    return _meta_key(study.name), value
+    return config_meta_key(study.name), value
 
 
 def merge_data_options(
@@ -387,10 +389,10 @@ def merge_data_options(
 
 def expected_run_ids(store: Store, study: Study, cfg: Any) -> set[str]:
     """Ids of the runs a recorded study config stands for, as the sweep computed them."""
-    from normlab.lab.store import run_id
+    # The sweep (and whatever executor it brings) is needed only here, not to list studies.
     from normlab.lab.sweep import prepare_configs
 
-    stored = store.get_meta(_meta_key(study.name)) or {}
+    stored = store.get_meta(config_meta_key(study.name)) or {}
     configs = merge_data_options(study.runs(cfg), stored.get("data_options"))
     return {run_id(c) for c in prepare_configs(configs)}
 
@@ -402,63 +404,13 @@ def save_study_config(store: Store, study: Study, cfg: Any, *, quick: bool = Fal
 
 def load_study_config(store: Store, study: Study) -> Any | None:
     """The Config recorded by :func:`save_study_config`, or ``None`` if there is none."""
-    stored = store.get_meta(_meta_key(study.name))
+    stored = store.get_meta(config_meta_key(study.name))
     if stored is None:
         return None
     return config_from_dict(study, stored.get("config", {}))
 
 
-# -- helpers for analyze() / plot() --------------------------------------------------------------
-
-
-def save_png(fig: Any, path: Path) -> Path:
-    """Write a matplotlib figure as PNG at ``path`` and free it (studies make many figures)."""
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
-
-
-def _matches(config: dict[str, Any], where: dict[str, Any]) -> bool:
-    return all(config.get(k) == v for k, v in where.items())
-
-
-def select(
-    results: Iterable[RunResult], *, done: bool = True, **where: Any
-) -> list[RunResult]:
-    """Runs whose config has every ``key == value`` in ``where`` (only finished runs by default)."""
-    return [r for r in results if (not done or r.done) and _matches(r.config, where)]
-
-
-def values(
-    results: Iterable[RunResult],
-    metric: str | Callable[[RunResult], Any],
-    **where: Any,
-) -> list[float]:
-    """The final ``metric`` (a name, or a function of the run) of the finished runs matching ``where``.
-
-    Runs lacking the metric are skipped.
-    """
-    out: list[float] = []
-    for r in select(results, **where):
-        v = metric(r) if callable(metric) else r.metric(metric)
-        if v is not None:
-            out.append(float(v))
-    return out
-
-
-def group_values(
-    results: Iterable[RunResult], key: str, metric: str | Callable[[RunResult], Any], **where: Any
-) -> dict[Any, list[float]]:
-    """``{config[key]: [metric of each finished run]}``, keys in first-seen order."""
-    groups: dict[Any, list[float]] = {}
-    for r in select(results, **where):
-        v = metric(r) if callable(metric) else r.metric(metric)
-        if v is None:
-            continue
-        k = r.config.get(key)
-        if isinstance(k, list):  # lists are unhashable; JSON gave us lists for tuples
-            k = tuple(k)
-        groups.setdefault(k, []).append(float(v))
-    return groups
+def load_study_meta(store: Store, study: Study) -> dict[str, Any] | None:
+    """The whole entry :func:`config_meta` recorded (``config``, ``quick``, ``data_options``)."""
+    stored = store.get_meta(config_meta_key(study.name))
+    return stored if isinstance(stored, dict) else None

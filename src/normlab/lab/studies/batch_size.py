@@ -45,11 +45,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
+from normlab.lab import plotting
+from normlab.lab.analysis import select
+from normlab.lab.data import load_dataset
+from normlab.lab.norms import get_norm
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import diff_ci, format_interval, mean_ci, paired_diff_ci, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure, save_png, select
+from normlab.lab.studies import Card, Figure
+from normlab.lab.train import train
 
 NAME = "batch-size"
 TITLE = "Batch size: BatchNorm vs batch-independent normalizations"
@@ -153,8 +159,6 @@ def validate(cfg: Config) -> None:
     bad = [m for m in models if m not in MODELS]
     if not models or bad:
         raise ValueError(f"model must be 'cnn', 'mlp' or 'cnn,mlp', got {cfg.model!r}")
-    from normlab.lab.norms import get_norm
-
     for n in cfg.norms:
         get_norm(n)  # raises ValueError with the valid names
     if not cfg.batch_sizes or min(cfg.batch_sizes) < 2:
@@ -247,8 +251,6 @@ class _ShapeProbe:
         self._handles: list[Any] = []
 
     def on_train_start(self, model: Any, config: Any, data: Any) -> None:
-        from torch import nn
-
         layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
         for m in layers[:-1]:  # the last one is the classifier head: no norm after it
             self._handles.append(m.register_forward_hook(self._record))
@@ -278,9 +280,6 @@ _TRAIN_KEYS = (
 @register_runner("batch-size-train")
 def batch_size_runner(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
     """Train one cell of the grid for ``max(min_epochs epochs, min_steps steps)``."""
-    from normlab.lab.data import load_dataset
-    from normlab.lab.train import train
-
     tcfg = {k: config[k] for k in _TRAIN_KEYS}
     n_train = load_dataset(config["data"], seed=0, **config["data_options"]).n_train
     bs = int(config["batch_size"])
@@ -356,7 +355,7 @@ def _change(results: list[RunResult], model: str, norm: str, small: int, normal:
     return {k: es[k] - en[k] for k in sorted(set(es) & set(en))}
 
 
-def _degradation_card(results: list[RunResult], cfg: Config, model: str) -> Card:
+def _card_degradation(results: list[RunResult], cfg: Config, model: str) -> Card:
     """BN's change of error from the normal to the smallest batch, beyond the per-sample norms'.
 
     Every network is further from convergence at the smallest batch size (a linearly scaled,
@@ -433,7 +432,7 @@ def _spread(results: list[RunResult], model: str, norm: str, sizes: list[int]) -
     return {s: max(per_bs[bs][s] for bs in sizes) - min(per_bs[bs][s] for bs in sizes) for s in sorted(seeds)}
 
 
-def _gn_card(results: list[RunResult], cfg: Config, model: str) -> Card:
+def _card_gn(results: list[RunResult], cfg: Config, model: str) -> Card:
     label = f"{model.upper()} on {cfg.data}"
     sizes = sorted({int(r.config["batch_size"]) for r in select(results, part="grid", model=model)})
     claim = f"{CLAIM_GN} [{label}]"
@@ -479,7 +478,7 @@ def _gn_card(results: list[RunResult], cfg: Config, model: str) -> Card:
     )
 
 
-def _question_card(results: list[RunResult], cfg: Config) -> Card:
+def _card_question(results: list[RunResult], cfg: Config) -> Card:
     parts: list[str] = []
     for model in _models(cfg):
         small, normal = _reference_batches(cfg, results, model)
@@ -513,7 +512,7 @@ def _question_card(results: list[RunResult], cfg: Config) -> Card:
     )
 
 
-def _ranking_card(results: list[RunResult], cfg: Config) -> Card:
+def _card_ranking(results: list[RunResult], cfg: Config) -> Card:
     sizes = sorted({int(r.config["batch_size"]) for r in select(results, part="grid", model="cnn")})
     normal_sizes = [b for b in sizes if b >= min(16, cfg.normal_batch)] or sizes[-1:]
     per_norm: dict[str, list[float]] = {}
@@ -551,15 +550,18 @@ def _ranking_card(results: list[RunResult], cfg: Config) -> Card:
     )
 
 
-def _groups_card(results: list[RunResult], cfg: Config) -> Card | None:
-    runs_g = select(results, part="groups")
-    if not runs_g:
-        return None
+def _group_errors(results: list[RunResult]) -> dict[int, list[float]]:
+    """``{G: [error % of each finished run]}`` of the GroupNorm groups sweep."""
     per_g: dict[int, list[float]] = {}
-    for r in runs_g:
+    for r in select(results, part="groups"):
         e = _err(r)
         if e is not None:
             per_g.setdefault(int(str(r.config["norm"]).split(":")[1]), []).append(e)
+    return per_g
+
+
+def _card_groups(results: list[RunResult], cfg: Config) -> Card | None:
+    per_g = _group_errors(results)
     if not per_g:
         return None
     gs = sorted(per_g)
@@ -584,14 +586,14 @@ def _groups_card(results: list[RunResult], cfg: Config) -> Card | None:
 
 def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
     """Question card, BN-degrades and GN-independent claims per model, CNN ranking, groups."""
-    cards = [_question_card(results, cfg)]
+    cards = [_card_question(results, cfg)]
     for model in _models(cfg):
-        cards.append(_degradation_card(results, cfg, model))
+        cards.append(_card_degradation(results, cfg, model))
     for model in _models(cfg):
-        cards.append(_gn_card(results, cfg, model))
+        cards.append(_card_gn(results, cfg, model))
     if "cnn" in _models(cfg):
-        cards.append(_ranking_card(results, cfg))
-        g = _groups_card(results, cfg)
+        cards.append(_card_ranking(results, cfg))
+        g = _card_groups(results, cfg)
         if g is not None:
             cards.append(g)
     return cards
@@ -600,31 +602,6 @@ def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
 # ---------------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------------
-_STYLE = {
-    "bn": ("tab:blue", "o"), "gn": ("tab:red", "s"), "ln": ("tab:green", "^"), "in": ("tab:purple", "v"),
-    "wn+mobn": ("tab:orange", "D"), "none": ("gray", "x"),
-}
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _plain_log_axis(ax: Any) -> None:
-    """Log-scale y axis with plain numbers (1, 2, 5, 10 … instead of 2×10⁰)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator
-
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-
-
 def _ci_points(vals: list[float]) -> tuple[float, float, float]:
     """(mean, lower bar, upper bar) for a log-scale plot: the interval is cut at mean/5 and 100%."""
     iv = mean_ci(vals)
@@ -637,112 +614,111 @@ def _ci_points(vals: list[float]) -> tuple[float, float, float]:
 
 def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
     """Error vs batch size (per model), error vs values per BN statistic, groups sweep."""
-    plt = _plt()
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     figs: list[Figure] = []
     models = [m for m in _models(cfg) if select(results, part="grid", model=m)]
     if models:
-        fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.9), dpi=100, squeeze=False)
-        for ax, model in zip(axes[0], models):
-            for norm in cfg.norms:
-                xs, ys, lo, hi = [], [], [], []
-                for bs in sorted(cfg.batch_sizes):
-                    e = errors(results, part="grid", model=model, norm=norm, batch_size=bs)
-                    if e:
-                        m, a, b = _ci_points(list(e.values()))
-                        xs.append(bs), ys.append(m), lo.append(a), hi.append(b)
-                if xs:
-                    c, mk = _STYLE.get(norm, (None, "o"))
-                    ax.errorbar(xs, ys, yerr=[lo, hi], marker=mk, color=c, capsize=3, lw=1.2, ms=4, label=norm)
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(sorted(cfg.batch_sizes))
-            ax.set_xticklabels([str(b) for b in sorted(cfg.batch_sizes)])
-            ax.invert_xaxis()  # as in the Group Norm paper: large batches on the left
-            _plain_log_axis(ax)
-            ax.set_xlabel("batch size (images per step)")
-            ax.set_ylabel("validation error (%)")
-            ax.set_title(f"{model.upper()} on {cfg.data}", fontsize=10)
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = outdir / "batch_size_error.png"
-        save_png(fig, path)
-        figs.append(Figure(
-            title="Validation error vs batch size",
-            path=path,
-            caption=(
-                "Mean final validation error over seeds with 95% intervals (log scale; bars cut at a fifth "
-                "of the mean and at 100%), batch size "
-                "decreasing to the right as in the Group Norm paper's Figure 1. Linear learning-rate "
-                "scaling; every run gets at least the same epochs and the same steps."
-            ),
-        ))
+        figs += [_fig_error(results, cfg, models, outdir), _fig_stat_values(results, cfg, outdir)]
+    if select(results, part="groups"):
+        figs.append(_fig_groups(results, cfg, outdir))
+    return figs
 
-        fig, ax = plt.subplots(figsize=(5.6, 3.9), dpi=100)
-        for model, face in (("cnn", "full"), ("mlp", "none")):
-            for norm in [n for n in cfg.norms if n in BATCH_NORMS]:
-                xs, ys, lo, hi = [], [], [], []
-                for bs in sorted(cfg.batch_sizes):
-                    rs = select(results, part="grid", model=model, norm=norm, batch_size=bs)
-                    e = errors(results, part="grid", model=model, norm=norm, batch_size=bs)
-                    cnt = [r.metric("batch_stat_values_min") for r in rs if r.metric("batch_stat_values_min")]
-                    if e and cnt:
-                        m, a, b = _ci_points(list(e.values()))
-                        xs.append(cnt[0]), ys.append(m), lo.append(a), hi.append(b)
-                if xs:
-                    c, mk = _STYLE.get(norm, (None, "o"))
-                    ax.errorbar(xs, ys, yerr=[lo, hi], marker=mk, color=c, fillstyle=face, capsize=3,
-                                lw=1.0, ls="-" if model == "cnn" else "--", ms=5, label=f"{norm}, {model.upper()}")
+
+def _error_points(results: list[RunResult], cfg: Config, model: str, norm: str,
+                  x_of: Any) -> tuple[list[Any], list[float], list[float], list[float]]:
+    """(x, mean error, lower bar, upper bar) over the batch sizes; ``x_of(bs, runs)`` places a
+    batch size on the x axis (``None``: leave it out)."""
+    xs, ys, lo, hi = [], [], [], []
+    for bs in sorted(cfg.batch_sizes):
+        e = errors(results, part="grid", model=model, norm=norm, batch_size=bs)
+        x = x_of(bs, select(results, part="grid", model=model, norm=norm, batch_size=bs)) if e else None
+        if x is not None:
+            m, a, b = _ci_points(list(e.values()))
+            xs.append(x), ys.append(m), lo.append(a), hi.append(b)
+    return xs, ys, lo, hi
+
+
+def _fig_error(results: list[RunResult], cfg: Config, models: list[str], outdir: Path) -> Figure:
+    fig, axes = plotting.panels(1, len(models), (5.2, 3.9))
+    for ax, model in zip(axes[0], models):
+        for norm in cfg.norms:
+            xs, ys, lo, hi = _error_points(results, cfg, model, norm, lambda bs, _runs: bs)
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker=plotting.marker(norm), color=plotting.color(norm),
+                            capsize=3, lw=1.2, ms=4, label=norm)
         ax.set_xscale("log", base=2)
-        _plain_log_axis(ax)
-        ax.set_xlabel("values per batch statistic (smallest layer): N (MLP), N·H·W (CNN)")
+        ax.set_xticks(sorted(cfg.batch_sizes))
+        ax.set_xticklabels([str(b) for b in sorted(cfg.batch_sizes)])
+        ax.invert_xaxis()  # as in the Group Norm paper: large batches on the left
+        plotting.plain_log_yaxis(ax)
+        ax.set_xlabel("batch size (images per step)")
         ax.set_ylabel("validation error (%)")
-        ax.set_title("batch-pooled norms: error vs sample size of their statistics", fontsize=9)
+        ax.set_title(f"{model.upper()} on {cfg.data}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = outdir / "batch_size_stat_values.png"
-        save_png(fig, path)
-        figs.append(Figure(
-            title="Error vs number of values per BN statistic",
-            path=path,
-            caption=(
-                "The same runs as the batch-size figure for the batch-pooled norms, placed by the number "
-                "of values their smallest statistic is computed from. An MLP's BN at batch 2 averages "
-                "2 values; a CNN's averages 2·H·W, so it degrades much later."
-            ),
-        ))
+    return plotting.finish(fig, outdir / "batch_size_error.png",
+        title="Validation error vs batch size",
+        caption=(
+            "Mean final validation error over seeds with 95% intervals (log scale; bars cut at a fifth "
+            "of the mean and at 100%), batch size "
+            "decreasing to the right as in the Group Norm paper's Figure 1. Linear learning-rate "
+            "scaling; every run gets at least the same epochs and the same steps."
+        ),
+    )
 
-    runs_g = select(results, part="groups")
-    if runs_g:
-        per_g: dict[int, list[float]] = {}
-        for r in runs_g:
-            e = _err(r)
-            if e is not None:
-                per_g.setdefault(int(str(r.config["norm"]).split(":")[1]), []).append(e)
-        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-        gs = sorted(per_g)
-        pts = [_ci_points(per_g[g]) for g in gs]
-        ax.errorbar(gs, [p[0] for p in pts], yerr=[[p[1] for p in pts], [p[2] for p in pts]], marker="s",
-                    color="tab:red", capsize=3, label="GroupNorm")
-        bn = errors(results, part="grid", model="cnn", norm="bn", batch_size=cfg.groups_batch)
-        if bn:
-            ax.axhline(float(np.mean(list(bn.values()))), color="tab:blue", ls="--", lw=1, label="BN (same batch)")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(gs)
-        ax.set_xticklabels([str(g) for g in gs])
-        ax.set_xlabel("groups G (1 = LayerNorm, C = InstanceNorm)")
-        ax.set_ylabel("validation error (%)")
-        ax.set_title(f"GroupNorm groups, CNN, batch {cfg.groups_batch}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = outdir / "batch_size_groups.png"
-        save_png(fig, path)
-        figs.append(Figure(
-            title="GroupNorm: number of groups",
-            path=path,
-            caption="Mean validation error over seeds with 95% intervals for each number of groups.",
-        ))
-    return figs
+
+def _stat_count(_bs: int, runs: list[RunResult]) -> int | None:
+    counts = [r.metric("batch_stat_values_min") for r in runs if r.metric("batch_stat_values_min")]
+    return counts[0] if counts else None
+
+
+def _fig_stat_values(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
+    fig, ax = plotting.plt().subplots(figsize=(5.6, 3.9), dpi=100)
+    for model, face in (("cnn", "full"), ("mlp", "none")):
+        for norm in [n for n in cfg.norms if n in BATCH_NORMS]:
+            xs, ys, lo, hi = _error_points(results, cfg, model, norm, _stat_count)
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker=plotting.marker(norm), color=plotting.color(norm),
+                            fillstyle=face, capsize=3, lw=1.0, ls="-" if model == "cnn" else "--", ms=5,
+                            label=f"{norm}, {model.upper()}")
+    ax.set_xscale("log", base=2)
+    plotting.plain_log_yaxis(ax)
+    ax.set_xlabel("values per batch statistic (smallest layer): N (MLP), N·H·W (CNN)")
+    ax.set_ylabel("validation error (%)")
+    ax.set_title("batch-pooled norms: error vs sample size of their statistics", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return plotting.finish(fig, outdir / "batch_size_stat_values.png",
+        title="Error vs number of values per BN statistic",
+        caption=(
+            "The same runs as the batch-size figure for the batch-pooled norms, placed by the number "
+            "of values their smallest statistic is computed from. An MLP's BN at batch 2 averages "
+            "2 values; a CNN's averages 2·H·W, so it degrades much later."
+        ),
+    )
+
+
+def _fig_groups(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
+    per_g = _group_errors(results)
+    fig, ax = plotting.plt().subplots(figsize=(5, 3.5), dpi=100)
+    gs = sorted(per_g)
+    pts = [_ci_points(per_g[g]) for g in gs]
+    ax.errorbar(gs, [p[0] for p in pts], yerr=[[p[1] for p in pts], [p[2] for p in pts]],
+                marker=plotting.marker("gn"), color=plotting.color("gn"), capsize=3, label="GroupNorm")
+    bn = errors(results, part="grid", model="cnn", norm="bn", batch_size=cfg.groups_batch)
+    if bn:
+        ax.axhline(float(np.mean(list(bn.values()))), color=plotting.color("bn"), ls="--", lw=1,
+                   label="BN (same batch)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(gs)
+    ax.set_xticklabels([str(g) for g in gs])
+    ax.set_xlabel("groups G (1 = LayerNorm, C = InstanceNorm)")
+    ax.set_ylabel("validation error (%)")
+    ax.set_title(f"GroupNorm groups, CNN, batch {cfg.groups_batch}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return plotting.finish(fig, outdir / "batch_size_groups.png",
+        title="GroupNorm: number of groups",
+        caption="Mean validation error over seeds with 95% intervals for each number of groups.",
+    )

@@ -49,11 +49,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
+from normlab.lab import plotting
+from normlab.lab.analysis import by_seed, ratio_interval, select
+from normlab.lab.data import load_dataset
+from normlab.lab.hooks import AccuracyEvery
+from normlab.lab.models import build_model
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import Interval, compare, diff_ci, format_interval, mean_ci, paired_diff_ci, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure, save_png, select
+from normlab.lab.studies import Card, Figure
+from normlab.lab.train import train
+from normlab.nn.standardizer import Standardizer
 
 NAME = "input-scaling"
 TITLE = "Input normalization: conditioning and speed of training"
@@ -186,16 +195,9 @@ def runs(cfg: Config) -> list[dict[str, Any]]:
 def standardize(x: np.ndarray) -> tuple[np.ndarray, str]:
     """Standardize the columns of ``x`` with normlab's :class:`~normlab.nn.Standardizer`.
 
-    Returns the standardized array (float64) and the name of the tool used (a plain
-    mean/std fallback if ``normlab.nn.Standardizer`` cannot be imported).
+    Returns the standardized array (float64) and the name of the tool used.
     """
     x = np.asarray(x, dtype=np.float64)
-    try:
-        import torch
-
-        from normlab.nn.standardizer import Standardizer
-    except ImportError:  # pragma: no cover - the module ships with normlab
-        return (x - x.mean(axis=0)) / x.std(axis=0), "numpy mean/std"
     t = torch.from_numpy(x)
     std = Standardizer(x.shape[1]).fit(t)
     with torch.no_grad():
@@ -282,8 +284,6 @@ def _thin(n: int, keep: int) -> np.ndarray:
 
 
 def _synthetic_train(config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    from normlab.lab.data import load_dataset
-
     data = load_dataset("synthetic2d", seed=int(config["data_seed"]), **config["data_options"])
     x, y = data.train.tensors
     return x.numpy().astype(np.float64), y.numpy().astype(np.float64)
@@ -365,66 +365,16 @@ def standardized_mlp(*, norm: str, input_shape: Any, num_classes: int, fit_data:
     the statistics (the same the trainer loads). The standardizer has no parameters, so the MLP
     draws exactly the same initial weights as without it.
     """
-    from torch import nn
-
-    from normlab.lab.data import load_dataset
-    from normlab.lab.models import build_model
-
     data = load_dataset(fit_data["spec"], seed=int(fit_data["seed"]), **fit_data.get("options", {}))
     x = data.train.tensors[0]
-    try:
-        from normlab.nn.standardizer import Standardizer
-
-        std: nn.Module = Standardizer(x.shape[-1]).fit(x)
-    except ImportError:  # pragma: no cover - fallback: a plain frozen mean/std
-
-        class _Plain(nn.Module):
-            def __init__(self, t: Any) -> None:
-                super().__init__()
-                self.register_buffer("mean", t.mean(0))
-                self.register_buffer("std", t.std(0, unbiased=False))
-
-            def forward(self, v: Any) -> Any:
-                return (v - self.mean) / self.std
-
-        std = _Plain(x)
+    std = Standardizer(x.shape[-1]).fit(x)
     mlp = build_model("mlp", norm=norm, input_shape=input_shape, num_classes=num_classes, **options)
     return nn.Sequential(std, mlp)
-
-
-class StepEval:
-    """Training hook: validation accuracy every ``every`` steps; first step reaching ``target``."""
-
-    def __init__(self, every: int, target: float) -> None:
-        self.every = int(every)
-        self.target = float(target)
-        self.curve: list[tuple[int, float]] = []
-        self.hit: int | None = None
-        self._val: Any = None
-
-    def on_train_start(self, model: Any, config: Any, data: Any) -> None:
-        from normlab.lab.train import evaluate
-
-        self._val = data.val
-        _, acc = evaluate(model, self._val, task=data.task)
-        self.curve.append((0, float(acc)))
-
-    def on_step(self, step: int, model: Any, batch: Any, loss: float) -> None:
-        if step % self.every:
-            return
-        from normlab.lab.train import evaluate
-
-        _, acc = evaluate(model, self._val)
-        self.curve.append((step, float(acc)))
-        if self.hit is None and acc >= self.target:
-            self.hit = step
 
 
 @register_runner("input-scaling-mlp")
 def mlp_runner(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
     """Train the MLP on raw or standardized ``synthetic2d-cls`` inputs, timing the target crossing."""
-    from normlab.lab.train import train
-
     spec = "synthetic2d-cls"
     model_options: dict[str, Any] = {"hidden": list(config["hidden"]), "activation": "relu"}
     model = "mlp"
@@ -446,7 +396,7 @@ def mlp_runner(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
         "data_options": dict(config["data_options"]),
         "model_options": model_options,
     }
-    hook = StepEval(int(config["eval_every_steps"]), float(config["target_acc"]))
+    hook = AccuracyEvery(int(config["eval_every_steps"]), float(config["target_acc"]))
     result = train(tcfg, log, hooks=[hook])
     curve = hook.curve
     keep = _thin(len(curve), 120)
@@ -463,26 +413,6 @@ def mlp_runner(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Analysis
 # ---------------------------------------------------------------------------------------------
-def _by_seed(results: list[RunResult], metric: str, **where: Any) -> dict[int, Any]:
-    out: dict[int, Any] = {}
-    for r in select(results, **where):
-        out[int(r.config.get("data_seed", r.config.get("seed", 0)))] = r.metric(metric)
-    return out
-
-
-def ratio_interval(iv: Interval) -> Interval:
-    """A log10 interval as a ratio interval ``10^mean [10^lo, 10^hi]`` (same verdict: ratio > 1 ⇔ log > 0)."""
-
-    def p(v: float) -> float:
-        if math.isnan(v):
-            return math.nan
-        if math.isinf(v):
-            return math.inf if v > 0 else 0.0
-        return 10.0**v
-
-    return Interval(p(iv.mean), p(iv.lo), p(iv.hi), iv.n, iv.level)
-
-
 def _fmt_ratio(iv: Interval) -> str:
     """A log10 interval shown as a ratio ``10^mean [10^lo, 10^hi]``."""
     def p(v: float) -> str:
@@ -495,97 +425,91 @@ def _fmt_ratio(iv: Interval) -> str:
     return f"{p(iv.mean)}× [{p(iv.lo)}, {p(iv.hi)}]"
 
 
-def _gd_cards(results: list[RunResult], cfg: Config) -> list[Card]:
-    raw_k = _by_seed(results, "log10_condition", part="gd", scaling="raw")
-    std_k = _by_seed(results, "log10_condition", part="gd", scaling="standardized")
+def _card_condition(results: list[RunResult], cfg: Config) -> Card:
+    raw_k = by_seed(results, "log10_condition", seed_key="data_seed", part="gd", scaling="raw")
+    std_k = by_seed(results, "log10_condition", seed_key="data_seed", part="gd", scaling="standardized")
     seeds = sorted(set(raw_k) & set(std_k))
-    cards: list[Card] = []
-    if seeds:
-        a = [raw_k[s] for s in seeds]
-        b = [std_k[s] for s in seeds]
-        effect = paired_diff_ci(a, b)
-        kr = mean_ci([10**v for v in a])
-        ks = mean_ci([10**v for v in b])
-        cards.append(
-            Card(
-                study=NAME,
-                claim=CLAIM_COND,
-                measurement=(
-                    f"condition number κ = λmax/λmin of the Hessian XᵀX/n (linear model, no bias): "
-                    f"raw {format_interval(kr)}, standardized {format_interval(ks)}; "
-                    f"κ_raw/κ_std = {_fmt_ratio(effect)} (paired over {len(seeds)} data sets)"
-                ),
-                verdict=verdict(effect, "greater"),
-                effect=ratio_interval(effect),
-                details=(
-                    "Effect = κ_raw/κ_std, geometric mean over data seeds with its 95% interval (a "
-                    "t-interval of log10(κ_raw) − log10(κ_std), paired by data seed); supported when "
-                    "the whole interval is above 1. "
-                    "For x1 uniform in ±200 and x2 in ±10 the Hessian is ≈ diag(200²/3, 10²/3), "
-                    "κ ≈ 400; standardized, it is the features' correlation matrix, κ ≈ 1. "
-                    "A bias column would make the raw κ ≈ 13 000 (its eigenvalue is ≈ 1)."
-                ),
-            )
-        )
-    else:
-        cards.append(Card(study=NAME, claim=CLAIM_COND, measurement="no finished gradient-descent runs", verdict="inconclusive"))
+    if not seeds:
+        return Card(study=NAME, claim=CLAIM_COND, measurement="no finished gradient-descent runs", verdict="inconclusive")
+    a = [raw_k[s] for s in seeds]
+    b = [std_k[s] for s in seeds]
+    effect = paired_diff_ci(a, b)
+    kr = mean_ci([10**v for v in a])
+    ks = mean_ci([10**v for v in b])
+    return Card(
+        study=NAME,
+        claim=CLAIM_COND,
+        measurement=(
+            f"condition number κ = λmax/λmin of the Hessian XᵀX/n (linear model, no bias): "
+            f"raw {format_interval(kr)}, standardized {format_interval(ks)}; "
+            f"κ_raw/κ_std = {_fmt_ratio(effect)} (paired over {len(seeds)} data sets)"
+        ),
+        verdict=verdict(effect, "greater"),
+        effect=ratio_interval(effect),
+        details=(
+            "Effect = κ_raw/κ_std, geometric mean over data seeds with its 95% interval (a "
+            "t-interval of log10(κ_raw) − log10(κ_std), paired by data seed); supported when "
+            "the whole interval is above 1. "
+            "For x1 uniform in ±200 and x2 in ±10 the Hessian is ≈ diag(200²/3, 10²/3), "
+            "κ ≈ 400; standardized, it is the features' correlation matrix, κ ≈ 1. "
+            "A bias column would make the raw κ ≈ 13 000 (its eigenvalue is ≈ 1)."
+        ),
+    )
 
-    raw_i = _by_seed(results, "iterations", part="gd", scaling="raw")
-    std_i = _by_seed(results, "iterations", part="gd", scaling="standardized")
+
+def _card_gd(results: list[RunResult], cfg: Config) -> Card:
+    raw_i = by_seed(results, "iterations", seed_key="data_seed", part="gd", scaling="raw")
+    std_i = by_seed(results, "iterations", seed_key="data_seed", part="gd", scaling="standardized")
     seeds = sorted(s for s in set(raw_i) & set(std_i))
-    if seeds:
-        # A run that never reached the tolerance is censored at max_iters (a lower bound).
-        cap = float(cfg.max_iters)
-        ra = [float(raw_i[s]) if raw_i[s] is not None else cap for s in seeds]
-        sa = [float(std_i[s]) if std_i[s] is not None else cap for s in seeds]
-        effect = paired_diff_ci(np.log10(ra), np.log10(sa))
-        v = verdict(effect, "greater")
-        censored_std = sum(std_i[s] is None for s in seeds)
-        if censored_std and v == "supported":
-            v = "inconclusive"
-        fr = [r.metric("best_fraction") for r in select(results, part="gd", scaling="raw")]
-        fs = [r.metric("best_fraction") for r in select(results, part="gd", scaling="standardized")]
-        step_r = [r.metric("best_step") for r in select(results, part="gd", scaling="raw") if r.metric("best_step")]
-        step_s = [r.metric("best_step") for r in select(results, part="gd", scaling="standardized") if r.metric("best_step")]
-        div_r = [r.metric("diverge_ratio") for r in select(results, part="gd", scaling="raw")]
-        div_s = [r.metric("diverge_ratio") for r in select(results, part="gd", scaling="standardized")]
-        n_div = sum(bool(r.metric("diverged")) for r in select(results, part="gd"))
-        n_gd = len(select(results, part="gd"))
-        theory = [r.metric("theory_iterations") for r in select(results, part="gd", scaling="raw")]
-        cards.append(
-            Card(
-                study=NAME,
-                claim=CLAIM_GD,
-                measurement=(
-                    f"iterations to L − L* ≤ {cfg.tolerance:g}·(L0 − L*) at each one's best step: "
-                    f"raw {format_interval(mean_ci(ra))}, standardized {format_interval(mean_ci(sa))}; "
-                    f"ratio raw/standardized {_fmt_ratio(effect)} (paired over {len(seeds)} data sets). "
-                    f"Best step: raw {np.mean(step_r):.3g} (f = {_mode(fr)} of 2/λmax), "
-                    f"standardized {np.mean(step_s):.3g} (f = {_mode(fs)}). "
-                    f"At {cfg.diverge_factor:g}·2/λmax the loss grew in {n_div}/{n_gd} runs "
-                    f"(×{_gmean(div_r):.3g} raw, ×{_gmean(div_s):.3g} standardized after "
-                    f"{cfg.diverge_steps} steps)."
-                ),
-                verdict=v,
-                effect=ratio_interval(effect),
-                details=(
-                    "Effect = iterations raw / iterations standardized, geometric mean with the 95% "
-                    "interval of the paired log10 difference (by data seed); supported when above 1. "
-                    "Step sizes tried: "
-                    + ", ".join(f"{f:g}" for f in cfg.step_fractions)
-                    + " × 2/λmax; the best (fewest iterations) is kept for each. Theory at the optimal "
-                    f"step 2/(λmax+λmin): ≈ {np.mean(theory):.0f} iterations for the raw features. "
-                    "Steps above 2/λmax diverge, and λmax of the raw features is ≈ 400× that of the "
-                    "standardized ones, so the raw problem must take tiny steps that crawl along the "
-                    "flat direction (x2's weight) — the oscillation the article describes. Runs that "
-                    f"never converge count as {cfg.max_iters} iterations (a lower bound); a verdict "
-                    "that would rest on a censored standardized run is downgraded to inconclusive."
-                ),
-            )
-        )
-    else:
-        cards.append(Card(study=NAME, claim=CLAIM_GD, measurement="no finished gradient-descent runs", verdict="inconclusive"))
-    return cards
+    if not seeds:
+        return Card(study=NAME, claim=CLAIM_GD, measurement="no finished gradient-descent runs", verdict="inconclusive")
+    # A run that never reached the tolerance is censored at max_iters (a lower bound).
+    cap = float(cfg.max_iters)
+    ra = [float(raw_i[s]) if raw_i[s] is not None else cap for s in seeds]
+    sa = [float(std_i[s]) if std_i[s] is not None else cap for s in seeds]
+    effect = paired_diff_ci(np.log10(ra), np.log10(sa))
+    v = verdict(effect, "greater")
+    censored_std = sum(std_i[s] is None for s in seeds)
+    if censored_std and v == "supported":
+        v = "inconclusive"
+    fr = [r.metric("best_fraction") for r in select(results, part="gd", scaling="raw")]
+    fs = [r.metric("best_fraction") for r in select(results, part="gd", scaling="standardized")]
+    step_r = [r.metric("best_step") for r in select(results, part="gd", scaling="raw") if r.metric("best_step")]
+    step_s = [r.metric("best_step") for r in select(results, part="gd", scaling="standardized") if r.metric("best_step")]
+    div_r = [r.metric("diverge_ratio") for r in select(results, part="gd", scaling="raw")]
+    div_s = [r.metric("diverge_ratio") for r in select(results, part="gd", scaling="standardized")]
+    n_div = sum(bool(r.metric("diverged")) for r in select(results, part="gd"))
+    n_gd = len(select(results, part="gd"))
+    theory = [r.metric("theory_iterations") for r in select(results, part="gd", scaling="raw")]
+    return Card(
+        study=NAME,
+        claim=CLAIM_GD,
+        measurement=(
+            f"iterations to L − L* ≤ {cfg.tolerance:g}·(L0 − L*) at each one's best step: "
+            f"raw {format_interval(mean_ci(ra))}, standardized {format_interval(mean_ci(sa))}; "
+            f"ratio raw/standardized {_fmt_ratio(effect)} (paired over {len(seeds)} data sets). "
+            f"Best step: raw {np.mean(step_r):.3g} (f = {_mode(fr)} of 2/λmax), "
+            f"standardized {np.mean(step_s):.3g} (f = {_mode(fs)}). "
+            f"At {cfg.diverge_factor:g}·2/λmax the loss grew in {n_div}/{n_gd} runs "
+            f"(×{_gmean(div_r):.3g} raw, ×{_gmean(div_s):.3g} standardized after "
+            f"{cfg.diverge_steps} steps)."
+        ),
+        verdict=v,
+        effect=ratio_interval(effect),
+        details=(
+            "Effect = iterations raw / iterations standardized, geometric mean with the 95% "
+            "interval of the paired log10 difference (by data seed); supported when above 1. "
+            "Step sizes tried: "
+            + ", ".join(f"{f:g}" for f in cfg.step_fractions)
+            + " × 2/λmax; the best (fewest iterations) is kept for each. Theory at the optimal "
+            f"step 2/(λmax+λmin): ≈ {np.mean(theory):.0f} iterations for the raw features. "
+            "Steps above 2/λmax diverge, and λmax of the raw features is ≈ 400× that of the "
+            "standardized ones, so the raw problem must take tiny steps that crawl along the "
+            "flat direction (x2's weight) — the oscillation the article describes. Runs that "
+            f"never converge count as {cfg.max_iters} iterations (a lower bound); a verdict "
+            "that would rest on a censored standardized run is downgraded to inconclusive."
+        ),
+    )
 
 
 def _mode(values: list[Any]) -> str:
@@ -624,7 +548,7 @@ def best_lr(results: list[RunResult], scaling: str) -> float | None:
     return min(by_lr, key=key)
 
 
-def _mlp_card(results: list[RunResult], cfg: Config) -> Card:
+def _card_mlp(results: list[RunResult], cfg: Config) -> Card:
     lr_raw, lr_std = best_lr(results, "raw"), best_lr(results, "standardized")
     if lr_raw is None or lr_std is None:
         return Card(study=NAME, claim=CLAIM_MLP, measurement="needs finished MLP runs of both arms", verdict="inconclusive")
@@ -670,19 +594,14 @@ def _mlp_card(results: list[RunResult], cfg: Config) -> Card:
 
 def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
     """Three cards: conditioning, gradient-descent speed, MLP training speed."""
-    return _gd_cards(results, cfg) + [_mlp_card(results, cfg)]
+    return [_card_condition(results, cfg), _card_gd(results, cfg), _card_mlp(results, cfg)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------------
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+#: Colours of the two arms (scalings of the inputs, not norms).
+_SCALING_COLORS = {"raw": "tab:red", "standardized": "tab:blue"}
 
 
 def _contour_panel(ax: Any, r: RunResult, title: str) -> None:
@@ -715,102 +634,94 @@ def _contour_panel(ax: Any, r: RunResult, title: str) -> None:
 
 def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
     """Contours with GD paths, GD convergence, iterations vs step size, MLP accuracy curves."""
-    plt = _plt()
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    figs: list[Figure] = []
+    figs: list[Figure | None] = []
     gd = {s: [r for r in select(results, part="gd", scaling=s) if r.metric("trajectory")] for s in SCALINGS}
-
     if gd["raw"] and gd["standardized"]:
-        seed = min(set(int(r.config["data_seed"]) for r in gd["raw"]) & set(int(r.config["data_seed"]) for r in gd["standardized"]), default=None)
-        if seed is not None:
-            rr = next(r for r in gd["raw"] if int(r.config["data_seed"]) == seed)
-            rs = next(r for r in gd["standardized"] if int(r.config["data_seed"]) == seed)
-            fig, axes = plt.subplots(1, 2, figsize=(9.5, 4.6), dpi=100)
-            _contour_panel(axes[0], rr, "raw features (x1 in ±200, x2 in ±10)")
-            _contour_panel(axes[1], rs, "standardized features")
-            axes[0].legend(fontsize=7, loc="lower right")
-            fig.tight_layout()
-            path = outdir / "input_scaling_contours.png"
-            save_png(fig, path)
-            figs.append(
-                Figure(
-                    title="Loss contours and gradient-descent paths",
-                    path=path,
-                    caption=(
-                        f"Squared loss of a linear model (data seed {seed}), equal axes. Raw features: long "
-                        "narrow valley, GD at its best stable step zig-zags across the steep direction "
-                        "and crawls along the flat one. Standardized: round contours, GD goes straight "
-                        "to the minimum."
-                    ),
-                )
-            )
+        figs += [_fig_contours(gd, outdir), _fig_gd(gd, cfg, outdir)]
+    figs.append(_fig_mlp(results, cfg, outdir))
+    return [f for f in figs if f is not None]
 
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
-        colors = {"raw": "tab:red", "standardized": "tab:blue"}
-        for s in SCALINGS:
-            r = gd[s][0]
-            it = np.array(r.metric("trajectory_iter")) + 1
-            axes[0].loglog(it, np.maximum(r.metric("excess_curve"), 1e-16), color=colors[s], label=f"{s}, best step")
-            dc = np.array(r.metric("diverge_curve"), dtype=float)
-            axes[0].loglog(np.arange(1, len(dc) + 1), np.maximum(dc, 1e-16), "--", color=colors[s], label=f"{s}, {cfg.diverge_factor:g}·2/λmax")
-        axes[0].axhline(cfg.tolerance, color="gray", lw=0.7, ls=":")
-        axes[0].set_xlabel("iteration + 1")
-        axes[0].set_ylabel("(L − L*) / (L0 − L*)")
-        axes[0].set_title("convergence (first data seed)", fontsize=9)
-        axes[0].legend(fontsize=7)
-        for s in SCALINGS:
-            per_f: dict[float, list[float]] = {}
-            for r in gd[s]:
-                for f, n_it in zip(r.metric("step_fractions"), r.metric("iterations_by_fraction")):
-                    per_f.setdefault(float(f), []).append(math.inf if n_it is None else float(n_it))
-            fs = sorted(per_f)
-            med = [float(np.median(per_f[f])) for f in fs]
-            axes[1].semilogy(fs, med, "-o", color=colors[s], ms=3, label=s)
-        axes[1].set_xlabel("step size / (2/λmax)")
-        axes[1].set_ylabel("iterations to tolerance (median over seeds)")
-        axes[1].set_title("iterations vs step size (above 1: divergence)", fontsize=9)
-        axes[1].legend(fontsize=7)
-        fig.tight_layout()
-        path = outdir / "input_scaling_gd.png"
-        save_png(fig, path)
-        figs.append(
-            Figure(
-                title="Gradient descent: convergence and step size",
-                path=path,
-                caption=(
-                    "Left: relative excess loss per iteration at each one's best step (solid) and at "
-                    f"{cfg.diverge_factor:g}·2/λmax (dashed: the loss grows). Right: iterations to "
-                    f"reach {cfg.tolerance:g} for each step size, in units of the stability limit 2/λmax."
-                ),
-            )
-        )
 
+def _fig_contours(gd: dict[str, list[RunResult]], outdir: Path) -> Figure | None:
+    seed = min(set(int(r.config["data_seed"]) for r in gd["raw"]) & set(int(r.config["data_seed"]) for r in gd["standardized"]), default=None)
+    if seed is None:
+        return None
+    rr = next(r for r in gd["raw"] if int(r.config["data_seed"]) == seed)
+    rs = next(r for r in gd["standardized"] if int(r.config["data_seed"]) == seed)
+    fig, axes = plotting.plt().subplots(1, 2, figsize=(9.5, 4.6), dpi=100)
+    _contour_panel(axes[0], rr, "raw features (x1 in ±200, x2 in ±10)")
+    _contour_panel(axes[1], rs, "standardized features")
+    axes[0].legend(fontsize=7, loc="lower right")
+    return plotting.finish(fig, outdir / "input_scaling_contours.png",
+        title="Loss contours and gradient-descent paths",
+        caption=(
+            f"Squared loss of a linear model (data seed {seed}), equal axes. Raw features: long "
+            "narrow valley, GD at its best stable step zig-zags across the steep direction "
+            "and crawls along the flat one. Standardized: round contours, GD goes straight "
+            "to the minimum."
+        ),
+    )
+
+
+def _fig_gd(gd: dict[str, list[RunResult]], cfg: Config, outdir: Path) -> Figure:
+    fig, axes = plotting.plt().subplots(1, 2, figsize=(10, 3.8), dpi=100)
+    colors = _SCALING_COLORS
+    for s in SCALINGS:
+        r = gd[s][0]
+        it = np.array(r.metric("trajectory_iter")) + 1
+        axes[0].loglog(it, np.maximum(r.metric("excess_curve"), 1e-16), color=colors[s], label=f"{s}, best step")
+        dc = np.array(r.metric("diverge_curve"), dtype=float)
+        axes[0].loglog(np.arange(1, len(dc) + 1), np.maximum(dc, 1e-16), "--", color=colors[s], label=f"{s}, {cfg.diverge_factor:g}·2/λmax")
+    axes[0].axhline(cfg.tolerance, color="gray", lw=0.7, ls=":")
+    axes[0].set_xlabel("iteration + 1")
+    axes[0].set_ylabel("(L − L*) / (L0 − L*)")
+    axes[0].set_title("convergence (first data seed)", fontsize=9)
+    axes[0].legend(fontsize=7)
+    for s in SCALINGS:
+        per_f: dict[float, list[float]] = {}
+        for r in gd[s]:
+            for f, n_it in zip(r.metric("step_fractions"), r.metric("iterations_by_fraction")):
+                per_f.setdefault(float(f), []).append(math.inf if n_it is None else float(n_it))
+        fs = sorted(per_f)
+        med = [float(np.median(per_f[f])) for f in fs]
+        axes[1].semilogy(fs, med, "-o", color=colors[s], ms=3, label=s)
+    axes[1].set_xlabel("step size / (2/λmax)")
+    axes[1].set_ylabel("iterations to tolerance (median over seeds)")
+    axes[1].set_title("iterations vs step size (above 1: divergence)", fontsize=9)
+    axes[1].legend(fontsize=7)
+    return plotting.finish(fig, outdir / "input_scaling_gd.png",
+        title="Gradient descent: convergence and step size",
+        caption=(
+            "Left: relative excess loss per iteration at each one's best step (solid) and at "
+            f"{cfg.diverge_factor:g}·2/λmax (dashed: the loss grows). Right: iterations to "
+            f"reach {cfg.tolerance:g} for each step size, in units of the stability limit 2/λmax."
+        ),
+    )
+
+
+def _fig_mlp(results: list[RunResult], cfg: Config, outdir: Path) -> Figure | None:
     lr_raw, lr_std = best_lr(results, "raw"), best_lr(results, "standardized")
-    if lr_raw is not None or lr_std is not None:
-        fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
-        for s, lr, c in (("raw", lr_raw, "tab:red"), ("standardized", lr_std, "tab:blue")):
-            if lr is None:
-                continue
-            curves = [np.array(r.metric("acc_curve"), dtype=float) for r in select(results, part="mlp", scaling=s, lr=lr)]
-            curves = [cv for cv in curves if cv.size]
-            for k, cv in enumerate(curves):
-                ax.plot(cv[:, 0], 100 * cv[:, 1], color=c, lw=0.8, alpha=0.6, label=f"{s} (lr {lr:g})" if k == 0 else None)
-        ax.axhline(100 * cfg.target_acc, color="gray", lw=0.7, ls=":", label="target")
-        ax.set_xscale("symlog", linthresh=10)
-        ax.set_xlim(left=0)
-        ax.set_xlabel("optimizer steps")
-        ax.set_ylabel("validation accuracy (%)")
-        ax.set_ylim(40, 100)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = outdir / "input_scaling_mlp.png"
-        save_png(fig, path)
-        figs.append(
-            Figure(
-                title="MLP on raw vs standardized inputs",
-                path=path,
-                caption="Validation accuracy during training, one line per seed, each arm at its best learning rate.",
-            )
-        )
-    return figs
+    if lr_raw is None and lr_std is None:
+        return None
+    fig, ax = plotting.plt().subplots(figsize=(5.5, 3.6), dpi=100)
+    for s, lr in (("raw", lr_raw), ("standardized", lr_std)):
+        if lr is None:
+            continue
+        curves = [np.array(r.metric("acc_curve"), dtype=float) for r in select(results, part="mlp", scaling=s, lr=lr)]
+        curves = [cv for cv in curves if cv.size]
+        for k, cv in enumerate(curves):
+            ax.plot(cv[:, 0], 100 * cv[:, 1], color=_SCALING_COLORS[s], lw=0.8, alpha=0.6,
+                    label=f"{s} (lr {lr:g})" if k == 0 else None)
+    ax.axhline(100 * cfg.target_acc, color="gray", lw=0.7, ls=":", label="target")
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylim(40, 100)
+    ax.legend(fontsize=7)
+    return plotting.finish(fig, outdir / "input_scaling_mlp.png",
+        title="MLP on raw vs standardized inputs",
+        caption="Validation accuracy during training, one line per seed, each arm at its best learning rate.",
+    )

@@ -50,13 +50,27 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from normlab.lab.stats import combine_verdicts
+import normlab.nn as lnn
+from normlab.lab import plotting
+from normlab.lab.analysis import fmt_ratio, log10_diff_ci, pct, select, values
+from normlab.lab.metrics import (
+    capture_preactivations,
+    distribution_instability,
+    internal_covariate_shift,
+    loss_grad_fn,
+    preserve_state,
+    probe_gradient_direction,
+    unit_stats,
+)
+from normlab.lab.models import build_model
 from normlab.lab.runners import LogFn, register_runner
-from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, verdict
+from normlab.lab.stats import combine_verdicts, diff_ci, format_interval, mean_ci, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure, save_png, select
+from normlab.lab.studies import Card, Figure
+from normlab.lab.train import evaluate, train
 
 NAME = "landscape"
 TITLE = "Why does BatchNorm help? Loss landscape and internal covariate shift"
@@ -163,9 +177,6 @@ def noisy_bn_model(
     Used through the model spec ``"normlab.lab.studies.landscape:noisy_bn_model"`` with
     ``model_options={"base": "cnn", "noise": {...}, "noise_seed": seed}``.
     """
-    import normlab.nn as lnn
-    from normlab.lab.models import build_model
-
     model = build_model(base, norm=norm, input_shape=input_shape, num_classes=num_classes, **options)
     settings = {**DEFAULT_NOISE, **(noise or {})}
     targets = [
@@ -243,15 +254,6 @@ class _LandscapeHook:
         self._resample()  # the next step's noise
 
     def _probe(self, step: int, batch: Any) -> None:
-        from normlab.lab.metrics import (
-            capture_preactivations,
-            internal_covariate_shift,
-            loss_grad_fn,
-            preserve_state,
-            probe_gradient_direction,
-            unit_stats,
-        )
-
         model, before, after = self.model, self.prev, self._snapshot()
         assert before is not None
         with preserve_state(model):
@@ -296,8 +298,6 @@ class _LandscapeHook:
         }
 
     def summary(self) -> dict[str, Any]:
-        from normlab.lab.metrics import distribution_instability
-
         recs = self.records
         out: dict[str, Any] = {"probes": len(recs)}
         if not recs:
@@ -322,8 +322,6 @@ class _LandscapeHook:
 
 
 def _loss_fn(data: Any) -> Any:
-    import torch.nn.functional as F
-
     if data.num_classes > 0:
         return F.cross_entropy
     return lambda out, y: F.mse_loss(out.squeeze(-1), y)
@@ -339,8 +337,6 @@ def landscape_runner(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
     ``config``: TrainConfig fields, with ``norm`` one of ``none``, ``bn``, ``noisy-bn``, plus
     ``probe_every``, ``scales``, ``act_samples`` and ``noise`` (settings of noisy BN).
     """
-    from normlab.lab.train import evaluate, train
-
     cpu0, wall0 = time.process_time(), time.perf_counter()
     threads = torch.get_num_threads()
     train_cfg = {k: v for k, v in config.items() if k != "runner" and k not in LANDSCAPE_KEYS}
@@ -442,35 +438,13 @@ def runs(cfg: Config) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 # Analysis
 # --------------------------------------------------------------------------------------------
-def _vals(results: list[RunResult], metric: str, **where: Any) -> list[float]:
-    out = []
-    for r in select(results, **where):
-        v = r.metric(metric)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
-            out.append(float(v))
-    return out
-
-
-def _log_ratio(a: list[float], b: list[float]) -> tuple[Interval, Interval]:
-    """Welch CI of mean(log10 a) − mean(log10 b), and the same as a ratio 10^(...)."""
-    la = [math.log10(v) for v in a if v > 0]
-    lb = [math.log10(v) for v in b if v > 0]
-    d = diff_ci(la, lb)
-    return d, Interval(10**d.mean, 10**d.lo if math.isfinite(d.lo) else 0.0,
-                       10**d.hi if math.isfinite(d.hi) else math.inf, d.n, d.level)
-
-
-def _fmt_ratio(iv: Interval) -> str:
-    return f"{format_interval(iv)}×"
-
-
 def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
     cards: list[Card] = []
     for model in cfg.models:
         where = {"model": model, "data": cfg.data}
-        cards.append(_smooth_card(results, cfg, model, where))
-        cards.append(_ics_card(results, cfg, model, where))
-        cards.append(_noisy_card(results, cfg, model, where))
+        cards.append(_card_smooth(results, cfg, model, where))
+        cards.append(_card_ics(results, cfg, model, where))
+        cards.append(_card_noisy(results, cfg, model, where))
     return cards
 
 
@@ -478,7 +452,7 @@ def _need(model: str, what: str) -> str:
     return f"{model}: needs finished {what} runs"
 
 
-def _smooth_card(results: list[RunResult], cfg: Config, model: str, where: dict[str, Any]) -> Card:
+def _card_smooth(results: list[RunResult], cfg: Config, model: str, where: dict[str, Any]) -> Card:
     claim = f"{SMOOTH_CLAIM} [{model}]"
     details = (
         "Per run: the median over probes (every "
@@ -491,34 +465,34 @@ def _smooth_card(results: list[RunResult], cfg: Config, model: str, where: dict[
     parts, texts, first = [], [], None
     for key, label in (("loss_range", "loss range"), ("grad_change", "gradient change"),
                        ("beta_smoothness", "β-smoothness")):
-        a, b = _vals(results, key, norm="bn", **where), _vals(results, key, norm="none", **where)
+        a, b = values(results, key, norm="bn", **where), values(results, key, norm="none", **where)
         if not a or not b:
             return Card(NAME, claim, _need(model, "'bn' and 'none'"), "inconclusive", details=details)
-        d, ratio = _log_ratio(a, b)
+        d, ratio = log10_diff_ci(a, b)
         parts.append(verdict(d, "less"))
         first = first or ratio
         texts.append(
             f"{label}: BN {np.median(a):.3g} vs none {np.median(b):.3g} (medians over runs), "
-            f"BN/none {_fmt_ratio(ratio)}"
+            f"BN/none {fmt_ratio(ratio)}"
         )
-    rel_a = _vals(results, "rel_grad_change", norm="bn", **where)
-    rel_b = _vals(results, "rel_grad_change", norm="none", **where)
+    rel_a = values(results, "rel_grad_change", norm="bn", **where)
+    rel_b = values(results, "rel_grad_change", norm="none", **where)
     if rel_a and rel_b:
         texts.append(
             f"for reference, gradient change relative to ‖g‖: BN {np.median(rel_a):.3g} vs none "
             f"{np.median(rel_b):.3g}; gradient norm BN "
-            f"{np.median(_vals(results, 'grad_norm', norm='bn', **where)):.3g} vs none "
-            f"{np.median(_vals(results, 'grad_norm', norm='none', **where)):.3g}"
+            f"{np.median(values(results, 'grad_norm', norm='bn', **where)):.3g} vs none "
+            f"{np.median(values(results, 'grad_norm', norm='none', **where)):.3g}"
         )
-    noisy = _vals(results, "loss_range", norm="noisy-bn", **where)
+    noisy = values(results, "loss_range", norm="noisy-bn", **where)
     if noisy:
         texts.append(f"noisy BN loss range {np.median(noisy):.3g}")
-    n = len(_vals(results, "loss_range", norm="bn", **where))
+    n = len(values(results, "loss_range", norm="bn", **where))
     return Card(NAME, claim, f"{model}, {n} seeds: " + "; ".join(texts), combine_verdicts(parts),
                 effect=first, details=details)
 
 
-def _ics_card(results: list[RunResult], cfg: Config, model: str, where: dict[str, Any]) -> Card:
+def _card_ics(results: list[RunResult], cfg: Config, model: str, where: dict[str, Any]) -> Card:
     claim = f"{ICS_CLAIM} [{model}]"
     details = (
         "ICS of layer i = ‖G − G′‖ and cos(G, G′), G the gradient of its weight before the step, "
@@ -528,28 +502,28 @@ def _ics_card(results: list[RunResult], cfg: Config, model: str, where: dict[str
         "difference above 0); both must hold. Santurkar et al. found the opposite in deep "
         "networks: BN does not reduce ICS by this measure, yet trains better."
     )
-    a_l2, b_l2 = _vals(results, "ics_l2", norm="bn", **where), _vals(results, "ics_l2", norm="none", **where)
-    a_cos, b_cos = _vals(results, "ics_cos", norm="bn", **where), _vals(results, "ics_cos", norm="none", **where)
+    a_l2, b_l2 = values(results, "ics_l2", norm="bn", **where), values(results, "ics_l2", norm="none", **where)
+    a_cos, b_cos = values(results, "ics_cos", norm="bn", **where), values(results, "ics_cos", norm="none", **where)
     if not a_l2 or not b_l2:
         return Card(NAME, claim, _need(model, "'bn' and 'none'"), "inconclusive", details=details)
-    d_l2, r_l2 = _log_ratio(a_l2, b_l2)
+    d_l2, r_l2 = log10_diff_ci(a_l2, b_l2)
     d_cos = diff_ci(a_cos, b_cos)
     v = combine_verdicts([verdict(d_l2, "less"), verdict(d_cos, "greater")])
-    rel_a = _vals(results, "ics_rel_l2", norm="bn", **where)
-    rel_b = _vals(results, "ics_rel_l2", norm="none", **where)
+    rel_a = values(results, "ics_rel_l2", norm="bn", **where)
+    rel_b = values(results, "ics_rel_l2", norm="none", **where)
     measurement = (
         f"{model}, {len(a_l2)} seeds: ‖G − G′‖ BN {np.median(a_l2):.3g} vs none {np.median(b_l2):.3g}, "
-        f"BN/none {_fmt_ratio(r_l2)}; cos(G, G′) BN {format_interval(mean_ci(a_cos))} vs none "
+        f"BN/none {fmt_ratio(r_l2)}; cos(G, G′) BN {format_interval(mean_ci(a_cos))} vs none "
         f"{format_interval(mean_ci(b_cos))}, difference {format_interval(d_cos)}; relative "
         f"‖G − G′‖/‖G‖ BN {np.median(rel_a):.3g} vs none {np.median(rel_b):.3g}"
     )
-    noisy = _vals(results, "ics_cos", norm="noisy-bn", **where)
+    noisy = values(results, "ics_cos", norm="noisy-bn", **where)
     if noisy:
         measurement += f"; noisy BN cos {format_interval(mean_ci(noisy))}"
     return Card(NAME, claim, measurement, v, effect=r_l2, details=details)
 
 
-def _noisy_card(results: list[RunResult], cfg: Config, model: str, where: dict[str, Any]) -> Card:
+def _card_noisy(results: list[RunResult], cfg: Config, model: str, where: dict[str, Any]) -> Card:
     claim = f"{NOISY_CLAIM} [{model}]"
     tol = cfg.acc_tolerance
     details = (
@@ -559,27 +533,23 @@ def _noisy_card(results: list[RunResult], cfg: Config, model: str, where: dict[s
         "between probes) larger for noisy BN than for BN (log-scale CI of the ratio above 1). "
         "Both must hold. Noise settings: " + ", ".join(f"{k}={v}" for k, v in cfg.noise.items())
     )
-    acc_n, acc_b = _vals(results, "final_val_acc", norm="noisy-bn", **where), _vals(results, "final_val_acc", norm="bn", **where)
-    ins_n, ins_b = _vals(results, "act_instability", norm="noisy-bn", **where), _vals(results, "act_instability", norm="bn", **where)
+    acc_n, acc_b = values(results, "final_val_acc", norm="noisy-bn", **where), values(results, "final_val_acc", norm="bn", **where)
+    ins_n, ins_b = values(results, "act_instability", norm="noisy-bn", **where), values(results, "act_instability", norm="bn", **where)
     if not acc_n or not acc_b or not ins_n or not ins_b:
         return Card(NAME, claim, _need(model, "'noisy-bn' and 'bn'"), "inconclusive", details=details)
     d_acc = diff_ci(acc_n, acc_b)
-    d_ins, r_ins = _log_ratio(ins_n, ins_b)
+    d_ins, r_ins = log10_diff_ci(ins_n, ins_b)
     v = combine_verdicts([verdict(d_acc, "equal", tol), verdict(d_ins, "greater")])
-    acc_none = _vals(results, "final_val_acc", norm="none", **where)
-    ins_none = _vals(results, "act_instability", norm="none", **where)
-
-    def pct(xs: list[float]) -> str:
-        iv = mean_ci(xs)
-        return format_interval(Interval(100 * iv.mean, 100 * iv.lo, 100 * iv.hi, iv.n), 3, "%")
+    acc_none = values(results, "final_val_acc", norm="none", **where)
+    ins_none = values(results, "act_instability", norm="none", **where)
 
     measurement = (
-        f"{model}, {len(acc_n)} seeds: validation accuracy noisy BN {pct(acc_n)}, BN {pct(acc_b)}"
-        + (f", none {pct(acc_none)}" if acc_none else "")
+        f"{model}, {len(acc_n)} seeds: validation accuracy noisy BN {pct(mean_ci(acc_n))}, BN "
+        f"{pct(mean_ci(acc_b))}" + (f", none {pct(mean_ci(acc_none))}" if acc_none else "")
         + f"; difference noisy − BN {100 * d_acc.mean:+.2f} points [{100 * d_acc.lo:+.2f}, "
         f"{100 * d_acc.hi:+.2f}]. Activation instability noisy BN {np.median(ins_n):.3g}, BN "
         f"{np.median(ins_b):.3g}" + (f", none {np.median(ins_none):.3g}" if ins_none else "")
-        + f"; noisy/BN {_fmt_ratio(r_ins)}"
+        + f"; noisy/BN {fmt_ratio(r_ins)}"
     )
     return Card(NAME, claim, measurement, v, effect=d_acc, details=details)
 
@@ -587,20 +557,21 @@ def _noisy_card(results: list[RunResult], cfg: Config, model: str, where: dict[s
 # --------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------
-_COLORS = {"none": "C0", "bn": "C1", "noisy-bn": "C2"}
-
-
 def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
-    import matplotlib.pyplot as plt
-
+    """Landscape along training, ICS per layer, one unit's distribution, training loss."""
     outdir.mkdir(parents=True, exist_ok=True)
-    figures: list[Figure] = []
-    models = list(cfg.models)
+    return [
+        _fig_smoothness(results, cfg, outdir),
+        _fig_ics(results, cfg, outdir),
+        _fig_activations(results, cfg, outdir),
+        _fig_training(results, cfg, outdir),
+    ]
 
-    # 1. landscape along training
+
+def _fig_smoothness(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
+    models = list(cfg.models)
     keys = (("loss_range", "loss range"), ("grad_change", "‖g_s − g‖ (max)"), ("beta_smoothness", "β-smoothness"))
-    fig, axes = plt.subplots(len(keys), len(models), figsize=(4.6 * len(models), 2.5 * len(keys)), dpi=100,
-                             squeeze=False)
+    fig, axes = plotting.panels(len(keys), len(models), (4.6, 2.5))
     for j, model in enumerate(models):
         for i, (key, label) in enumerate(keys):
             ax = axes[i][j]
@@ -611,9 +582,8 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
                 length = min(len(r.metric(f"trace_{key}")) for r in runs_)
                 steps = runs_[0].metric("trace_step")[:length]
                 vals = np.array([r.metric(f"trace_{key}")[:length] for r in runs_], dtype=float)
-                ax.plot(steps, np.nanmedian(vals, axis=0), color=_COLORS.get(norm), label=norm)
-                ax.fill_between(steps, np.nanmin(vals, axis=0), np.nanmax(vals, axis=0),
-                                color=_COLORS.get(norm), alpha=0.2)
+                ax.plot(steps, np.nanmedian(vals, axis=0), color=plotting.color(norm), label=norm)
+                plotting.band(ax, steps, np.nanmin(vals, axis=0), np.nanmax(vals, axis=0), plotting.color(norm))
             ax.set_yscale("log")
             ax.set_ylabel(label, fontsize=8)
             if i == 0:
@@ -622,17 +592,16 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
                 ax.set_xlabel("training step")
             ax.tick_params(labelsize=7)
         axes[0][j].legend(fontsize=7)
-    fig.tight_layout()
-    path = outdir / "landscape_smoothness.png"
-    save_png(fig, path)
-    figures.append(Figure("Loss landscape along the gradient during training", path,
-                          "At each probe step: the range of the loss over θ − s·η·g "
-                          f"(s ∈ {list(cfg.scales)}), the largest change of the gradient along "
-                          "those points, and that change divided by the distance moved "
-                          "(effective β-smoothness). Median over seeds, band = min–max."))
+    return plotting.finish(fig, outdir / "landscape_smoothness.png", "Loss landscape along the gradient during training",
+                  "At each probe step: the range of the loss over θ − s·η·g "
+                  f"(s ∈ {list(cfg.scales)}), the largest change of the gradient along "
+                  "those points, and that change divided by the distance moved "
+                  "(effective β-smoothness). Median over seeds, band = min–max.")
 
-    # 2. ICS per layer
-    fig, axes = plt.subplots(2, len(models), figsize=(4.6 * len(models), 5), dpi=100, squeeze=False)
+
+def _fig_ics(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
+    models = list(cfg.models)
+    fig, axes = plotting.panels(2, len(models), (4.6, 2.5))
     for j, model in enumerate(models):
         for i, (key, label) in enumerate((("ics_l2_by_layer", "‖G − G′‖"), ("ics_cos_by_layer", "cos(G, G′)"))):
             ax = axes[i][j]
@@ -643,7 +612,7 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
                     continue
                 vals = np.array([r.metric(key) for r in runs_], dtype=float)
                 xs = np.arange(vals.shape[1]) + (k - (len(cfg.norms) - 1) / 2) * width
-                ax.bar(xs, np.median(vals, axis=0), width, color=_COLORS.get(norm), label=norm)
+                ax.bar(xs, np.median(vals, axis=0), width, color=plotting.color(norm), label=norm)
                 ax.scatter(np.repeat(xs[None], len(vals), 0).ravel(), vals.ravel(), s=6, color="k", zorder=3)
             names_ = next((r.metric("ics_layers") for r in select(results, model=model, data=cfg.data)
                            if r.metric("ics_layers")), None)
@@ -660,17 +629,15 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
             if i == 0:
                 ax.set_title(model)
                 ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = outdir / "landscape_ics.png"
-    save_png(fig, path)
-    figures.append(Figure("Internal covariate shift (gradient definition), per layer", path,
-                          "Median over probes of ‖G − G′‖ and cos(G, G′) for each conv/linear "
-                          "weight after the first (bars: median over seeds, dots: seeds). G′ is "
-                          "the gradient after the earlier layers took their step."))
+    return plotting.finish(fig, outdir / "landscape_ics.png", "Internal covariate shift (gradient definition), per layer",
+                  "Median over probes of ‖G − G′‖ and cos(G, G′) for each conv/linear "
+                  "weight after the first (bars: median over seeds, dots: seeds). G′ is "
+                  "the gradient after the earlier layers took their step.")
 
-    # 3. distribution of one unit over training
-    fig, axes = plt.subplots(len(models), len(cfg.norms), figsize=(3.3 * len(cfg.norms), 2.5 * len(models)),
-                             dpi=100, squeeze=False)
+
+def _fig_activations(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
+    models = list(cfg.models)
+    fig, axes = plotting.panels(len(models), len(cfg.norms), (3.3, 2.5))
     for i, model in enumerate(models):
         for j, norm in enumerate(cfg.norms):
             ax = axes[i][j]
@@ -680,9 +647,9 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
                 r = min(runs_, key=lambda r: r.config.get("seed", 0))
                 p = np.array(r.metric("trace_unit_percentiles"), dtype=float)
                 steps = r.metric("trace_step")[: len(p)]
-                c = _COLORS.get(norm)
-                ax.fill_between(steps, p[:, 0], p[:, 4], color=c, alpha=0.2)
-                ax.fill_between(steps, p[:, 1], p[:, 3], color=c, alpha=0.4)
+                c = plotting.color(norm)
+                plotting.band(ax, steps, p[:, 0], p[:, 4], c, alpha=0.2)
+                plotting.band(ax, steps, p[:, 1], p[:, 3], c, alpha=0.4)
                 ax.plot(steps, p[:, 2], color=c)
             ax.set_title(f"{model}, {norm}", fontsize=9)
             ax.tick_params(labelsize=7)
@@ -690,33 +657,24 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
                 ax.set_ylabel("ReLU input (unit 0)", fontsize=8)
             if i == len(models) - 1:
                 ax.set_xlabel("training step", fontsize=8)
-    fig.tight_layout()
-    path = outdir / "landscape_activations.png"
-    save_png(fig, path)
-    figures.append(Figure("Activation distribution of one unit during training", path,
-                          "Input of the last ReLU, first unit, on fixed training samples in train "
-                          "mode (lowest seed): median, 25–75% and 5–95% bands at each probe. "
-                          "Noisy BN's distribution jumps at every step."))
+    return plotting.finish(fig, outdir / "landscape_activations.png", "Activation distribution of one unit during training",
+                  "Input of the last ReLU, first unit, on fixed training samples in train "
+                  "mode (lowest seed): median, 25–75% and 5–95% bands at each probe. "
+                  "Noisy BN's distribution jumps at every step.")
 
-    # 4. training curves
-    fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.2), dpi=100, squeeze=False)
+
+def _fig_training(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
+    models = list(cfg.models)
+    fig, axes = plotting.panels(1, len(models), (4.6, 3.2))
     for j, model in enumerate(models):
         ax = axes[0][j]
         for norm in cfg.norms:
-            curves = [r.curve("train_loss") for r in select(results, model=model, norm=norm, data=cfg.data)]
-            curves = [c for c in curves if c]
-            if not curves:
-                continue
-            length = min(len(c) for c in curves)
-            ax.plot(np.arange(1, length + 1), np.mean([c[:length] for c in curves], axis=0),
-                    marker="o", ms=3, color=_COLORS.get(norm), label=norm)
+            curve = plotting.mean_curve(select(results, model=model, norm=norm, data=cfg.data), "train_loss")
+            if curve is not None:
+                ax.plot(*curve, marker="o", ms=3, color=plotting.color(norm), label=norm)
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel("training loss")
         ax.set_title(model)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = outdir / "landscape_training.png"
-    save_png(fig, path)
-    figures.append(Figure("Training loss", path, "Mean training loss per epoch, mean over seeds."))
-    return figures
+    return plotting.finish(fig, outdir / "landscape_training.png", "Training loss", "Mean training loss per epoch, mean over seeds.")

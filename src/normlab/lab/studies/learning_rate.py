@@ -40,11 +40,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from normlab.lab import plotting
+from normlab.lab.analysis import by_seed, ratio_interval, select
+from normlab.lab.data import load_dataset
+from normlab.lab.hooks import AccuracyEvery
+from normlab.lab.models import ACTIVATIONS
+from normlab.lab.norms import get_norm
 from normlab.lab.runners import LogFn, register_runner
-from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, verdict
+from normlab.lab.stats import diff_ci, format_interval, mean_ci, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure, save_png, select
+from normlab.lab.studies import Card, Figure
+from normlab.lab.train import train
 
 NAME = "learning-rate"
 TITLE = "Learning rate, convergence and saturating units (Batch Norm paper §4.1–4.2)"
@@ -113,8 +121,6 @@ class Config:
 
 def validate(cfg: Config) -> None:
     """Reject settings the runner cannot handle."""
-    from normlab.lab.norms import get_norm
-
     for n in cfg.norms:
         get_norm(n)
     if not cfg.seeds:
@@ -167,32 +173,6 @@ def runs(cfg: Config) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 # Hooks and runner
 # ---------------------------------------------------------------------------------------------
-class AccuracyEvery:
-    """Validation accuracy every ``every`` steps; the first step at which it reaches ``target``."""
-
-    def __init__(self, every: int, target: float) -> None:
-        self.every, self.target = int(every), float(target)
-        self.curve: list[tuple[int, float]] = []
-        self.hit: int | None = None
-        self._val: Any = None
-
-    def on_train_start(self, model: Any, config: Any, data: Any) -> None:
-        from normlab.lab.train import evaluate
-
-        self._val = data.val
-        self.curve.append((0, float(evaluate(model, self._val)[1])))
-
-    def on_step(self, step: int, model: Any, batch: Any, loss: float) -> None:
-        if step % self.every:
-            return
-        from normlab.lab.train import evaluate
-
-        acc = float(evaluate(model, self._val)[1])
-        self.curve.append((step, acc))
-        if self.hit is None and acc >= self.target:
-            self.hit = step
-
-
 class PercentileProbe:
     """Per-unit 15/50/85th percentiles of one activation layer's inputs on a fixed probe set.
 
@@ -212,8 +192,6 @@ class PercentileProbe:
         self._captured: Any = None
 
     def on_train_start(self, model: Any, config: Any, data: Any) -> None:
-        from normlab.lab.models import ACTIVATIONS
-
         kinds = (self.activation,) if self.activation is not None else tuple(ACTIVATIONS.values())
         acts = [m for m in model.modules() if isinstance(m, kinds)]
         if not acts:
@@ -227,8 +205,6 @@ class PercentileProbe:
             self._probe(step, model)
 
     def _probe(self, step: int, model: Any) -> None:
-        import torch
-
         saved = {n: b.detach().clone() for n, b in model.named_buffers()}
         was_training = model.training
         handle = self._module.register_forward_hook(self._grab)
@@ -265,10 +241,6 @@ class PercentileProbe:
 @register_runner("learning-rate-train")
 def learning_rate_runner(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
     """Train the sigmoid MLP once, with the accuracy and percentile probes."""
-    from normlab.lab.data import load_dataset
-    from normlab.lab.models import ACTIVATIONS
-    from normlab.lab.train import train
-
     bs = int(config["batch_size"])
     n_train = load_dataset(config["data"], seed=0, **config["data_options"]).n_train
     per_epoch = max(1, n_train // bs)
@@ -322,36 +294,21 @@ def learning_rate_runner(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Analysis
 # ---------------------------------------------------------------------------------------------
-def _vals(results: list[RunResult], metric: str, **where: Any) -> dict[int, Any]:
-    return {int(r.config["seed"]): r.metric(metric) for r in select(results, **where)}
-
-
-def ratio_interval(iv: Interval) -> Interval:
-    """A log10 interval as a ratio interval ``10^mean [10^lo, 10^hi]`` (same verdict vs 1 as vs 0)."""
-
-    def p(v: float) -> float:
-        if math.isnan(v):
-            return math.nan
-        return (math.inf if v > 0 else 0.0) if math.isinf(v) else 10.0**v
-
-    return Interval(p(iv.mean), p(iv.lo), p(iv.hi), iv.n, iv.level)
-
-
 def _m(x: float) -> str:
     return f"×{x:g}"
 
 
-def _lr_card(results: list[RunResult], cfg: Config) -> Card:
+def _card_lr(results: list[RunResult], cfg: Config) -> Card:
     mults = sorted(cfg.multipliers)
     rank: dict[str, dict[int, int]] = {}
     lines = []
     for norm in ("none", "bn"):
-        fails = {m: _vals(results, "failed", norm=norm, multiplier=float(m)) for m in mults}
+        fails = {m: by_seed(results, "failed", norm=norm, multiplier=float(m)) for m in mults}
         seeds = sorted(set.union(set(), *(set(v) for v in fails.values())))
         rank[norm] = {
             s: max([i + 1 for i, m in enumerate(mults) if fails[m].get(s) is False], default=0) for s in seeds
         }
-        nonfinite = {m: _vals(results, "diverged", norm=norm, multiplier=float(m)) for m in mults}
+        nonfinite = {m: by_seed(results, "diverged", norm=norm, multiplier=float(m)) for m in mults}
         per = ", ".join(
             f"{_m(m)}: {sum(bool(v) for v in fails[m].values())}/{len(fails[m])}"
             + (f" ({sum(bool(v) for v in nonfinite[m].values())} non-finite)" if any(nonfinite[m].values()) else "")
@@ -399,13 +356,14 @@ def _censored(results: list[RunResult], norm: str, mult: float) -> tuple[list[fl
     return vals, sum(not r.metric("reached") for r in rs)
 
 
-def _speed_card(results: list[RunResult], cfg: Config) -> Card:
+def _card_speed(results: list[RunResult], cfg: Config) -> Card:
     m1 = min(cfg.multipliers)
     sn, cn = _censored(results, "none", m1)
     sb, cb = _censored(results, "bn", m1)
     if not sn or not sb:
         return Card(study=NAME, claim=CLAIM_SPEED, verdict="inconclusive", measurement="needs finished 'bn' and 'none' runs")
     effect = diff_ci(np.log10(sn), np.log10(sb))
+    ratio = ratio_interval(effect)
     v = verdict(effect, "greater")
     note = ""
     if cb and v == "supported":
@@ -426,12 +384,11 @@ def _speed_card(results: list[RunResult], cfg: Config) -> Card:
             f"steps to {tgt} validation accuracy at the same rate ({cfg.base_lr * m1:g}): none "
             f"{format_interval(mean_ci(sn))} ({len(sn) - cn}/{len(sn)} reached within {cfg.max_steps}), BN "
             f"{format_interval(mean_ci(sb))} ({len(sb) - cb}/{len(sb)} reached); none/BN "
-            f"{10 ** effect.mean:.3g}× [{10 ** effect.lo if math.isfinite(effect.lo) else 0:.3g}, "
-            f"{10 ** effect.hi if math.isfinite(effect.hi) else math.inf:.3g}]{note}. "
+            f"{ratio.mean:.3g}× [{ratio.lo:.3g}, {ratio.hi:.3g}]{note}. "
             + ("Other rates: " + "; ".join(other) + "." if other else "")
         ),
         verdict=v,
-        effect=ratio_interval(effect),
+        effect=ratio,
         details=(
             "Effect = steps none / steps BN: geometric-mean ratio with the Welch 95% interval of "
             "log10(steps none) − log10(steps BN) over seeds; supported when above 1. A run that "
@@ -443,10 +400,10 @@ def _speed_card(results: list[RunResult], cfg: Config) -> Card:
     )
 
 
-def _ics_card(results: list[RunResult], cfg: Config) -> Card:
+def _card_ics(results: list[RunResult], cfg: Config) -> Card:
     m1 = min(cfg.multipliers)
-    dn = [v for v in _vals(results, "drift", norm="none", multiplier=float(m1)).values() if v is not None]
-    db = [v for v in _vals(results, "drift", norm="bn", multiplier=float(m1)).values() if v is not None]
+    dn = [v for v in by_seed(results, "drift", norm="none", multiplier=float(m1)).values() if v is not None]
+    db = [v for v in by_seed(results, "drift", norm="bn", multiplier=float(m1)).values() if v is not None]
     if not dn or not db:
         return Card(study=NAME, claim=CLAIM_ICS, verdict="inconclusive", measurement="needs finished 'bn' and 'none' runs with probes")
     effect = diff_ci(dn, db)
@@ -456,7 +413,7 @@ def _ics_card(results: list[RunResult], cfg: Config) -> Card:
         if m == m1:
             continue
         for norm in ("none", "bn"):
-            d = [x for x in _vals(results, "drift", norm=norm, multiplier=float(m)).values() if x is not None]
+            d = [x for x in by_seed(results, "drift", norm=norm, multiplier=float(m)).values() if x is not None]
             if d:
                 other.append(f"{norm} {_m(m)} {format_interval(mean_ci(d))}")
     layer = cfg.probe_layer if cfg.probe_layer >= 0 else len(cfg.hidden) + cfg.probe_layer
@@ -482,7 +439,7 @@ def _ics_card(results: list[RunResult], cfg: Config) -> Card:
     )
 
 
-def _sat_card(results: list[RunResult], cfg: Config) -> Card:
+def _card_saturation(results: list[RunResult], cfg: Config) -> Card:
     best: dict[str, float] = {}
     accs: dict[str, list[float]] = {}
     for norm in ("none", "bn"):
@@ -502,7 +459,7 @@ def _sat_card(results: list[RunResult], cfg: Config) -> Card:
     m1 = min(cfg.multipliers)
     sat = {}
     for norm in ("none", "bn"):
-        s = [x for x in _vals(results, "saturated_late", norm=norm, multiplier=float(m1)).values() if x is not None]
+        s = [x for x in by_seed(results, "saturated_late", norm=norm, multiplier=float(m1)).values() if x is not None]
         sat[norm] = format_interval(mean_ci([100 * x for x in s])) + "%" if s else "n/a"
     return Card(
         study=NAME,
@@ -528,40 +485,35 @@ def _sat_card(results: list[RunResult], cfg: Config) -> Card:
 
 def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
     """Four claim cards: higher rates, faster convergence, stable inputs, saturating units."""
-    return [_lr_card(results, cfg), _speed_card(results, cfg), _ics_card(results, cfg), _sat_card(results, cfg)]
+    return [_card_lr(results, cfg), _card_speed(results, cfg), _card_ics(results, cfg), _card_saturation(results, cfg)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------------
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
     """Accuracy curves per rate, percentile curves (Fig. 1(b,c) style), saturation."""
-    plt = _plt()
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    figs: list[Figure] = []
-    mults = sorted(cfg.multipliers)
     norms = [n for n in cfg.norms if select(results, norm=n)]
-    colors = {"none": "tab:gray", "bn": "tab:blue"}
     if not norms:
-        return figs
+        return []
+    return [
+        _fig_accuracy(results, cfg, norms, outdir),
+        _fig_percentiles(results, cfg, norms, outdir),
+        _fig_saturation(results, cfg, norms, outdir),
+    ]
 
-    fig, axes = plt.subplots(1, len(mults), figsize=(4 * len(mults), 3.3), dpi=100, squeeze=False, sharey=True)
+
+def _fig_accuracy(results: list[RunResult], cfg: Config, norms: list[str], outdir: Path) -> Figure:
+    mults = sorted(cfg.multipliers)
+    fig, axes = plotting.panels(1, len(mults), (4, 3.3), sharey=True)
     for ax, m in zip(axes[0], mults):
         for norm in norms:
             for k, r in enumerate(select(results, norm=norm, multiplier=float(m))):
                 cv = np.array(r.metric("acc_curve") or [], dtype=float)
                 if cv.size:
-                    ax.plot(cv[:, 0], 100 * cv[:, 1], color=colors.get(norm), lw=0.8, alpha=0.7,
+                    ax.plot(cv[:, 0], 100 * cv[:, 1], color=plotting.color(norm), lw=0.8, alpha=0.7,
                             label=norm if k == 0 else None)
         ax.axhline(100 * cfg.target_acc, color="k", lw=0.6, ls=":")
         ax.set_title(f"lr {cfg.base_lr * m:g} ({_m(m)})", fontsize=10)
@@ -569,18 +521,16 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation accuracy (%)")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    path = outdir / "learning_rate_accuracy.png"
-    save_png(fig, path)
-    figs.append(Figure(
+    return plotting.finish(fig, outdir / "learning_rate_accuracy.png",
         title="Validation accuracy at ×1, ×5, ×30 the base learning rate",
-        path=path,
         caption=f"Sigmoid MLP on {cfg.data}, one line per seed; dotted: {100 * cfg.target_acc:g}%.",
-    ))
+    )
 
+
+def _fig_percentiles(results: list[RunResult], cfg: Config, norms: list[str], outdir: Path) -> Figure:
+    mults = sorted(cfg.multipliers)
     seed = min(int(r.config["seed"]) for r in select(results))
-    fig, axes = plt.subplots(len(norms), len(mults), figsize=(4 * len(mults), 2.8 * len(norms)), dpi=100,
-                             squeeze=False, sharex=True)
+    fig, axes = plotting.panels(len(norms), len(mults), (4, 2.8), sharex=True)
     for i, norm in enumerate(norms):
         for j, m in enumerate(mults):
             ax = axes[i][j]
@@ -588,28 +538,29 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
             if rs and rs[0].metric("pct_unit0"):
                 steps = rs[0].metric("probe_steps")
                 for q, style in zip(rs[0].metric("pct_unit0"), ("--", "-", "--")):
-                    ax.plot(steps[: len(q)], q, style, color=colors.get(norm, "k"), lw=1.1)
+                    ax.plot(steps[: len(q)], q, style, color=plotting.color(norm) or "k", lw=1.1)
             ax.set_title(f"{norm}, lr {cfg.base_lr * m:g} ({_m(m)})", fontsize=9)
             ax.grid(alpha=0.3)
             if i == len(norms) - 1:
                 ax.set_xlabel("steps")
             if j == 0:
                 ax.set_ylabel("sigmoid input")
-    fig.tight_layout()
-    path = outdir / "learning_rate_percentiles.png"
-    save_png(fig, path)
     layer = cfg.probe_layer if cfg.probe_layer >= 0 else len(cfg.hidden) + cfg.probe_layer
-    figs.append(Figure(
+    return plotting.finish(
+        fig,
+        outdir / "learning_rate_percentiles.png",
         title="Input distribution of a typical sigmoid during training",
-        path=path,
         caption=(
             f"15th, 50th, 85th percentiles (dashed, solid, dashed) of the input to unit 0 of hidden layer "
             f"{layer + 1} over {cfg.probe_samples} fixed training images (seed {seed}), as in the Batch "
             "Norm paper's Figure 1(b, c)."
         ),
-    ))
+    )
 
-    fig, ax = plt.subplots(figsize=(5.2, 3.3), dpi=100)
+
+def _fig_saturation(results: list[RunResult], cfg: Config, norms: list[str], outdir: Path) -> Figure:
+    mults = sorted(cfg.multipliers)
+    fig, ax = plotting.plt().subplots(figsize=(5.2, 3.3), dpi=100)
     for norm in norms:
         for ls, m in zip(("-", "--", ":"), mults):
             curves = [r for r in select(results, norm=norm, multiplier=float(m)) if r.metric("saturated_curve")]
@@ -617,18 +568,14 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
                 continue
             n = min(len(r.metric("saturated_curve")) for r in curves)
             mean = np.mean([r.metric("saturated_curve")[:n] for r in curves], axis=0)
-            ax.plot(curves[0].metric("probe_steps")[:n], 100 * mean, ls, color=colors.get(norm), label=f"{norm} {_m(m)}")
+            ax.plot(curves[0].metric("probe_steps")[:n], 100 * mean, ls, color=plotting.color(norm),
+                    label=f"{norm} {_m(m)}")
     ax.set_xlabel("steps")
     ax.set_ylabel(f"sigmoid inputs with |x| > {SATURATION:g} (%)")
     ax.set_title("saturation (mean over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = outdir / "learning_rate_saturation.png"
-    save_png(fig, path)
-    figs.append(Figure(
+    return plotting.finish(fig, outdir / "learning_rate_saturation.png",
         title="Saturated sigmoid units",
-        path=path,
         caption="Fraction of the probed layer's sigmoid inputs in the saturated range, per rate.",
-    ))
-    return figs
+    )

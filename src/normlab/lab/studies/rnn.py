@@ -2,7 +2,7 @@
 
 What it measures
 ----------------
-* **Accuracy** of an LSTM classifier (:mod:`normlab.lab.rnn_models`, one layer of ``hidden``
+* **Accuracy** of an LSTM classifier (:mod:`normlab.lab.models.recurrent`, one layer of ``hidden``
   units, linear head on the last hidden state) with the cells ``none`` (plain LSTM), ``ln``
   (LayerNorm-LSTM, Ba et al. 2016), ``bn`` (BatchNorm-LSTM with per-step statistics and γ = 0.1,
   Cooijmans et al. 2016) and ``wn`` (weight-normalized LSTM, Salimans & Kingma 2016) on
@@ -68,12 +68,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from normlab.lab import rnn_models  # noqa: F401  - registers the "lstm" model (also in workers)
+from normlab.lab import plotting
+from normlab.lab.analysis import by_seed, pct, select
+from normlab.lab.data import load_dataset
+from normlab.lab.models import build_model, needs_data_init
+from normlab.lab.models import recurrent as rnn_models
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, paired_diff_ci, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure, save_png, select
+from normlab.lab.studies import Card, Figure
+from normlab.lab.train import seed_everything, train
+from normlab.nn.utils import init_weight_norm_
 
 NAME = "rnn"
 TITLE = "Normalization in recurrent networks (LSTM)"
@@ -253,8 +261,6 @@ def rnn_train(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
     Defined here (not the built-in ``train`` runner) so that sweep workers import this module,
     which registers the ``lstm`` model. Adds ``cpu_time_s`` (process CPU time of the run).
     """
-    from normlab.lab.train import train
-
     t0 = time.process_time()
     result = train({k: v for k, v in config.items() if k not in ("runner", "arm")}, log)
     result["cpu_time_s"] = time.process_time() - t0
@@ -273,9 +279,6 @@ def grad_norms(model: Any, x: Any, y: Any) -> list[float]:
     tensor of the graph; in train mode each call normalizes with that step's batch statistics,
     exactly as the full forward does (running statistics are saved and restored around it).
     """
-    import torch
-    import torch.nn.functional as F
-
     lstm = model.lstm
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     n, steps = x.shape[0], x.shape[1]
@@ -300,14 +303,6 @@ def rnn_gradflow(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
     steps): ``step``, ``log10_ratio`` = mean over the measurement batches of
     ``log10(‖∂L/∂h_1‖ / ‖∂L/∂h_T‖)`` and ``profile`` (mean log10 ‖∂L/∂h_t‖ per step).
     """
-    import torch
-    import torch.nn.functional as F
-
-    from normlab.lab import norms
-    from normlab.lab.data import load_dataset
-    from normlab.lab.models import build_model, needs_data_init
-    from normlab.lab.train import seed_everything
-
     t0, w0 = time.process_time(), time.perf_counter()
     data = load_dataset(
         config["data"], seed=int(config["data_seed"]), val_fraction=float(config["val_fraction"])
@@ -329,7 +324,7 @@ def rnn_gradflow(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
     bs = min(int(config["batch_size"]), len(y_all))
     if needs_data_init(model):
         idx = torch.randperm(len(y_all), generator=gen)[:256]
-        norms.layers.init_weight_norm_(model, x_all[idx])
+        init_weight_norm_(model, x_all[idx])
     measure = [torch.randperm(len(y_all), generator=gen)[:bs] for _ in range(int(config["batches"]))]
     model.train()
 
@@ -390,28 +385,13 @@ def _acc_auc(result: RunResult) -> float | None:
     return float(np.mean(accs)) if accs else None
 
 
-def _by_seed(results: list[RunResult], metric: Any, **where: Any) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for r in select(results, **where):
-        v = metric(r) if callable(metric) else r.metric(metric)
-        if v is not None and not (isinstance(v, float) and math.isnan(v)):
-            out[int(r.config["seed"])] = float(v)
-    return out
-
-
 def _final_acc(r: RunResult) -> float | None:
     v = r.metric("final_val_acc")
     return None if v is None else float(v)
 
 
-def _fmt_pct(iv: Interval) -> str:
-    scaled = Interval(iv.mean * 100, iv.lo * 100, iv.hi * 100, iv.n, iv.level)
-    return format_interval(scaled, digits=3, unit="%")
-
-
 def _fmt_pp(iv: Interval) -> str:
-    scaled = Interval(iv.mean * 100, iv.lo * 100, iv.hi * 100, iv.n, iv.level)
-    return format_interval(scaled, digits=2, unit=" pp")
+    return pct(iv, 2, " pp")
 
 
 def _combine(verdicts: list[str]) -> str:
@@ -442,7 +422,7 @@ def _ranking(results: list[RunResult], data: str, norms: tuple[str, ...]) -> lis
     """``(norm, final accuracies)`` sorted by mean final accuracy, best first."""
     rows = []
     for norm in norms:
-        vals = list(_by_seed(results, _final_acc, runner="rnn-train", data=data, arm=norm).values())
+        vals = list(by_seed(results, _final_acc, drop_missing=True, runner="rnn-train", data=data, arm=norm).values())
         if vals:
             rows.append((norm, vals))
     return sorted(rows, key=lambda kv: -float(np.mean(kv[1])))
@@ -453,14 +433,22 @@ def _ranking(results: list[RunResult], data: str, norms: tuple[str, ...]) -> lis
 # --------------------------------------------------------------------------------------------
 def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
     """The question card and the claim cards (rules in each card's details)."""
-    datasets = [d for d in _datasets(cfg)]
+    return [
+        _card_question(results, cfg),
+        _card_ln_bn(results, cfg),
+        _card_shared(results, cfg),
+        _card_gamma(results, cfg),
+        _card_gamma_balance(results, cfg),
+    ]
+
+
+def _card_question(results: list[RunResult], cfg: Config) -> Card:
+    """Which normalization for RNNs? A ranking by final accuracy, per data set."""
+    datasets = list(_datasets(cfg))
     target = float(cfg.target_acc)
     tpct = f"{target * 100:g}%"
-    cards: list[Card] = []
     primary = _primary(datasets, results)
     cpu = sum(float(r.metric("cpu_time_s") or 0.0) for r in results if r.done)
-
-    # -- Which normalization for RNNs? ----------------------------------------------------
     lines, effect = [], None
     answer = "no finished training runs"
     for data in datasets:
@@ -473,7 +461,7 @@ def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
             reached = sum(ok for _, ok in ett)
             ett_iv = mean_ci([e for e, _ in ett])
             parts.append(
-                f"{norm} {_fmt_pct(mean_ci(vals))} (epochs to {tpct}: {format_interval(ett_iv, 2)}, "
+                f"{norm} {pct(mean_ci(vals))} (epochs to {tpct}: {format_interval(ett_iv, 2)}, "
                 f"reached {reached}/{len(ett)})"
             )
         lines.append(f"{data}: " + " > ".join(parts))
@@ -488,32 +476,36 @@ def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
                    ", ahead of every other cell (95% CIs of the differences exclude 0)")
                 + "."
             )
-    cards.append(
-        Card(
-            study=NAME,
-            claim=QUESTION,
-            question=QUESTION,
-            measurement=answer + " Final validation accuracy, mean [95% CI] over "
-            f"{len(cfg.seeds)} seeds: " + "; ".join(lines),
-            verdict="answer",
-            effect=effect,
-            details=(
-                "Cells: none = plain LSTM (torch.nn.LSTM), ln = LayerNorm-LSTM, bn = BatchNorm-LSTM "
-                "(per-step statistics, γ = 0.1), wn = weight-normalized LSTM; one layer of "
-                f"{cfg.hidden} units, Adam lr {cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} epochs. "
-                f"Ranked by mean final accuracy; 'effect' = best minus second (Welch 95% CI) on the "
-                f"primary task. Epochs to {tpct}: first epoch with val_acc >= {target:g}; a run that "
-                f"never reaches it counts as epochs + 1 = {cfg.epochs + 1} (censored, a lower bound). "
-                f"CPU time recorded by this study's runs: {cpu:.0f} s."
-            ),
-        )
+    return Card(
+        study=NAME,
+        claim=QUESTION,
+        question=QUESTION,
+        measurement=answer + " Final validation accuracy, mean [95% CI] over "
+        f"{len(cfg.seeds)} seeds: " + "; ".join(lines),
+        verdict="answer",
+        effect=effect,
+        details=(
+            "Cells: none = plain LSTM (torch.nn.LSTM), ln = LayerNorm-LSTM, bn = BatchNorm-LSTM "
+            "(per-step statistics, γ = 0.1), wn = weight-normalized LSTM; one layer of "
+            f"{cfg.hidden} units, Adam lr {cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} epochs. "
+            f"Ranked by mean final accuracy; 'effect' = best minus second (Welch 95% CI) on the "
+            f"primary task. Epochs to {tpct}: first epoch with val_acc >= {target:g}; a run that "
+            f"never reaches it counts as epochs + 1 = {cfg.epochs + 1} (censored, a lower bound). "
+            f"CPU time recorded by this study's runs: {cpu:.0f} s."
+        ),
     )
 
-    # -- LN works better than BN ----------------------------------------------------------
+
+def _card_ln_bn(results: list[RunResult], cfg: Config) -> Card:
+    """LN works better than BN: per-task verdicts from final accuracy, combined."""
+    datasets = list(_datasets(cfg))
+    target = float(cfg.target_acc)
+    tpct = f"{target * 100:g}%"
+    primary = _primary(datasets, results)
     per_task, texts, intervals = [], [], {}
     for data in datasets:
-        ln = _by_seed(results, _final_acc, runner="rnn-train", data=data, arm="ln")
-        bn = _by_seed(results, _final_acc, runner="rnn-train", data=data, arm="bn")
+        ln = by_seed(results, _final_acc, drop_missing=True, runner="rnn-train", data=data, arm="ln")
+        bn = by_seed(results, _final_acc, drop_missing=True, runner="rnn-train", data=data, arm="bn")
         if not ln or not bn:
             continue
         iv = diff_ci(list(ln.values()), list(bn.values()))
@@ -522,8 +514,8 @@ def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
         ln_e = [epochs_to_target(r, target)[0] for r in select(results, runner="rnn-train", data=data, arm="ln")]
         bn_e = [epochs_to_target(r, target)[0] for r in select(results, runner="rnn-train", data=data, arm="bn")]
         e_iv = diff_ci(bn_e, ln_e)
-        ln_auc = _by_seed(results, _acc_auc, runner="rnn-train", data=data, arm="ln")
-        bn_auc = _by_seed(results, _acc_auc, runner="rnn-train", data=data, arm="bn")
+        ln_auc = by_seed(results, _acc_auc, drop_missing=True, runner="rnn-train", data=data, arm="ln")
+        bn_auc = by_seed(results, _acc_auc, drop_missing=True, runner="rnn-train", data=data, arm="bn")
         auc_iv = diff_ci(list(ln_auc.values()), list(bn_auc.values()))
         texts.append(
             f"{data}: final acc LN − BN {_fmt_pp(iv)} → {v}; epochs to {tpct} BN − LN "
@@ -534,71 +526,72 @@ def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
     # The interval shown is the one the verdict came from: the primary task's if it agrees with
     # the combined verdict, else the first task that does.
     deciding = sorted(intervals, key=lambda d: (intervals[d][1] != combined, d != primary))
-    cards.append(
-        Card(
-            study=NAME,
-            claim=CLAIM_LN_BN,
-            measurement="; ".join(texts) if texts else "needs finished 'ln' and 'bn' runs",
-            verdict=combined,
-            effect=intervals[deciding[0]][0] if deciding else None,
-            details=(
-                "Verdict per task from the Welch 95% CI of the final validation accuracy "
-                "difference LN − BN with a 1 pp tolerance (supported: CI above +1 pp; not "
-                "supported: CI below +1 pp), combined over tasks: a direction found on one task "
-                "and contradicted on none. Epochs-to-target (censored at epochs + 1) and the mean "
-                "accuracy over epochs (speed) are shown for context. 'effect' is the interval of the "
-                "task the verdict comes from (the longest-sequence task when it agrees)."
-            ),
-        )
+    return Card(
+        study=NAME,
+        claim=CLAIM_LN_BN,
+        measurement="; ".join(texts) if texts else "needs finished 'ln' and 'bn' runs",
+        verdict=combined,
+        effect=intervals[deciding[0]][0] if deciding else None,
+        details=(
+            "Verdict per task from the Welch 95% CI of the final validation accuracy "
+            "difference LN − BN with a 1 pp tolerance (supported: CI above +1 pp; not "
+            "supported: CI below +1 pp), combined over tasks: a direction found on one task "
+            "and contradicted on none. Epochs-to-target (censored at epochs + 1) and the mean "
+            "accuracy over epochs (speed) are shown for context. 'effect' is the interval of the "
+            "task the verdict comes from (the longest-sequence task when it agrees)."
+        ),
     )
 
-    # -- separate statistics per time step --------------------------------------------------
+
+def _card_shared(results: list[RunResult], cfg: Config) -> Card:
+    """BN needs per-step statistics: per-step vs shared running statistics, paired by seed."""
+    datasets = list(_datasets(cfg))
     data0 = datasets[0]
-    per_step = _by_seed(results, _final_acc, runner="rnn-train", data=data0, arm="bn")
-    shared = _by_seed(results, _final_acc, runner="rnn-train", data=data0, arm=SHARED_ARM)
+    per_step = by_seed(results, _final_acc, drop_missing=True, runner="rnn-train", data=data0, arm="bn")
+    shared = by_seed(results, _final_acc, drop_missing=True, runner="rnn-train", data=data0, arm=SHARED_ARM)
     seeds = sorted(set(per_step) & set(shared))
     if seeds:
         a, b = [per_step[s] for s in seeds], [shared[s] for s in seeds]
         iv = paired_diff_ci(a, b)
         v = verdict(iv, "greater", tolerance=0.01)
         measurement = (
-            f"{data0}, final validation accuracy: per-step statistics {_fmt_pct(mean_ci(a))}, "
-            f"shared statistics {_fmt_pct(mean_ci(b))}; per-step − shared {_fmt_pp(iv)} "
+            f"{data0}, final validation accuracy: per-step statistics {pct(mean_ci(a))}, "
+            f"shared statistics {pct(mean_ci(b))}; per-step − shared {_fmt_pp(iv)} "
             f"(paired over {len(seeds)} seeds)"
         )
     else:
         iv, v = None, "inconclusive"
         measurement = "not run (needs 'bn' in norms and shared_stats=True)"
-    cards.append(
-        Card(
-            study=NAME,
-            claim=CLAIM_SHARED,
-            measurement=measurement,
-            verdict=v,
-            effect=iv,
-            details=(
-                "BN-LSTM with one set of running statistics for all time steps (max_steps=1) vs "
-                "one per step, same seeds. Training is the same computation in both (each step "
-                "is normalized by its own batch statistics; the same seed gives the same weights "
-                "and batches), so the difference is the statistics used at evaluation. Truly "
-                "shared *training* statistics would pool over time, which a recurrent cell cannot "
-                "do (step t's input needs step t−1's output), so that variant is not tested. "
-                "Supported if the paired 95% CI of per-step − shared is above +1 pp."
-            ),
-        )
+    return Card(
+        study=NAME,
+        claim=CLAIM_SHARED,
+        measurement=measurement,
+        verdict=v,
+        effect=iv,
+        details=(
+            "BN-LSTM with one set of running statistics for all time steps (max_steps=1) vs "
+            "one per step, same seeds. Training is the same computation in both (each step "
+            "is normalized by its own batch statistics; the same seed gives the same weights "
+            "and batches), so the difference is the statistics used at evaluation. Truly "
+            "shared *training* statistics would pool over time, which a recurrent cell cannot "
+            "do (step t's input needs step t−1's output), so that variant is not tested. "
+            "Supported if the paired 95% CI of per-step − shared is above +1 pp."
+        ),
     )
 
-    # -- gamma and gradient flow ------------------------------------------------------------
+
+def _gamma_evidence(results: list[RunResult], cfg: Config) -> dict[str, Any]:
+    """What both γ cards rest on: the two paired intervals, their verdicts, measurements, caveat."""
     arms = _grad_arms(cfg)
     g_small = f"bn-g{min(cfg.grad_gammas):g}" if cfg.grad_gammas else None
     g_large = f"bn-g{max(cfg.grad_gammas):g}" if cfg.grad_gammas else None
-    small = _by_seed(results, "log10_ratio_init", runner="rnn-gradflow", arm=g_small)
-    large = _by_seed(results, "log10_ratio_init", runner="rnn-gradflow", arm=g_large)
-    small_e = _by_seed(results, "log10_ratio_early", runner="rnn-gradflow", arm=g_small)
-    large_e = _by_seed(results, "log10_ratio_early", runner="rnn-gradflow", arm=g_large)
+    small = by_seed(results, "log10_ratio_init", drop_missing=True, runner="rnn-gradflow", arm=g_small)
+    large = by_seed(results, "log10_ratio_init", drop_missing=True, runner="rnn-gradflow", arm=g_large)
+    small_e = by_seed(results, "log10_ratio_early", drop_missing=True, runner="rnn-gradflow", arm=g_small)
+    large_e = by_seed(results, "log10_ratio_early", drop_missing=True, runner="rnn-gradflow", arm=g_large)
     refs = []
     for arm, _norm, _g in arms:
-        vals = list(_by_seed(results, "log10_ratio_init", runner="rnn-gradflow", arm=arm).values())
+        vals = list(by_seed(results, "log10_ratio_init", drop_missing=True, runner="rnn-gradflow", arm=arm).values())
         if vals:
             refs.append(f"{arm} {format_interval(mean_ci(vals), 3)}")
     seeds = sorted(set(small) & set(large))
@@ -625,13 +618,6 @@ def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
         iv = iv_abs = None
         v = v_abs = "inconclusive"
         m1 = m2 = "needs the gradient-flow runs of two γ values"
-    direction = (
-        "Direction predicted by Cooijmans et al. (Fig. 1): with large γ the normalized "
-        "pre-activations saturate the nonlinearities and the gradient vanishes toward early steps, "
-        "so γ = 0.1 should give a LARGER ratio ‖∂L/∂h_1‖/‖∂L/∂h_T‖ than γ = 1. Supported if the "
-        "paired 95% CI of log10 ratio(γ small) − log10 ratio(γ large) is above 0; not supported "
-        "if below 0 (then γ = 1 sends MORE gradient back: it explodes rather than vanishes)."
-    )
     caveat = (
         " Measured in train mode (batch statistics) on batches of "
         f"{cfg.grad_batch_size}, averaged over {cfg.grad_batches} batches, L = cross-entropy of the "
@@ -639,47 +625,43 @@ def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
         "almost no batch variance and the next step's BN amplifies its gradient by about "
         "γ/sqrt(eps); see the profile figure for the whole curve."
     )
-    cards.append(Card(study=NAME, claim=CLAIM_GAMMA, measurement=m1, verdict=v, effect=iv,
-                      details=direction + caveat))
-    cards.append(
-        Card(
-            study=NAME,
-            claim=CLAIM_GAMMA_BALANCE,
-            measurement=m2,
-            verdict=v_abs,
-            effect=iv_abs,
-            details=(
-                "Preserved flow = log10 ratio near 0 (the gradient reaching h_1 is as large as the "
-                "one at h_T). Supported if the paired 95% CI of |log10 ratio(γ large)| − "
-                "|log10 ratio(γ small)| is above 0." + caveat
-            ),
-        )
+    return {"iv": iv, "v": v, "m1": m1, "iv_abs": iv_abs, "v_abs": v_abs, "m2": m2, "caveat": caveat}
+
+
+def _card_gamma(results: list[RunResult], cfg: Config) -> Card:
+    """Small γ init: the gradient does not vanish toward early steps (the paper's direction)."""
+    e = _gamma_evidence(results, cfg)
+    direction = (
+        "Direction predicted by Cooijmans et al. (Fig. 1): with large γ the normalized "
+        "pre-activations saturate the nonlinearities and the gradient vanishes toward early steps, "
+        "so γ = 0.1 should give a LARGER ratio ‖∂L/∂h_1‖/‖∂L/∂h_T‖ than γ = 1. Supported if the "
+        "paired 95% CI of log10 ratio(γ small) − log10 ratio(γ large) is above 0; not supported "
+        "if below 0 (then γ = 1 sends MORE gradient back: it explodes rather than vanishes)."
     )
-    return cards
+    return Card(study=NAME, claim=CLAIM_GAMMA, measurement=e["m1"], verdict=e["v"], effect=e["iv"],
+                details=direction + e["caveat"])
+
+
+def _card_gamma_balance(results: list[RunResult], cfg: Config) -> Card:
+    """Small γ init: the gradient norm stays closer to constant across steps than with γ = 1."""
+    e = _gamma_evidence(results, cfg)
+    return Card(
+        study=NAME,
+        claim=CLAIM_GAMMA_BALANCE,
+        measurement=e["m2"],
+        verdict=e["v_abs"],
+        effect=e["iv_abs"],
+        details=(
+            "Preserved flow = log10 ratio near 0 (the gradient reaching h_1 is as large as the "
+            "one at h_T). Supported if the paired 95% CI of |log10 ratio(γ large)| − "
+            "|log10 ratio(γ small)| is above 0." + e["caveat"]
+        ),
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # plot
 # --------------------------------------------------------------------------------------------
-_COLORS = {"none": "tab:gray", "ln": "tab:blue", "bn": "tab:red", "wn": "tab:green", SHARED_ARM: "tab:orange"}
-
-
-def _band(curves: list[list[float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Mean and 95% t-band per position of equal-length-truncated curves."""
-    curves = [c for c in curves if c]
-    if not curves:
-        return None
-    length = min(len(c) for c in curves)
-    arr = np.asarray([c[:length] for c in curves], dtype=float)
-    mean = arr.mean(axis=0)
-    lo, hi = mean.copy(), mean.copy()
-    if len(curves) >= 2:
-        ivs = [mean_ci(arr[:, j]) for j in range(length)]
-        lo = np.asarray([iv.lo for iv in ivs])
-        hi = np.asarray([iv.hi for iv in ivs])
-    return mean, lo, hi
-
-
 def _legend(ax: Any, **kw: Any) -> None:
     if ax.get_legend_handles_labels()[0]:  # nothing to show when no run finished
         ax.legend(fontsize=8, **kw)
@@ -687,22 +669,22 @@ def _legend(ax: Any, **kw: Any) -> None:
 
 def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
     """Accuracy curves, final accuracy / epochs to target, and the gradient-norm profiles."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     outdir.mkdir(parents=True, exist_ok=True)
-    datasets = [d for d in _datasets(cfg)]
-    target = float(cfg.target_acc)
-    figures: list[Figure] = []
     arms = list(cfg.norms) + ([SHARED_ARM] if cfg.shared_stats and "bn" in cfg.norms else [])
+    return [
+        _fig_accuracy_curves(results, cfg, arms, outdir),
+        _fig_final_accuracy(results, cfg, arms, outdir),
+        _fig_gradient_flow(results, cfg, outdir),
+    ]
 
-    # 1. accuracy curves
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 3.4), dpi=100, squeeze=False)
+
+def _fig_accuracy_curves(results: list[RunResult], cfg: Config, arms: list[str], outdir: Path) -> Figure:
+    datasets = list(_datasets(cfg))
+    target = float(cfg.target_acc)
+    fig, axes = plotting.panels(1, len(datasets), (4.6, 3.4))
     for ax, data in zip(axes[0], datasets):
         for arm in arms:
-            band = _band([
+            band = plotting.t_band([
                 [a for a in r.curve("val_acc") if a is not None]
                 for r in select(results, runner="rnn-train", data=data, arm=arm)
             ])
@@ -711,29 +693,28 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
             mean, lo, hi = band
             x = np.arange(1, len(mean) + 1)
             style = ":" if arm == SHARED_ARM else "-"
-            ax.plot(x, mean, style, color=_COLORS.get(arm), label=arm)
-            ax.fill_between(x, np.clip(lo, 0, 1), np.clip(hi, 0, 1), color=_COLORS.get(arm), alpha=0.15)
+            ax.plot(x, mean, style, color=plotting.color(arm), label=arm)
+            plotting.band(ax, x, np.clip(lo, 0, 1), np.clip(hi, 0, 1), plotting.color(arm), alpha=0.15)
         ax.axhline(target, color="k", lw=0.8, ls="--")
         ax.set_title(data)
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation accuracy")
         ax.set_ylim(0, 1)
         _legend(ax, loc="lower right")
-    fig.tight_layout()
-    path = outdir / "rnn_accuracy_curves.png"
-    save_png(fig, path)
-    figures.append(Figure(
+    return plotting.finish(fig, outdir / "rnn_accuracy_curves.png",
         title="LSTM validation accuracy per epoch",
-        path=path,
         caption=(
             f"Mean over {len(cfg.seeds)} seeds with a 95% t-band; dashed line: the {target:.0%} "
             f"target. '{SHARED_ARM}' (dotted) = BN-LSTM with one set of running statistics for "
             "all steps."
         ),
-    ))
+    )
 
-    # 2. final accuracy and epochs to target
-    fig, axes = plt.subplots(1, 2, figsize=(9.2, 3.4), dpi=100)
+
+def _fig_final_accuracy(results: list[RunResult], cfg: Config, arms: list[str], outdir: Path) -> Figure:
+    datasets = list(_datasets(cfg))
+    target = float(cfg.target_acc)
+    fig, axes = plotting.plt().subplots(1, 2, figsize=(9.2, 3.4), dpi=100)
     width = 0.8 / max(len(datasets), 1)
     for k, data in enumerate(datasets):
         for j, arm in enumerate(arms):
@@ -743,15 +724,13 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
                 continue
             xpos = j + (k - (len(datasets) - 1) / 2) * width
             iv = mean_ci(accs)
-            err = None if iv.degenerate else [[iv.mean - iv.lo], [iv.hi - iv.mean]]
-            axes[0].errorbar(xpos, iv.mean, yerr=err, fmt="o", color=f"C{k}", capsize=3,
+            axes[0].errorbar(xpos, iv.mean, yerr=plotting.ci_yerr(iv), fmt="o", color=f"C{k}", capsize=3,
                              label=data if j == 0 else None)
             ett = [epochs_to_target(r, target) for r in rs]
             eiv = mean_ci([e for e, _ in ett])
-            eerr = None if eiv.degenerate else [[eiv.mean - eiv.lo], [eiv.hi - eiv.mean]]
             censored = not any(ok for _, ok in ett)
-            axes[1].errorbar(xpos, eiv.mean, yerr=eerr, fmt="^" if censored else "o", color=f"C{k}",
-                             mfc="none" if censored else None, capsize=3,
+            axes[1].errorbar(xpos, eiv.mean, yerr=plotting.ci_yerr(eiv), fmt="^" if censored else "o",
+                             color=f"C{k}", mfc="none" if censored else None, capsize=3,
                              label=data if j == 0 else None)
     for ax in axes:
         ax.set_xticks(range(len(arms)))
@@ -762,21 +741,18 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
     axes[1].yaxis.get_major_locator().set_params(integer=True)
     axes[1].set_ylabel(f"epochs to {target:.0%} (censored: E+1)")
     axes[1].axhline(cfg.epochs + 1, color="k", lw=0.8, ls="--")
-    fig.tight_layout()
-    path = outdir / "rnn_final_accuracy.png"
-    save_png(fig, path)
-    figures.append(Figure(
+    return plotting.finish(fig, outdir / "rnn_final_accuracy.png",
         title="Final accuracy and epochs to target",
-        path=path,
         caption=(
             "Mean with 95% CI over seeds. Right: epochs until the validation accuracy first reaches "
             f"{target:.0%}; runs that never do count as {cfg.epochs + 1} (dashed line); hollow "
             "triangles: no run of that arm reached the target."
         ),
-    ))
+    )
 
-    # 3. gradient-norm profiles
-    fig, axes = plt.subplots(1, 2, figsize=(9.2, 3.4), dpi=100, sharey=False)
+
+def _fig_gradient_flow(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
+    fig, axes = plotting.plt().subplots(1, 2, figsize=(9.2, 3.4), dpi=100, sharey=False)
     for i, (arm, norm, _g) in enumerate(_grad_arms(cfg)):
         rs = select(results, runner="rnn-gradflow", arm=arm)
         for ax, key in zip(axes, ("profile_init", "profile_last")):
@@ -785,14 +761,15 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
                 prof = r.metric(key)
                 if prof:
                     curves.append([p - prof[-1] for p in prof])  # relative to h_T
-            band = _band(curves)
+            band = plotting.t_band(curves)
             if band is None:
                 continue
             mean, lo, hi = band
             x = np.arange(1, len(mean) + 1)
-            color = _COLORS.get(norm) if not arm.startswith("bn-") else f"C{3 + i}"
+            # The γ arms are all BN: told apart by the colour cycle, not by the norm's colour.
+            color = plotting.color(norm) if not arm.startswith("bn-") else f"C{3 + i}"
             ax.plot(x, mean, color=color, label=arm)
-            ax.fill_between(x, lo, hi, color=color, alpha=0.15)
+            plotting.band(ax, x, lo, hi, color, alpha=0.15)
     axes[0].set_title("at initialization")
     axes[1].set_title(f"after {cfg.grad_train_steps} training steps")
     for ax in axes:
@@ -800,17 +777,12 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
         ax.set_xlabel("time step t")
         ax.set_ylabel("log10 ‖∂L/∂h_t‖ / ‖∂L/∂h_T‖")
         _legend(ax)
-    fig.tight_layout()
-    path = outdir / "rnn_gradient_flow.png"
-    save_png(fig, path)
-    figures.append(Figure(
+    return plotting.finish(fig, outdir / "rnn_gradient_flow.png",
         title="Gradient flow through time (Cooijmans et al. Fig. 1)",
-        path=path,
         caption=(
             f"log10 of the gradient norm w.r.t. each hidden state relative to the last one, on "
             f"{cfg.grad_data}; mean with 95% t-band over seeds. Below 0: the "
             "gradient vanishes going back in time; above 0: it grows. bn-gX = BN-LSTM with γ "
             "initialized to X."
         ),
-    ))
-    return figures
+    )

@@ -21,10 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from normlab.lab import plotting
+from normlab.lab.analysis import group_values, select
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import compare, format_interval, mean_ci
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure, group_values, save_png, select
+from normlab.lab.studies import Card, Figure
 
 NAME = "smoke"
 TITLE = "Smoke test: input standardization and gradient descent"
@@ -123,7 +125,13 @@ def gd_least_squares(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
 def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
     """The claim card (log10 excess loss, none − standardize) and a which-is-best answer card."""
     groups = group_values(results, "norm", "log10_excess")
-    cards: list[Card] = []
+    cards = [_card_claim(groups, cfg)]
+    if groups:
+        cards.append(_card_question(groups))
+    return cards
+
+
+def _card_claim(groups: dict[str, list[float]], cfg: Config) -> Card:
     if "none" in groups and "standardize" in groups:
         effect, verdict = compare(groups["none"], groups["standardize"], "greater", tolerance=0.0)
         m_none, m_std = mean_ci(groups["none"]), mean_ci(groups["standardize"])
@@ -138,55 +146,46 @@ def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
         measurement = "needs both 'none' and 'standardize' runs; got " + (
             ", ".join(map(str, groups)) or "no finished runs"
         )
-    cards.append(
-        Card(
-            study=NAME,
-            claim=CLAIM,
-            measurement=measurement,
-            verdict=verdict,
-            effect=effect,
-            details="Positive difference = standardized inputs reach a lower loss.",
-        )
+    return Card(
+        study=NAME,
+        claim=CLAIM,
+        measurement=measurement,
+        verdict=verdict,
+        effect=effect,
+        details="Positive difference = standardized inputs reach a lower loss.",
     )
-    if groups:
-        best = min(groups, key=lambda k: float(np.mean(groups[k])))
-        cards.append(
-            Card(
-                study=NAME,
-                claim=QUESTION,
-                question=QUESTION,
-                measurement=f"lowest mean log10 excess loss: {best} "
-                f"({format_interval(mean_ci(groups[best]))})",
-                verdict="answer",
-            )
-        )
-    return cards
+
+
+def _card_question(groups: dict[str, list[float]]) -> Card:
+    best = min(groups, key=lambda k: float(np.mean(groups[k])))
+    return Card(
+        study=NAME,
+        claim=QUESTION,
+        question=QUESTION,
+        measurement=f"lowest mean log10 excess loss: {best} "
+        f"({format_interval(mean_ci(groups[best]))})",
+        verdict="answer",
+    )
 
 
 def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
     """Excess loss per epoch, mean over seeds, one line per preprocessing."""
-    import matplotlib.pyplot as plt
-
     outdir.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    return [_fig_convergence(results, cfg, outdir)]
+
+
+def _fig_convergence(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
+    fig, ax = plotting.plt().subplots(figsize=(5, 3.2), dpi=100)
     for norm in cfg.norms:
-        curves = [r.curve("excess") for r in select(results, norm=norm)]
-        curves = [c for c in curves if c]
-        if not curves:
-            continue
-        length = min(len(c) for c in curves)
-        mean = np.mean([c[:length] for c in curves], axis=0)
-        ax.semilogy(np.arange(1, length + 1) * cfg.steps_per_epoch, mean, label=norm)
+        curve = plotting.mean_curve(select(results, norm=norm), "excess")
+        if curve is not None:
+            ax.semilogy(curve[0] * cfg.steps_per_epoch, curve[1], label=norm)
     ax.set_xlabel("gradient steps")
     ax.set_ylabel("relative excess loss")
     ax.legend()
-    fig.tight_layout()
-    path = outdir / "excess_loss.png"
-    save_png(fig, path)
-    return [
-        Figure(
-            title="Convergence of gradient descent",
-            path=path,
-            caption="Relative excess loss (mean over seeds) against gradient steps.",
-        )
-    ]
+    return plotting.finish(
+        fig,
+        outdir / "excess_loss.png",
+        title="Convergence of gradient descent",
+        caption="Relative excess loss (mean over seeds) against gradient steps.",
+    )

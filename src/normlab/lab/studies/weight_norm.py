@@ -22,24 +22,27 @@ five choices — ``none``, ``bn``, ``wn``, ``mobn``, ``wn+mobn`` — and checks 
 
 Setup: Adam (Salimans & Kingma trained their CIFAR-10 models with Adam) at lr 0.003, batch 32 —
 a setting in which every arm trains in a pilot (with SGD at the lab's usual lr 0.1, plain WN
-diverged). The runner is the cost study's ``measured-train``: the CNN runs of both studies
-coincide when their settings do, and are then computed once.
+diverged). The runner is the lab's ``measured-train`` (:mod:`normlab.lab.measured`), as for
+the cost study: the CNN runs of both studies coincide when their settings do, and are then
+computed once.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from normlab.lab.stats import combine_verdicts, shift_interval
-from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, verdict
+from normlab.lab import plotting
+from normlab.lab.analysis import log_ratio_ci, pct, select, values
+from normlab.lab.measured import measured_config, study_settings
+from normlab.lab.norms import get_norm
+from normlab.lab.stats import combine_verdicts, diff_ci, format_interval, mean_ci, shift_interval, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure, save_png, select
-from normlab.lab.studies.cost import measured_config
+from normlab.lab.studies import Card, Figure
+from normlab.lab.train import TrainConfig
 
 NAME = "weight-norm"
 TITLE = "Weight normalization and mean-only BatchNorm (Salimans & Kingma 2016)"
@@ -91,8 +94,6 @@ class Config:
 
 
 def validate(cfg: Config) -> None:
-    from normlab.lab.norms import get_norm
-
     for n in cfg.norms:
         get_norm(n)
     if cfg.epochs < 1:
@@ -107,13 +108,7 @@ def runs(cfg: Config) -> list[dict[str, Any]]:
             model=cfg.model,
             norm=norm,
             seed=seed,
-            epochs=cfg.epochs,
-            data=cfg.data,
-            batch_size=cfg.batch_size,
-            optimizer=cfg.optimizer,
-            lr=cfg.lr,
-            max_steps=cfg.max_steps,
-            limit=cfg.limit,
+            **study_settings(cfg),
             measure={"timing_repeats": cfg.timing_repeats},
         )
         for norm in cfg.norms
@@ -124,47 +119,22 @@ def runs(cfg: Config) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 # Analysis
 # --------------------------------------------------------------------------------------------
-def _vals(results: list[RunResult], metric: str, **where: Any) -> list[float]:
-    out = []
-    for r in select(results, **where):
-        v = r.metric(metric)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
-            out.append(float(v))
-    return out
-
-
-def _pts(iv: Interval) -> str:
-    """An accuracy/error interval (fractions) in percent."""
-    return format_interval(Interval(100 * iv.mean, 100 * iv.lo, 100 * iv.hi, iv.n, iv.level), 3, "%")
-
-
-def _ratio_ci(ratios: list[float]) -> tuple[Interval, Interval]:
-    logs = mean_ci([math.log(r) for r in ratios])
-    return logs, Interval(math.exp(logs.mean), math.exp(logs.lo), math.exp(logs.hi), logs.n, logs.level)
-
-
 def _where(cfg: Config) -> dict[str, Any]:
     return {"model": cfg.model, "data": cfg.data}
 
 
 def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
+    """Accuracy vs BN (non-inferiority), the data-dependent init, time per step vs BN."""
+    return [_card_accuracy(results, cfg), _card_init(results, cfg), _card_time(results, cfg)]
+
+
+def _card_accuracy(results: list[RunResult], cfg: Config) -> Card:
     where = _where(cfg)
-    errors = {n: [1 - a for a in _vals(results, "final_val_acc", norm=n, **where)] for n in cfg.norms}
-    errors = {n: e for n, e in errors.items() if e}
-    err_text = "; ".join(f"{n} {_pts(mean_ci(e))}" for n, e in errors.items())
+    errors = {n: [1 - a for a in values(results, "final_val_acc", norm=n, **where)] for n in cfg.norms}
+    err_text = "; ".join(f"{n} {pct(mean_ci(e))}" for n, e in errors.items() if e)
     ref_text = ", ".join(f"{REFERENCE_LABELS[n]} {REFERENCE_ERRORS[n]:.2f}%" for n in REFERENCE_ERRORS)
-    cards = [
-        _accuracy_card(results, cfg, err_text, ref_text),
-        _init_card(results, cfg),
-        _time_card(results, cfg),
-    ]
-    return cards
-
-
-def _accuracy_card(results: list[RunResult], cfg: Config, err_text: str, ref_text: str) -> Card:
-    where = _where(cfg)
-    a = _vals(results, "final_val_acc", norm="wn+mobn", **where)
-    b = _vals(results, "final_val_acc", norm="bn", **where)
+    a = values(results, "final_val_acc", norm="wn+mobn", **where)
+    b = values(results, "final_val_acc", norm="bn", **where)
     details = (
         f"Non-inferiority test: supported when the 95% CI (Welch) of acc(wn+mobn) − acc(bn) lies "
         f"above −{100 * cfg.margin:g} points, not supported when it lies entirely below. "
@@ -188,12 +158,10 @@ def _accuracy_card(results: list[RunResult], cfg: Config, err_text: str, ref_tex
 
 def cfg_init_samples() -> int:
     """Size of the batch used by weight norm's data-dependent init (TrainConfig's default)."""
-    from normlab.lab.train import TrainConfig
-
     return TrainConfig().init_samples
 
 
-def _init_card(results: list[RunResult], cfg: Config) -> Card:
+def _card_init(results: list[RunResult], cfg: Config) -> Card:
     where = _where(cfg)
     tol = cfg.init_tolerance
     wn_runs = [r for r in select(results, **where) if r.metric("init_data_dependent")]
@@ -208,7 +176,7 @@ def _init_card(results: list[RunResult], cfg: Config) -> Card:
     )
     contrast = []
     for n in cfg.norms:
-        d = _vals(results, "init_max_deviation", norm=n, **where)
+        d = values(results, "init_max_deviation", norm=n, **where)
         if d and not any(r.metric("init_data_dependent") for r in select(results, norm=n, **where)):
             contrast.append(f"{n} {format_interval(mean_ci(d))}")
     if not devs:
@@ -237,15 +205,15 @@ def _init_card(results: list[RunResult], cfg: Config) -> Card:
     return Card(NAME, INIT_CLAIM, measurement, combine_verdicts([v_all, v_ci]), effect=effect, details=details)
 
 
-def _time_card(results: list[RunResult], cfg: Config) -> Card:
+def _card_time(results: list[RunResult], cfg: Config) -> Card:
     where = _where(cfg)
-    ratios = _vals(results, "train_ratio_bn", norm="wn", **where)
+    ratios = values(results, "train_ratio_bn", norm="wn", **where)
     lines = []
     for n in cfg.norms:
-        r = _vals(results, "train_ratio_bn", norm=n, **where)
-        ms = _vals(results, "train_step_s", norm=n, **where)
+        r = values(results, "train_ratio_bn", norm=n, **where)
+        ms = values(results, "train_step_s", norm=n, **where)
         if r and n != "bn":
-            lines.append(f"{n} {format_interval(_ratio_ci(r)[1])}× BN ({1e3 * float(np.mean(ms)):.2f} ms)")
+            lines.append(f"{n} {format_interval(log_ratio_ci(r)[1])}× BN ({1e3 * float(np.mean(ms)):.2f} ms)")
         elif ms:
             lines.append(f"bn {1e3 * float(np.mean(ms)):.2f} ms")
     details = (
@@ -258,7 +226,7 @@ def _time_card(results: list[RunResult], cfg: Config) -> Card:
     )
     if not ratios:
         return Card(NAME, TIME_CLAIM, "needs finished 'wn' runs with timings", "inconclusive", details=details)
-    log_ci, ratio = _ratio_ci(ratios)
+    log_ci, ratio = log_ratio_ci(ratios)
     return Card(
         NAME,
         TIME_CLAIM,
@@ -274,65 +242,69 @@ def _time_card(results: list[RunResult], cfg: Config) -> Card:
 # Figures
 # --------------------------------------------------------------------------------------------
 def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
-    import matplotlib.pyplot as plt
-
+    """Error per norm (with the paper's), time vs BN, the init check, accuracy curves."""
     outdir.mkdir(parents=True, exist_ok=True)
-    where = _where(cfg)
-    figures: list[Figure] = []
-    norms = [n for n in cfg.norms if _vals(results, "final_val_acc", norm=n, **where)]
+    norms = [n for n in cfg.norms if values(results, "final_val_acc", norm=n, **_where(cfg))]
+    return [
+        _fig_error(results, cfg, norms, outdir),
+        _fig_time(results, cfg, norms, outdir),
+        _fig_init(results, cfg, norms, outdir),
+        _fig_curves(results, cfg, norms, outdir),
+    ]
 
-    # 1. error per norm, next to Salimans & Kingma's CIFAR-10 errors
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+
+def _fig_error(results: list[RunResult], cfg: Config, norms: list[str], outdir: Path) -> Figure:
+    """Error per norm, next to Salimans & Kingma's CIFAR-10 errors."""
+    where = _where(cfg)
+    fig, (ax1, ax2) = plotting.plt().subplots(1, 2, figsize=(9, 3.4), dpi=100)
     for i, n in enumerate(norms):
-        e = [100 * (1 - a) for a in _vals(results, "final_val_acc", norm=n, **where)]
+        e = [100 * (1 - a) for a in values(results, "final_val_acc", norm=n, **where)]
         iv = mean_ci(e)
-        yerr = [[iv.mean - iv.lo], [iv.hi - iv.mean]] if math.isfinite(iv.lo) else None
-        ax1.bar(i, iv.mean, color=f"C{i}")
-        ax1.errorbar(i, iv.mean, yerr=yerr, color="k", capsize=3)
+        ax1.bar(i, iv.mean, color=plotting.color(n) or f"C{i}")
+        ax1.errorbar(i, iv.mean, yerr=plotting.ci_yerr(iv), color="k", capsize=3)
         ax1.scatter([i] * len(e), e, color="k", s=8, zorder=3)
     ax1.set_xticks(range(len(norms)), norms)
     ax1.set_ylabel("validation error (%)")
     ax1.set_title(f"this lab: {cfg.model} on {cfg.data}")
     refs = [n for n in REFERENCE_ERRORS if n in cfg.norms]
     ax2.bar(range(len(refs)), [REFERENCE_ERRORS[n] for n in refs],
-            color=[f"C{cfg.norms.index(n)}" for n in refs])
+            color=[plotting.color(n) or f"C{cfg.norms.index(n)}" for n in refs])
     ax2.set_xticks(range(len(refs)), refs)
     ax2.set_ylim(6.5, 9)
     ax2.set_ylabel("test error (%)")
     ax2.set_title("Salimans & Kingma 2016, CIFAR-10")
-    fig.tight_layout()
-    path = outdir / "wn_error.png"
-    save_png(fig, path)
-    figures.append(Figure("Error by normalization, and the paper's CIFAR-10 errors", path,
-                          "Left: validation error (mean, 95% CI, dots = seeds). Right: the "
-                          "reference errors reported by Salimans & Kingma (2016) on CIFAR-10."))
+    return plotting.finish(fig, outdir / "wn_error.png", "Error by normalization, and the paper's CIFAR-10 errors",
+                  "Left: validation error (mean, 95% CI, dots = seeds). Right: the "
+                  "reference errors reported by Salimans & Kingma (2016) on CIFAR-10.")
 
-    # 2. time per step relative to BN
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+
+def _fig_time(results: list[RunResult], cfg: Config, norms: list[str], outdir: Path) -> Figure:
+    """Time per step relative to BN."""
+    where = _where(cfg)
+    fig, ax = plotting.plt().subplots(figsize=(5, 3.2), dpi=100)
     for i, n in enumerate(norms):
         for j, (metric, label) in enumerate((("train_ratio_bn", "training step"), ("infer_ratio_bn", "inference"))):
-            r = _vals(results, metric, norm=n, **where)
+            r = values(results, metric, norm=n, **where)
             if not r:
                 continue
-            _, iv = _ratio_ci(r)
-            yerr = [[iv.mean - iv.lo], [iv.hi - iv.mean]] if math.isfinite(iv.lo) else None
+            _, iv = log_ratio_ci(r)
             ax.bar(i + (j - 0.5) * 0.4, iv.mean, 0.4, color=f"C{j}", label=label if i == 0 else None)
-            ax.errorbar(i + (j - 0.5) * 0.4, iv.mean, yerr=yerr, color="k", capsize=2)
+            ax.errorbar(i + (j - 0.5) * 0.4, iv.mean, yerr=plotting.ci_yerr(iv), color="k", capsize=2)
     ax.axhline(1.0, color="0.3", ls="--", lw=0.8)
     ax.set_xticks(range(len(norms)), norms)
     ax.set_ylabel("time (× BatchNorm)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = outdir / "wn_time.png"
-    save_png(fig, path)
-    figures.append(Figure("Time per step relative to BatchNorm", path,
-                          "Median time per training step (forward, backward, Adam) and per "
-                          "inference step, relative to the same CNN with BatchNorm timed in turns "
-                          "in the same process (geometric mean over seeds, 95% CI)."))
+    return plotting.finish(fig, outdir / "wn_time.png", "Time per step relative to BatchNorm",
+                  "Median time per training step (forward, backward, Adam) and per "
+                  "inference step, relative to the same CNN with BatchNorm timed in turns "
+                  "in the same process (geometric mean over seeds, 95% CI).")
 
-    # 3. init check: per-unit mean and std of the pre-activations on the init batch
-    fig, axes = plt.subplots(1, len(norms) or 1, figsize=(2.4 * max(1, len(norms)), 2.8), dpi=100,
-                             squeeze=False)
+
+def _fig_init(results: list[RunResult], cfg: Config, norms: list[str], outdir: Path) -> Figure:
+    """Per-unit mean and std of the pre-activations on the init batch."""
+    where = _where(cfg)
+    plt = plotting.plt()
+    fig, axes = plotting.panels(1, len(norms) or 1, (2.4, 2.8))
     tol = cfg.init_tolerance
     for ax, n in zip(axes[0], norms):
         runs_n = [r for r in select(results, norm=n, **where) if r.metric("init_unit_means")]
@@ -344,34 +316,25 @@ def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
         ax.set_xlabel("unit mean", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0][0].set_ylabel("unit std", fontsize=8)
-    fig.tight_layout()
-    path = outdir / "wn_init.png"
-    save_png(fig, path)
-    figures.append(Figure("Pre-activations at initialization", path,
-                          "Each dot is one unit (channel) of a conv/linear output after its norm "
-                          "layer, measured on the init batch before training (all seeds). Red box: |mean| < "
-                          f"{tol:g}, std within [{1 - tol:g}, {1 + tol:g}]. Weight norm's "
-                          "data-dependent init puts every unit in the box (logits "
-                          "included); BN standardizes its layers by construction but not the "
-                          "head's logits; the default init standardizes nothing."))
+    return plotting.finish(fig, outdir / "wn_init.png", "Pre-activations at initialization",
+                  "Each dot is one unit (channel) of a conv/linear output after its norm "
+                  "layer, measured on the init batch before training (all seeds). Red box: |mean| < "
+                  f"{tol:g}, std within [{1 - tol:g}, {1 + tol:g}]. Weight norm's "
+                  "data-dependent init puts every unit in the box (logits "
+                  "included); BN standardizes its layers by construction but not the "
+                  "head's logits; the default init standardizes nothing.")
 
-    # 4. validation accuracy curves
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+
+def _fig_curves(results: list[RunResult], cfg: Config, norms: list[str], outdir: Path) -> Figure:
+    """Validation accuracy per epoch."""
+    where = _where(cfg)
+    fig, ax = plotting.plt().subplots(figsize=(5, 3.2), dpi=100)
     for i, n in enumerate(norms):
-        curves = [r.curve("val_acc") for r in select(results, norm=n, **where)]
-        curves = [[v for v in c if v is not None] for c in curves]
-        curves = [c for c in curves if c]
-        if not curves:
-            continue
-        length = min(len(c) for c in curves)
-        mean = 100 * np.mean([c[:length] for c in curves], axis=0)
-        ax.plot(np.arange(1, length + 1), mean, marker="o", ms=3, color=f"C{i}", label=n)
+        curve = plotting.mean_curve(select(results, norm=n, **where), "val_acc")
+        if curve is not None:
+            ax.plot(curve[0], 100 * curve[1], marker="o", ms=3, color=plotting.color(n) or f"C{i}", label=n)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = outdir / "wn_curves.png"
-    save_png(fig, path)
-    figures.append(Figure("Validation accuracy during training", path,
-                          "Mean over seeds, evaluated after each epoch (eval mode)."))
-    return figures
+    return plotting.finish(fig, outdir / "wn_curves.png", "Validation accuracy during training",
+                  "Mean over seeds, evaluated after each epoch (eval mode).")

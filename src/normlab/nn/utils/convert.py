@@ -47,7 +47,7 @@ Two jobs, one entry point (:func:`convert`):
   ``in``     InstanceNorm{1,2,3}d (``affine`` as the source's, no running statistics); an error
              for BatchNorm1d (it may see (N, C), which has no positions) unless
              ``example_input`` shows 3-D input, and for (N, C) input
-  ``rms``    RMSNorm over C at each position (``normlab.lab.norms.ChannelsLast``; γ carried,
+  ``rms``    RMSNorm over C at each position (``normlab.nn.utils.ChannelsLast``; γ carried,
              β dropped — its state_dict key becomes ``inner.weight``)
   ``mobn``   MeanOnlyBatchNorm (β carried, γ dropped)
   ``none``   ``nn.Identity``
@@ -92,10 +92,16 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
 
-import normlab.nn as nl
+from normlab._checks import check_positive_int
 from normlab.core.dispatch import use_backend
-from normlab.nn.batchnorm import _BatchNorm
-from normlab.nn.instancenorm import _InstanceNorm
+from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, MeanOnlyBatchNorm, _BatchNorm
+from normlab.nn.dyt import DynamicErf, DynamicTanh
+from normlab.nn.evonorm import EvoNormB0, EvoNormS0
+from normlab.nn.frn import FilterResponseNorm2d
+from normlab.nn.groupnorm import GroupNorm
+from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, _InstanceNorm
+from normlab.nn.layernorm import LayerNorm, LayerNorm2d, RMSNorm
+from normlab.nn.utils.adapters import ChannelsLast
 from normlab.nn.utils.norm_act import BatchNormAct2d, GroupNormAct
 
 __all__ = ["METHODS", "ConversionReport", "convert"]
@@ -108,17 +114,17 @@ _NEW_CF = ("brn", "gbn", "frn", "evonorm-s0", "evonorm-b0", "dyt", "derf")
 _OPTIONS = ("groups", "backend", "example_input")
 
 _TWINS: dict[type, type] = {
-    nn.BatchNorm1d: nl.BatchNorm1d,
-    nn.BatchNorm2d: nl.BatchNorm2d,
-    nn.BatchNorm3d: nl.BatchNorm3d,
-    nn.InstanceNorm1d: nl.InstanceNorm1d,
-    nn.InstanceNorm2d: nl.InstanceNorm2d,
-    nn.InstanceNorm3d: nl.InstanceNorm3d,
-    nn.LayerNorm: nl.LayerNorm,
-    nn.GroupNorm: nl.GroupNorm,
-    nn.RMSNorm: nl.RMSNorm,
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+    nn.InstanceNorm1d: InstanceNorm1d,
+    nn.InstanceNorm2d: InstanceNorm2d,
+    nn.InstanceNorm3d: InstanceNorm3d,
+    nn.LayerNorm: LayerNorm,
+    nn.GroupNorm: GroupNorm,
+    nn.RMSNorm: RMSNorm,
 }
-_NORMLAB = (_BatchNorm, _InstanceNorm, nl.GroupNorm, nl.LayerNorm, nl.LayerNorm2d, nl.RMSNorm, nl.MeanOnlyBatchNorm)
+_NORMLAB = (_BatchNorm, _InstanceNorm, GroupNorm, LayerNorm, LayerNorm2d, RMSNorm, MeanOnlyBatchNorm)
 _TORCH_NORMS = (_TorchBatchNorm, _TorchInstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 _NORM_NAME = re.compile(r"Norm(\d+d)?(Act\d*d?)?$", re.IGNORECASE)
 _EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
@@ -210,12 +216,12 @@ def _twin_ctor(cls: type, m: nn.Module) -> dict:
     if issubclass(cls, (_BatchNorm, _InstanceNorm)):
         return dict(num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
                     track_running_stats=m.track_running_stats, bias=_bias_flag(m))
-    if issubclass(cls, nl.GroupNorm):
+    if issubclass(cls, GroupNorm):
         return dict(num_groups=m.num_groups, num_channels=m.num_channels, eps=m.eps, affine=m.affine,
                     bias=_bias_flag(m))
-    if cls is nl.LayerNorm2d:
+    if cls is LayerNorm2d:
         return dict(num_channels=m.normalized_shape[0], eps=m.eps, affine=m.elementwise_affine, bias=_bias_flag(m))
-    if cls is nl.LayerNorm:
+    if cls is LayerNorm:
         return dict(normalized_shape=m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine,
                     bias=_bias_flag(m))
     return dict(normalized_shape=m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine)
@@ -232,13 +238,13 @@ def _torch_base(m: nn.Module) -> type | None:
 
 
 def _probe_shape(new: nn.Module, c: int | None, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if isinstance(new, nl.BatchNorm1d):
+    if isinstance(new, BatchNorm1d):
         return (6, c)
-    if isinstance(new, (nl.BatchNorm3d, nl.InstanceNorm3d)):
+    if isinstance(new, (BatchNorm3d, InstanceNorm3d)):
         return (2, c, 3, 3, 2)
-    if isinstance(new, nl.InstanceNorm1d):
+    if isinstance(new, InstanceNorm1d):
         return (3, c, 7)
-    if isinstance(new, (_BatchNorm, _InstanceNorm, nl.GroupNorm, nl.LayerNorm2d)):
+    if isinstance(new, (_BatchNorm, _InstanceNorm, GroupNorm, LayerNorm2d)):
         return (3, c, 4, 5)
     return (3, 5, *shape)
 
@@ -324,7 +330,7 @@ def _to_normlab(m: nn.Module) -> nn.Module:
             cls = act_cls
         candidates.append((cls, _twin_ctor(cls, m)))
         if base is nn.LayerNorm and len(m.normalized_shape) == 1:
-            candidates.append((nl.LayerNorm2d, _twin_ctor(nl.LayerNorm2d, m)))
+            candidates.append((LayerNorm2d, _twin_ctor(LayerNorm2d, m)))
     else:
         weight = getattr(m, "weight", None)
         eps_attr = next((a for a in _EPS_ATTRS if isinstance(getattr(m, a, None), (int, float))), None)
@@ -334,16 +340,16 @@ def _to_normlab(m: nn.Module) -> nn.Module:
         eps, shape = float(getattr(m, eps_attr)), tuple(weight.shape)
         has_bias = isinstance(getattr(m, "bias", None), nn.Parameter)
         if not has_bias:
-            candidates.append((nl.RMSNorm, dict(normalized_shape=shape, eps=eps)))
-        candidates.append((nl.LayerNorm, dict(normalized_shape=shape, eps=eps, bias=has_bias)))
+            candidates.append((RMSNorm, dict(normalized_shape=shape, eps=eps)))
+        candidates.append((LayerNorm, dict(normalized_shape=shape, eps=eps, bias=has_bias)))
         if len(shape) == 1:
-            candidates.append((nl.LayerNorm2d, dict(num_channels=shape[0], eps=eps, bias=has_bias)))
+            candidates.append((LayerNorm2d, dict(num_channels=shape[0], eps=eps, bias=has_bias)))
     reasons = []
     for cls, ctor in candidates:
         try:
             new = _build(cls, m, children=children, **ctor)
             c = getattr(new, "num_features", None) or getattr(new, "num_channels", None)
-            if c is None and isinstance(new, nl.LayerNorm2d):
+            if c is None and isinstance(new, LayerNorm2d):
                 c = new.normalized_shape[0]
             _verify(m, new, c, tuple(getattr(new, "normalized_shape", ())))
             return new
@@ -356,9 +362,9 @@ def _to_normlab(m: nn.Module) -> nn.Module:
 
 
 def _channels(s: nn.Module) -> int:
-    if isinstance(s, nl.LayerNorm2d):
+    if isinstance(s, LayerNorm2d):
         return s.normalized_shape[0]
-    return s.num_channels if isinstance(s, nl.GroupNorm) else s.num_features
+    return s.num_channels if isinstance(s, GroupNorm) else s.num_features
 
 
 def _affine_of(s: nn.Module) -> tuple[nn.Parameter | None, nn.Parameter | None]:
@@ -369,14 +375,14 @@ def _ranked(s: nn.Module, rank: int | None, path: str, target: str, notes: list)
     """The input rank a channels-first target must accept (observed, implied, or assumed 4)."""
     if rank is not None:
         return rank
-    implied = {nl.BatchNorm2d: 4, nl.BatchNorm3d: 5, nl.InstanceNorm1d: 3, nl.InstanceNorm2d: 4, nl.InstanceNorm3d: 5}
+    implied = {BatchNorm2d: 4, BatchNorm3d: 5, InstanceNorm1d: 3, InstanceNorm2d: 4, InstanceNorm3d: 5}
     for cls, r in implied.items():
         if isinstance(s, cls):
             return r
-    if isinstance(s, (nl.GroupNorm, nl.LayerNorm2d)):
+    if isinstance(s, (GroupNorm, LayerNorm2d)):
         notes.append((path, f"assumed (N, C, H, W) input for {target!r} (pass example_input= to detect the rank)"))
         return 4
-    if isinstance(s, nl.BatchNorm1d) and target in ("bn", "brn", "gbn"):
+    if isinstance(s, BatchNorm1d) and target in ("bn", "brn", "gbn"):
         return 2
     raise ValueError(
         f"{_show(path)}: cannot swap {type(s).__name__} to {target!r}: its input rank is ambiguous "
@@ -409,9 +415,9 @@ def _swap(s: nn.Module, path: str, method: str, groups: int | None, rank: int | 
     gamma, beta = _affine_of(s)
     affine = gamma is not None or beta is not None
     eps = s.eps if s.eps is not None else torch.finfo(gamma.dtype if gamma is not None else torch.float32).eps
-    momentum = getattr(s, "momentum", 0.1) if isinstance(s, (_BatchNorm, _InstanceNorm, nl.MeanOnlyBatchNorm)) else 0.1
+    momentum = getattr(s, "momentum", 0.1) if isinstance(s, (_BatchNorm, _InstanceNorm, MeanOnlyBatchNorm)) else 0.1
     meta = {"device": "meta"}
-    last_dim = isinstance(s, (nl.LayerNorm, nl.RMSNorm)) and not isinstance(s, nl.LayerNorm2d)
+    last_dim = isinstance(s, (LayerNorm, RMSNorm)) and not isinstance(s, LayerNorm2d)
     name = type(s).__name__
 
     if isinstance(s, (BatchNormAct2d, GroupNormAct)):
@@ -431,21 +437,21 @@ def _swap(s: nn.Module, path: str, method: str, groups: int | None, rank: int | 
     if last_dim:
         shape = tuple(s.normalized_shape)
         if method in ("dyt", "derf"):
-            cls = nl.DynamicTanh if method == "dyt" else nl.DynamicErf
+            cls = DynamicTanh if method == "dyt" else DynamicErf
             affine = gamma is not None
             return _fill(cls(shape, elementwise_affine=affine, **meta), gamma,
-                         beta if isinstance(s, nl.LayerNorm) else None, s)
+                         beta if isinstance(s, LayerNorm) else None, s)
         if method == "ln":
-            if isinstance(s, nl.LayerNorm):
+            if isinstance(s, LayerNorm):
                 return s
-            new = nl.LayerNorm(shape, eps, s.elementwise_affine, **meta)
+            new = LayerNorm(shape, eps, s.elementwise_affine, **meta)
             return _fill(new, gamma, None, s)
         if method == "rms":
-            if isinstance(s, nl.RMSNorm):
+            if isinstance(s, RMSNorm):
                 return s
             if beta is not None and bool((beta != 0).any()):
                 notes.append((path, "LayerNorm → RMSNorm drops β (it was not 0)"))
-            return _fill(nl.RMSNorm(shape, s.eps, s.elementwise_affine, **meta), gamma, None, s)
+            return _fill(RMSNorm(shape, s.eps, s.elementwise_affine, **meta), gamma, None, s)
         if method == "in":
             raise ValueError(
                 f"{_show(path)}: cannot swap {name} to 'in': InstanceNorm normalizes each channel over its "
@@ -459,7 +465,7 @@ def _swap(s: nn.Module, path: str, method: str, groups: int | None, rank: int | 
             )
         c = shape[0]
         gamma = gamma if method != "mobn" else None
-        src_beta = beta if isinstance(s, nl.LayerNorm) else None
+        src_beta = beta if isinstance(s, LayerNorm) else None
         s_like = s
         affine = s.elementwise_affine
         return _channels_first_target(s_like, path, method, c, 2, gamma, src_beta, affine, eps, 0.1, groups, notes,
@@ -488,7 +494,7 @@ def _channels_first_target(s, path, method, c, rank, gamma, beta, affine, eps, m
     if method == "bn":
         if isinstance(s, _BatchNorm) and (rank is None or rank in s._dims):
             return s
-        cls = {2: nl.BatchNorm1d, 3: nl.BatchNorm1d, 4: nl.BatchNorm2d, 5: nl.BatchNorm3d}.get(rank)
+        cls = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}.get(rank)
         if cls is None:
             raise ValueError(f"{_show(path)}: cannot swap {name} to 'bn': no BatchNorm for {rank}-D input")
         new = cls(c, eps, momentum, affine, **meta)
@@ -496,36 +502,36 @@ def _channels_first_target(s, path, method, c, rank, gamma, beta, affine, eps, m
             notes.append((path, "new BatchNorm: running statistics start fresh (run normlab.recalibrate_batchnorm)"))
         return _fill(new, gamma, beta, s)
     if method == "mobn":
-        if isinstance(s, nl.MeanOnlyBatchNorm):
+        if isinstance(s, MeanOnlyBatchNorm):
             return s
         if gamma is not None and bool((gamma != 1).any()):
             notes.append((path, "MeanOnlyBatchNorm drops γ (it was not 1)"))
-        new = nl.MeanOnlyBatchNorm(c, momentum, affine, **meta)
+        new = MeanOnlyBatchNorm(c, momentum, affine, **meta)
         if not isinstance(s, _BatchNorm):
             notes.append((path, "new MeanOnlyBatchNorm: running mean starts fresh (run normlab.recalibrate_batchnorm)"))
         return _fill(new, None, beta, s)
     if method == "gn":
-        if isinstance(s, nl.GroupNorm) and groups is None:
+        if isinstance(s, GroupNorm) and groups is None:
             return s
-        new = nl.GroupNorm(_groups(c, groups, path, notes), c, eps, affine, **meta)
+        new = GroupNorm(_groups(c, groups, path, notes), c, eps, affine, **meta)
         return _fill(new, gamma, beta, s)
     if method == "ln":
-        if isinstance(s, nl.GroupNorm) and s.num_groups == 1:
+        if isinstance(s, GroupNorm) and s.num_groups == 1:
             return s
-        return _fill(nl.GroupNorm(1, c, eps, affine, **meta), gamma, beta, s)
+        return _fill(GroupNorm(1, c, eps, affine, **meta), gamma, beta, s)
     if method == "ln2d":
-        if isinstance(s, nl.LayerNorm2d):
+        if isinstance(s, LayerNorm2d):
             return s
-        return _fill(nl.LayerNorm2d(c, eps, affine, **meta), gamma, beta, s)
+        return _fill(LayerNorm2d(c, eps, affine, **meta), gamma, beta, s)
     if method == "in":
         if rank == 2:
             raise ValueError(
                 f"{_show(path)}: cannot swap {name} to 'in': it sees (N, C) input (after a Linear), which has "
                 "no positions to normalize over; use 'ln', 'gn' or 'bn'"
             )
-        if isinstance(s, nl.BatchNorm1d) and rank is None:
+        if isinstance(s, BatchNorm1d) and rank is None:
             raise ValueError(f"{_show(path)}: cannot swap BatchNorm1d to 'in': ambiguous input rank")
-        cls = {3: nl.InstanceNorm1d, 4: nl.InstanceNorm2d, 5: nl.InstanceNorm3d}.get(rank)
+        cls = {3: InstanceNorm1d, 4: InstanceNorm2d, 5: InstanceNorm3d}.get(rank)
         if cls is None:
             raise ValueError(f"{_show(path)}: cannot swap {name} to 'in': no InstanceNorm for {rank}-D input")
         if isinstance(s, cls):
@@ -534,9 +540,7 @@ def _channels_first_target(s, path, method, c, rank, gamma, beta, affine, eps, m
     if method in _NEW_CF:
         return _new_method(s, path, method, c, rank, gamma, beta, affine, eps, momentum, groups, notes)
     if method == "rms":
-        from normlab.lab.norms import ChannelsLast  # the lab's adapter: RMSNorm over C at each position
-
-        inner = _fill(nl.RMSNorm(c, eps, gamma is not None, **meta), gamma, None, s)
+        inner = _fill(RMSNorm(c, eps, gamma is not None, **meta), gamma, None, s)
         if beta is not None and bool((beta != 0).any()):
             notes.append((path, "RMSNorm drops β (it was not 0)"))
         wrapped = ChannelsLast(inner)
@@ -547,6 +551,7 @@ def _channels_first_target(s, path, method, c, rank, gamma, beta, affine, eps, m
 
 def _new_method(s, path, method, c, rank, gamma, beta, affine, eps, momentum, groups, notes):
     """Targets of issue 10 (Batch Renorm, Ghost BN, FRN, EvoNorm, DyT, Derf) from a channels-first layer."""
+    from normlab.nn import ghost, renorm
     from normlab.nn.ghost import _GhostBatchNorm
     from normlab.nn.renorm import _BatchRenorm
 
@@ -561,7 +566,7 @@ def _new_method(s, path, method, c, rank, gamma, beta, affine, eps, momentum, gr
         k = {2: 1, 3: 1, 4: 2, 5: 3}.get(rank)
         if k is None:
             raise ValueError(f"{_show(path)}: cannot swap {name} to {method!r}: no {prefix} for {rank}-D input")
-        cls = getattr(nl, f"{prefix}{k}d")
+        cls = getattr(renorm if method == "brn" else ghost, f"{prefix}{k}d")
         extra = {} if method == "brn" else {"virtual_batch_size": 16 if groups is None else groups}
         new = _fill(cls(c, eps, 0.1 if momentum is None else momentum, affine, **meta, **extra), gamma, beta, s)
         if isinstance(s, _BatchNorm) and s.running_mean is not None and s.running_var is not None:
@@ -571,24 +576,24 @@ def _new_method(s, path, method, c, rank, gamma, beta, affine, eps, momentum, gr
             notes.append((path, f"new {prefix}: running statistics start fresh (run normlab.recalibrate_batchnorm)"))
         return new
     if method == "frn":
-        if isinstance(s, nl.FilterResponseNorm2d):
+        if isinstance(s, FilterResponseNorm2d):
             return s
         if rank != 4:
             raise ValueError(f"{_show(path)}: cannot swap {name} to 'frn': FilterResponseNorm2d needs 4-D input, "
                              f"this layer sees {rank}-D input")
-        return _fill(nl.FilterResponseNorm2d(c, **meta), gamma, beta, s)
+        return _fill(FilterResponseNorm2d(c, **meta), gamma, beta, s)
     if method == "evonorm-s0":
-        if isinstance(s, nl.EvoNormS0) and groups is None:
+        if isinstance(s, EvoNormS0) and groups is None:
             return s
-        return _fill(nl.EvoNormS0(c, groups=_groups(c, groups, path, notes), **meta), gamma, beta, s)
+        return _fill(EvoNormS0(c, groups=_groups(c, groups, path, notes), **meta), gamma, beta, s)
     if method == "evonorm-b0":
-        if isinstance(s, nl.EvoNormB0):
+        if isinstance(s, EvoNormB0):
             return s
         if rank is None or rank < 3:
             raise ValueError(f"{_show(path)}: cannot swap {name} to 'evonorm-b0': it needs (N, C, *) input with "
                              f"positions, this layer sees {rank}-D input")
-        return _fill(nl.EvoNormB0(c, **meta), gamma, beta, s)
-    cls = nl.DynamicTanh if method == "dyt" else nl.DynamicErf
+        return _fill(EvoNormB0(c, **meta), gamma, beta, s)
+    cls = DynamicTanh if method == "dyt" else DynamicErf
     if type(s) is cls:
         return s
     return _fill(cls(c, channels_last=False, elementwise_affine=gamma is not None or beta is not None, **meta),
@@ -695,8 +700,7 @@ def convert(model: nn.Module, method: str | None = None, *, inplace: bool = Fals
     method, groups = _check_method(method[3:] if standardize else method)
     if "groups" in options:
         g = options["groups"]
-        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-            raise ValueError(f"groups: expected a positive int, got {g!r}")
+        check_positive_int(g, "groups")
         groups = g
     backend = options.get("backend")
     target = model if inplace else copy.deepcopy(model)

@@ -26,20 +26,15 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from normlab.nn.batchnorm import MeanOnlyBatchNorm
+from normlab.nn.utils.layer_types import is_batch_norm
+
 __all__ = ["fold_batch_norm", "fold_batchnorm", "foldable_pairs"]
 
 _LINEAR_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _bn_types() -> tuple[type, ...]:
-    from normlab.nn.batchnorm import MeanOnlyBatchNorm, _BatchNorm
-
-    return (nn.modules.batchnorm._BatchNorm, _BatchNorm, MeanOnlyBatchNorm)
-
-
 def _is_mean_only(bn: nn.Module) -> bool:
-    from normlab.nn.batchnorm import MeanOnlyBatchNorm
-
     return isinstance(bn, MeanOnlyBatchNorm)
 
 
@@ -57,7 +52,7 @@ class _LeafTracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # normlab's own layers validate their input (shape checks a Proxy cannot pass): opaque.
-        if isinstance(m, _LINEAR_TYPES + _bn_types()) or type(m).__module__.startswith("normlab.nn"):
+        if isinstance(m, _LINEAR_TYPES) or is_batch_norm(m) or type(m).__module__.startswith("normlab.nn"):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -71,7 +66,7 @@ def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
             calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], _bn_types()):
+        if node.op != "call_module" or not is_batch_norm(modules[node.target]):
             continue
         if len(node.args) != 1 or node.kwargs:
             continue
@@ -94,7 +89,7 @@ def _pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
             continue
         children = list(mod.named_children())
         for (n1, m1), (n2, m2) in zip(children, children[1:]):
-            if isinstance(m1, _LINEAR_TYPES) and isinstance(m2, _bn_types()):
+            if isinstance(m1, _LINEAR_TYPES) and is_batch_norm(m2):
                 join = (prefix + ".") if prefix else ""
                 pairs.append((join + n1, join + n2))
     return pairs

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
-from normlab.nn.batchnorm import MeanOnlyBatchNorm, _BatchNorm
+from normlab.nn.batchnorm import _BatchNorm
+from normlab.nn.utils.layer_types import is_batch_norm
 
 __all__ = ["freeze_batchnorm"]
 
@@ -79,7 +80,7 @@ def freeze_batchnorm(model: nn.Module) -> nn.Module:
         return m
 
     def visit(m: nn.Module, path: str) -> nn.Module:
-        if isinstance(m, (_TorchBatchNorm, _BatchNorm, MeanOnlyBatchNorm)):
+        if is_batch_norm(m):
             return freeze(m, path)
         for name, child in list(m._modules.items()):
             if child is not None:

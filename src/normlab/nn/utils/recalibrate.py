@@ -32,9 +32,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
-from normlab.nn.batchnorm import MeanOnlyBatchNorm, _BatchNorm
+from normlab._checks import check_positive_int
+from normlab.nn.batchnorm import _BatchNorm
+from normlab.nn.utils.layer_types import is_batch_norm
 
 __all__ = ["recalibrate_batchnorm"]
 
@@ -107,12 +108,11 @@ def recalibrate_batchnorm(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
-        raise ValueError(f"num_batches: expected a positive int or None, got {num_batches!r}")
+    check_positive_int(num_batches, "num_batches", allow_none=True)
     forward_fn = forward_fn or _default_forward
     bns = [
         m for m in model.modules()
-        if isinstance(m, (_TorchBatchNorm, _BatchNorm, MeanOnlyBatchNorm)) and getattr(m, "running_mean", None) is not None
+        if is_batch_norm(m) and getattr(m, "running_mean", None) is not None
     ]
     if not bns:
         return model

@@ -57,7 +57,7 @@ class WeightNorm(nn.Module):
     def __init__(self, dim: int | None = 0) -> None:
         super().__init__()
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 0):
-            raise ValueError(f"dim must be a non-negative int or None, got {dim!r}")
+            raise ValueError(f"dim: expected a non-negative int or None, got {dim!r}")
         self.dim = None if dim is None else int(dim)
 
     def _norm(self, v: Tensor) -> Tensor:
@@ -200,9 +200,9 @@ def weight_norm(
     State-dict keys: ``parametrizations.<name>.original0`` (g) and ``parametrizations.<name>.original1`` (v).
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
     if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
+        raise TypeError(f"name: expected a str, got {type(name).__name__}")
     if is_weight_normed(module, name):
         raise ValueError(
             f"module.{name} is already weight-normalized; call remove_weight_norm(module, {name!r}) first"
@@ -222,15 +222,15 @@ def weight_norm(
             f"parameters: {params}"
         )
     if not tensor.dtype.is_floating_point:
-        raise TypeError(f"module.{name} must be floating point, got {tensor.dtype}")
+        raise TypeError(f"module.{name}: expected a floating-point parameter, got dtype {tensor.dtype}")
 
     if isinstance(dim, str):
         if dim != "auto":
-            raise ValueError(f"dim must be an int, None or 'auto', got {dim!r}")
+            raise ValueError(f"dim: expected an int, None or 'auto', got {dim!r}")
         dim = _default_dim(module)
     if dim is not None:
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
-            raise TypeError(f"dim must be an int, None or 'auto', got {type(dim).__name__}")
+            raise TypeError(f"dim: expected an int, None or 'auto', got {type(dim).__name__}")
         ndim = max(tensor.ndim, 1)
         if not -ndim <= dim < ndim:
             raise ValueError(
@@ -261,7 +261,7 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
             as well (removing only the weight norm from a stack is ambiguous).
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
     if not is_weight_normed(module, name):
         raise ValueError(
             f"module.{name} is not weight-normalized (no WeightNorm parametrization on {name!r})"
@@ -343,11 +343,11 @@ def init_weight_norm_(model: nn.Module, batch: Any, *, eps: float = 1e-6) -> nn.
         RuntimeError: some weight-normalized layer was not run by the forward pass.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+        raise TypeError(f"eps: expected a real number, got {type(eps).__name__}")
     if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+        raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
     layers = {
         path: m
         for path, m in model.named_modules()
@@ -397,7 +397,7 @@ def init_weight_norm_(model: nn.Module, batch: Any, *, eps: float = 1e-6) -> nn.
         elif isinstance(batch, Mapping):
             model(**batch)
         else:
-            raise TypeError(f"batch must be a Tensor, tuple, list or mapping, got {type(batch).__name__}")
+            raise TypeError(f"batch: expected a Tensor, tuple, list or mapping, got {type(batch).__name__}")
     finally:
         for h in handles:
             h.remove()

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from normlab import functional as F
+from normlab._checks import check_eps
 
 __all__ = [
     "WeightStandardization",
@@ -36,7 +37,7 @@ class WeightStandardization(nn.Module):
 
     def __init__(self, eps: float = 1e-5) -> None:
         super().__init__()
-        F.check_eps(eps)
+        check_eps(eps)
         self.eps = float(eps)
 
     def forward(self, weight: Tensor) -> Tensor:

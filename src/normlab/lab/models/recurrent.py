@@ -31,18 +31,18 @@ Options:
   changes what the model uses at evaluation (eval mode), which is where the per-step statistics
   of the paper matter once trained.
 
-Importing this module registers the model (idempotent).
+Importing this module (or :mod:`normlab.lab.models`) registers the model.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from normlab.lab.models import model_names, register_model
+from normlab._checks import check_positive_int
+from normlab.lab.models.registry import register_model
 from normlab.lab.norms import NormSpec
 from normlab.nn.rnn import BatchNormLSTM, LayerNormLSTM, NormLSTM, WeightNormLSTM
 
@@ -103,8 +103,7 @@ class LSTMClassifier(nn.Module):
             raise ValueError(
                 f"input_shape: model {MODEL_NAME!r} needs sequences (T, F), got {tuple(input_shape)}"
             )
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"hidden: expected a positive int, got {hidden!r}")
+        check_positive_int(hidden, "hidden")
         steps, features = int(input_shape[0]), int(input_shape[1])
         self.norm = norm
         self.lstm = make_cell(
@@ -121,5 +120,4 @@ def _build(spec: NormSpec, input_shape: tuple[int, ...], num_classes: int, **opt
     return LSTMClassifier(spec.name, input_shape, num_classes, **options)
 
 
-if MODEL_NAME not in model_names():
-    register_model(MODEL_NAME, _build)
+register_model(MODEL_NAME, _build)

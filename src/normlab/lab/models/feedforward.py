@@ -1,31 +1,7 @@
-"""Lab models that take the normalization by name: ``build_model("cnn", norm="gn", ...)``.
+"""The feed-forward lab models: ``mlp``, ``cnn`` and ``resnet`` (registered here).
 
-Models (see :func:`model_names`; more with :func:`register_model`):
-
-* ``mlp``: ``Linear -> norm -> activation`` per hidden layer, then a linear head. Options:
-  ``hidden`` (sizes, default ``(128, 128)``), ``activation`` (``relu``, ``sigmoid``, ``tanh``,
-  ``gelu``, ``identity``). Any input shape is flattened.
-* ``cnn``: ``conv -> norm -> relu`` blocks (default ``channels=(16, 32, 32)``, kernel 3,
-  "same" padding); a 2×2 (or 2) max-pool after every block but the first while the map is at least
-  2 wide, so 8×8 digits go 8 -> 4 -> 2 and 32×32 images 32 -> 16 -> 8. Head: global average pool
-  + linear (``head="gap"``) or flatten + linear (``head="flatten"``). Images ``(C, H, W)`` use
-  conv2d; sequences ``(T, F)`` use conv1d over time with ``F`` input channels.
-* ``resnet``: CIFAR-style ResNet (He et al. 2016, section 4.2): depth ``6n + 2`` (option ``depth``,
-  default 20), a 3×3 stem of ``width`` channels (default 16), three stages of ``n`` basic blocks
-  with ``width``, ``2·width``, ``4·width`` channels (stride 2 at the start of stages 2 and 3,
-  1×1 conv + norm shortcut), global average pool, linear head. Works on 8×8 (8 -> 4 -> 2) and
-  32×32 images, and on ``(T, F)`` sequences with conv1d.
-* ``package.module:function``: ``function(norm=..., input_shape=..., num_classes=..., **options)``
-  must return an ``nn.Module``. It is responsible for its normalization (use
-  :func:`normlab.lab.norms.get_norm`); set ``model.needs_data_init = True`` if it needs
-  weight norm's data-dependent init.
-
-Conventions of the built-in models: outputs are ``(N, num_classes)`` logits, or ``(N, 1)`` for
-regression (``num_classes == 0``). A conv/linear layer followed by a norm with a learned shift
-(bn, gn, ln, in, mobn) has no bias: the norm would remove it. With a weight-norm choice (``wn``,
-``wn+mobn``, ``wn+X``) every conv/linear weight, the head's included, is reparametrized by
-weight normalization and :func:`needs_data_init` is true: the trainer then runs the
-data-dependent init on a batch before training.
+See :mod:`normlab.lab.models` for what each builds and its options. Every builder has the
+registry's signature ``builder(spec, input_shape, num_classes, **options)``.
 """
 
 from __future__ import annotations
@@ -37,18 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from normlab.lab import norms
-from normlab.lab.data import import_object
-from normlab.lab.norms import NormSpec, get_norm
+from normlab._checks import check_positive_int
+from normlab.lab.models.registry import register_model
+from normlab.lab.norms import NormSpec
 
-__all__ = [
-    "build_model",
-    "count_parameters",
-    "model_names",
-    "needs_data_init",
-    "norm_layers",
-    "register_model",
-]
+__all__ = ["ACTIVATIONS", "CNN", "MLP", "BasicBlock", "ResNet", "SequenceToSignal"]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -215,8 +184,7 @@ class ResNet(nn.Module):
         super().__init__()
         if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(f"depth: expected 6n + 2 with n >= 1 (8, 14, 20, 32...), got {depth!r}")
-        if not isinstance(width, int) or width < 1:
-            raise ValueError(f"width: expected a positive int, got {width!r}")
+        check_positive_int(width, "width")
         in_ch, kind = _conv_layout(input_shape, "resnet")
         n = (depth - 2) // 6
         bias = not spec.has_shift
@@ -239,111 +207,6 @@ class ResNet(nn.Module):
         return self.head(torch.flatten(self.pool(x), 1))
 
 
-# --------------------------------------------------------------------------------------------
-# Registry and helpers
-# --------------------------------------------------------------------------------------------
-ModelBuilder = Callable[..., nn.Module]
-_REGISTRY: dict[str, ModelBuilder] = {"mlp": MLP, "cnn": CNN, "resnet": ResNet}
-
-
-def register_model(name: str, builder: ModelBuilder, *, overwrite: bool = False) -> None:
-    """Register ``builder(spec: NormSpec, input_shape, num_classes, **options) -> nn.Module``.
-
-    Models built this way get weight normalization applied by :func:`build_model` when the norm
-    asks for it, like the built-in ones.
-    """
-    if not isinstance(name, str) or not name or ":" in name:
-        raise ValueError(f"name: expected a non-empty name without ':', got {name!r}")
-    if not callable(builder):
-        raise TypeError(f"builder: expected a callable, got {type(builder).__name__}")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"name: model {name!r} is already registered (pass overwrite=True)")
-    _REGISTRY[name] = builder
-
-
-def model_names() -> list[str]:
-    """Names of the registered models."""
-    return sorted(_REGISTRY)
-
-
-def _apply_weight_norm(model: nn.Module) -> int:
-    """Weight-normalize every conv/linear weight of ``model``; returns how many."""
-    targets = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
-    for module in targets:
-        norms.layers.weight_norm(module, name="weight", dim=0)
-    return len(targets)
-
-
-def build_model(
-    name: str,
-    *,
-    norm: str,
-    input_shape: Sequence[int],
-    num_classes: int,
-    **options: Any,
-) -> nn.Module:
-    """Build model ``name`` with normalization ``norm`` for the given data.
-
-    Args:
-        name: a registered model (``mlp``, ``cnn``, ``resnet``) or ``"package.module:function"``.
-        norm: a norm name for :func:`normlab.lab.norms.get_norm` (``"bn"``, ``"gn:4"``...).
-        input_shape: per-sample input shape (``DataBundle.input_shape``).
-        num_classes: number of classes, 0 for regression (one output).
-        **options: model options (see the module docstring).
-
-    Raises:
-        ValueError: unknown model/norm/option, or a norm that does not fit the model.
-        TypeError: a user function that does not return an ``nn.Module``.
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"model: expected a str, got {type(name).__name__}")
-    shape = tuple(int(d) for d in input_shape)
-    if not shape or min(shape) < 1:
-        raise ValueError(f"input_shape: expected positive sizes, got {tuple(input_shape)}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"num_classes: expected an int >= 0, got {num_classes!r}")
-    spec = get_norm(norm)
-    if name not in _REGISTRY:
-        if ":" not in name:
-            raise ValueError(
-                f"model: unknown model {name!r}; expected one of {model_names()} or "
-                "'package.module:function'"
-            )
-        fn = import_object(name, "model")
-        model = fn(norm=norm, input_shape=shape, num_classes=num_classes, **options)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: {name!r} returned {type(model).__name__}, expected an nn.Module")
-        return model
-    try:
-        model = _REGISTRY[name](spec, shape, num_classes, **options)
-    except TypeError as exc:
-        if "unexpected keyword argument" in str(exc):
-            raise ValueError(f"model options for {name!r}: {exc}") from exc
-        raise
-    if spec.weight_standardization:
-        for module in [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]:
-            norms.layers.weight_standardization(module)
-    if spec.weight_norm:
-        _apply_weight_norm(model)
-        model.needs_data_init = True
-    return model
-
-
-def needs_data_init(model: nn.Module) -> bool:
-    """True when ``model`` wants weight norm's data-dependent init before training."""
-    return bool(getattr(model, "needs_data_init", False))
-
-
-def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
-    """Number of (trainable) parameter values in ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(qualified name, layer)`` for every normalization layer of ``model``, in order."""
-    return [(n, m) for n, m in model.named_modules() if norms.is_norm_layer(m)]
-
-
-# The recurrent models live in their own module (they need normlab.nn.rnn); importing it here
-# registers "lstm" wherever the registry is used, e.g. `normlab study ... --model lstm`.
-from normlab.lab import rnn_models as _rnn_models  # noqa: E402,F401  (registers "lstm")
+register_model("mlp", MLP)
+register_model("cnn", CNN)
+register_model("resnet", ResNet)
