@@ -240,7 +240,61 @@ def test_every_operator_is_covered():
     """The matrix names every operator registered in the normlab namespace."""
     registered = {name for name in dir(N) if not name.startswith("_") and isinstance(getattr(N, name), torch._ops.OpOverloadPacket)}
     covered = {"batch_norm", "batch_norm_backward", "batch_norm_eval", "group_norm", "group_norm_backward",
-               "layer_norm", "layer_norm_backward", "layer_norm_channels", "layer_norm_channels_backward"}
+               "layer_norm", "layer_norm_backward", "layer_norm_channels", "layer_norm_channels_backward",
+               "dynamic_tanh", "dynamic_tanh_backward", "dynamic_erf", "dynamic_erf_backward",
+               "filter_response_norm", "filter_response_norm_backward"}
     assert registered == covered, registered ^ covered
 
 
+
+
+# ---- point-wise operators (DyT, Derf): opcheck of forward and backward; values are compared
+# with the papers' formulas in tests/test_pointwise.py.
+_PW_CASES = [  # (kind, dtype, layout, channels_last, affine, backend)
+    ("tanh", torch.float32, "contiguous", True, True, ""),
+    ("tanh", torch.float64, "channels_last", False, True, "reference"),
+    ("tanh", torch.bfloat16, "sliced", True, False, ""),
+    ("tanh", torch.float32, "channels_last", False, True, ""),
+    ("erf", torch.float32, "sliced", False, True, ""),
+    ("erf", torch.float64, "contiguous", True, True, ""),
+    ("erf", torch.bfloat16, "channels_last", False, True, "reference"),
+    ("erf", torch.float32, "contiguous", True, False, "reference"),
+]
+
+
+@pytest.mark.parametrize("case", _PW_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_opcheck_pointwise(case):
+    kind, dtype, layout, cl, affine, backend = case
+    x = _input(SHAPE, dtype, layout)
+    p = SHAPE[-1] if cl else SHAPE[1]
+    g = torch.Generator().manual_seed(1)
+    w = (1 + 0.2 * torch.randn(p, generator=g)).to(dtype) if affine else None
+    b = (0.1 * torch.randn(p, generator=g)).to(dtype) if affine else None
+    a, s = torch.tensor([0.6], dtype=dtype), torch.tensor([0.1], dtype=dtype)
+    params = (a,) if kind == "tanh" else (a, s)
+    op, bop = getattr(N, f"dynamic_{kind}"), getattr(N, f"dynamic_{kind}_backward")
+    args = (x, *params, w, b, cl, backend)
+    leaves = tuple(t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
+    torch.library.opcheck(op, leaves)
+    y = op(*args)
+    if not cl and layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    mask = [True, True] + ([True] if kind == "erf" else []) + [affine, affine]
+    torch.library.opcheck(bop, (torch.randn_like(y), x, *params, w, b, cl, backend, mask))
+
+
+@pytest.mark.parametrize("case", [(torch.float32, "contiguous", True, ""), (torch.float64, "channels_last", True, ""),
+                                  (torch.bfloat16, "sliced", False, ""), (torch.float32, "sliced", True, "reference"),
+                                  (torch.float32, "contiguous", False, "")],
+                         ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_opcheck_filter_response_norm(case):
+    dtype, layout, affine, backend = case
+    x = _input(SHAPE, dtype, layout)
+    g = torch.Generator().manual_seed(2)
+    w, b, tau = ((torch.randn(SHAPE[1], generator=g) * 0.3 + v).to(dtype) if affine else None for v in (1.0, 0.0, -0.2))
+    args = (x, w, b, tau, 1e-6, backend)
+    torch.library.opcheck(N.filter_response_norm, tuple(
+        t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args))
+    y, rstd = N.filter_response_norm(*args)
+    mask = [True, affine, affine, affine]
+    torch.library.opcheck(N.filter_response_norm_backward, (torch.randn_like(y), x, w, b, tau, rstd, 1e-6, backend, mask))

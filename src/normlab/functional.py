@@ -37,7 +37,7 @@ from normlab._checks import check_normalized_shape as _normalized_shape
 from normlab._checks import check_param as _check_param
 from normlab._checks import check_scalar as _check_scalar
 from normlab._checks import check_trailing as _check_trailing
-from normlab.core import masked, ops
+from normlab.core import masked, ops, reference
 from normlab.core.reference import compute_dtype
 
 __all__ = [
@@ -677,9 +677,10 @@ def filter_response_norm(
         z = \max(\gamma \hat x + \beta,\ \tau)
 
     No centring. ``tau=None`` leaves out the TLU. ``learned_eps`` (a 1-element tensor) makes ε
-    learnable as in the paper: ε_total = ``eps`` + |learned_eps|. With a fixed ε the RMS
-    reduction is ``normlab::layer_norm`` over the positions (rms mode); a learned ε is a tensor,
-    so that path is plain torch ops.
+    learnable as in the paper: ε_total = ``eps`` + |learned_eps|. With a fixed ε the whole layer
+    is the ``normlab::filter_response_norm`` operator (on the CPU backend one fused pass forward,
+    one backward); a learned ε is a tensor, so that path (and tracing for export) is plain torch
+    ops.
     """
     check_input(input, min_dim=3)
     check_eps(eps)
@@ -690,7 +691,8 @@ def filter_response_norm(
         raise ValueError(f"learned_eps: expected a 1-element tensor, got shape {tuple(learned_eps.shape)}")
     k = input.dim() - 2
     if learned_eps is None and not traced(input):
-        xhat = ops.layer_norm(input, k, None, None, eps, rms=True, backend=backend)[0]
+        # one operator for the whole layer (the CPU backend: one fused pass each way)
+        return ops.filter_response_norm(input, weight, bias, tau, eps, backend=backend)[0]
     else:
         xc = input.to(compute_dtype(input.dtype))
         nu2 = xc.pow(2).mean(tuple(range(2, input.dim())), keepdim=True)
@@ -799,31 +801,27 @@ def evonorm_b0(
     return y.to(input.dtype)
 
 
-def _pointwise_affine(y: Tensor, input: Tensor, weight, bias, channels_last: bool) -> Tensor:
+def _check_pointwise_affine(input: Tensor, weight, bias, channels_last: bool) -> None:
     if channels_last:
-        shape = tuple(input.shape[input.dim() - (weight if weight is not None else bias).dim():]) \
-            if (weight is not None or bias is not None) else ()
+        p = weight if weight is not None else bias
+        shape = tuple(input.shape[input.dim() - p.dim():]) if p is not None and input.dim() >= p.dim() else None
         for t, name in ((weight, "weight"), (bias, "bias")):
             if t is not None and (input.dim() < t.dim() or tuple(t.shape) != shape):
                 raise ValueError(
                     f"{name}: expected the input's trailing dims {list(t.shape)}, got input of shape {list(input.shape)}"
                 )
-        view = None
     else:
         if input.dim() < 2:
             raise ValueError(f"input: expected (N, C, *) input for channels_last=False, got shape {tuple(input.shape)}")
         for t, name in ((weight, "weight"), (bias, "bias")):
             _check_param(t, (input.shape[1],), name)
-        view = _chan_view(input)
-    if weight is not None:
-        y = y * (weight if view is None else weight.view(view))
-    if bias is not None:
-        y = y + (bias if view is None else bias.view(view))
-    return y
 
 
-def _as_scalar(t, like: Tensor):
-    return t.reshape(()).to(like.dtype) if isinstance(t, Tensor) else t
+def _scalar_tensor(t, like: Tensor) -> Tensor:
+    """α or s as the 1-element tensor the operators take (a number becomes a constant)."""
+    if isinstance(t, Tensor):
+        return t
+    return torch.tensor(float(t), dtype=compute_dtype(like.dtype), device=like.device)
 
 
 def dynamic_tanh(
@@ -833,18 +831,22 @@ def dynamic_tanh(
     bias: Tensor | None = None,
     *,
     channels_last: bool = True,
+    backend: str | None = None,
 ) -> Tensor:
     r"""Dynamic Tanh (Zhu, Chen, He, LeCun & Liu 2025): :math:`y = \gamma \odot \tanh(\alpha x) + \beta`.
 
     α is a scalar; γ, β have the shape of the input's trailing dims (``channels_last=True``, as
     LayerNorm) or shape (C,) on dim 1 of (N, C, \*) input (``channels_last=False``). Point-wise:
-    no statistics.
+    no statistics. Computed by the ``normlab::dynamic_tanh`` operator: on the CPU backend one fused
+    pass forward and one backward (dx, dα, dγ, dβ together); traced for export, plain torch ops.
     """
     check_input(input)
     _check_scalar(alpha, "alpha")
-    xc = input.to(compute_dtype(input.dtype))
-    y = torch.tanh(_as_scalar(alpha, xc) * xc)
-    return _pointwise_affine(y, input, weight, bias, channels_last).to(input.dtype)
+    _check_pointwise_affine(input, weight, bias, channels_last)
+    a = _scalar_tensor(alpha, input)
+    if traced(input):
+        return reference.dynamic_tanh(input, a, weight, bias, channels_last=channels_last)
+    return ops.dynamic_tanh(input, a, weight, bias, channels_last, backend)
 
 
 def dynamic_erf(
@@ -855,14 +857,18 @@ def dynamic_erf(
     bias: Tensor | None = None,
     *,
     channels_last: bool = True,
+    backend: str | None = None,
 ) -> Tensor:
     r"""Dynamic erf, Derf (Chen, Lu, Zhu, Sun & Liu 2025): :math:`y = \gamma \odot \operatorname{erf}(\alpha x + s) + \beta`.
 
-    α and s are scalars; γ, β as in :func:`dynamic_tanh`. Point-wise: no statistics.
+    α and s are scalars; γ, β as in :func:`dynamic_tanh`. Point-wise: no statistics. Computed by
+    the ``normlab::dynamic_erf`` operator (fused passes on the CPU backend, as :func:`dynamic_tanh`).
     """
     check_input(input)
     _check_scalar(alpha, "alpha")
     _check_scalar(shift, "shift")
-    xc = input.to(compute_dtype(input.dtype))
-    y = torch.erf(_as_scalar(alpha, xc) * xc + _as_scalar(shift, xc))
-    return _pointwise_affine(y, input, weight, bias, channels_last).to(input.dtype)
+    _check_pointwise_affine(input, weight, bias, channels_last)
+    a, s = _scalar_tensor(alpha, input), _scalar_tensor(shift, input)
+    if traced(input):
+        return reference.dynamic_erf(input, a, s, weight, bias, channels_last=channels_last)
+    return ops.dynamic_erf(input, a, s, weight, bias, channels_last, backend)

@@ -99,9 +99,11 @@ def kernels_cmd(
     all_norms = list(K.NORMS)
     chosen = _split(norms, all_norms, "--norms") or all_norms
     default_be = ["reference", "cpu"] if quick else ["reference", "cpu", "cpu-nopool"]
-    be = _split(backends, ["reference", "cpu", "cpu-nopool"], "--backends") or default_be
+    be = _split(backends, ["reference", "cpu", "cpu-nopool", "torch-compile"], "--backends") or default_be
     if "cpu" not in be:
         be.append("cpu")
+    if backends is None and any(n in K.COMPOSED for n in chosen):
+        be.insert(0, "torch-compile")  # the methods torch lacks: also vs the compiled composition
     contenders = ["torch", *be]
     reps = reps or (5 if quick else 7)
     console = _console()

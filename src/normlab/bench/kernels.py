@@ -43,14 +43,26 @@ NORMS: dict[str, tuple[str, str]] = {
     "in": ("cnn", "InstanceNorm2d (affine)"),
     "ln": ("transformer", "LayerNorm over the hidden dim"),
     "rms": ("transformer", "RMSNorm over the hidden dim"),
+    # the methods beyond the classic five (issue 10): "torch" is the eager composition a user
+    # would write (torch has no such layer), "torch-compile" that composition under torch.compile
+    "brn": ("cnn", "BatchRenorm2d, training (r_max 3, d_max 5)"),
+    "gbn": ("cnn", "GhostBatchNorm2d, virtual batch 8 (torch: BatchNorm2d per chunk)"),
+    "frn": ("cnn", "FilterResponseNorm2d + TLU"),
+    "evonorm-s0": ("cnn", "EvoNorm-S0, 32 groups"),
+    "evonorm-b0": ("cnn", "EvoNorm-B0, training"),
+    "ws": ("weights", "Weight Standardization of a conv weight (O, I, 3, 3)"),
+    "dyt": ("transformer", "Dynamic Tanh  γ·tanh(αx) + β"),
+    "derf": ("transformer", "Dynamic erf  γ·erf(αx + s) + β"),
 }
+# norms whose "torch" contender is a composition of torch ops: also timed under torch.compile
+COMPOSED = ("brn", "gbn", "ws", "frn", "evonorm-s0", "evonorm-b0", "dyt", "derf")
 
 
 @dataclass
 class Case:
     norm: str
     shape: tuple[int, ...]
-    layout: str  # "nchw" | "nhwc" | "rows"
+    layout: str  # "nchw" | "nhwc" | "rows" | "oihw" (a conv weight)
     # median seconds: times[contender]["fwd" | "fwdbwd"]; contender "copy" has "copy"
     times: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -73,9 +85,12 @@ def cases(quick: bool, norms: list[str]) -> list[Case]:
     else:
         cnn = [(32, c, hw, hw) for c in (64, 128, 256, 512) for hw in (8, 16, 32, 64)]
         tr = [(r, h) for r in (2048, 8192) for h in (256, 512, 1024, 2048, 4096, 8192)]
+    weights = [(256, 256, 3, 3), (512, 512, 3, 3)] if quick else [(c, c, 3, 3) for c in (64, 128, 256, 512, 1024)]
     out = []
     for norm in norms:
-        if NORMS[norm][0] == "cnn":
+        if NORMS[norm][0] == "weights":
+            out += [Case(norm, s, "oihw") for s in weights]
+        elif NORMS[norm][0] == "cnn":
             out += [Case(norm, s, lay) for s in cnn for lay in ("nchw", "nhwc")]
         else:
             out += [Case(norm, s, "rows") for s in tr]
@@ -98,6 +113,107 @@ class _TorchMeanOnlyBN(nn.Module):
         return x - x.mean((0, 2, 3), keepdim=True) + self.bias.view(1, -1, 1, 1)
 
 
+def _view(x):
+    return (1, -1) + (1,) * (x.dim() - 2)
+
+
+class _TorchBatchRenorm(nn.BatchNorm2d):
+    """Batch Renormalization as a user writes it in torch ops (r, d detached, running update)."""
+
+    def forward(self, x):
+        dims = [0, 2, 3]
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        std = torch.sqrt(var + self.eps)
+        with torch.no_grad():
+            rs = torch.sqrt(self.running_var + self.eps)
+            r = (std / rs).clamp(1 / 3.0, 3.0)
+            d = ((mean - self.running_mean) / rs).clamp(-5.0, 5.0)
+            m = x.numel() // x.shape[1]
+            self.running_mean.lerp_(mean, 0.1)
+            self.running_var.lerp_(var * m / (m - 1), 0.1)
+        xhat = (x - mean.view(_view(x))) / std.view(_view(x)) * r.view(_view(x)) + d.view(_view(x))
+        return xhat * self.weight.view(_view(x)) + self.bias.view(_view(x))
+
+
+class _TorchGhostBN(nn.BatchNorm2d):
+    """Ghost BN the obvious way: torch's BatchNorm2d on each virtual batch, concatenated."""
+
+    def forward(self, x):
+        return torch.cat([super(_TorchGhostBN, self).forward(ch) for ch in x.split(8)])
+
+
+class _TorchFRN(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.weight, self.bias, self.tau = (nn.Parameter(torch.full((c,), v)) for v in (1.0, 0.0, 0.0))
+
+    def forward(self, x):
+        nu2 = x.pow(2).mean((2, 3), keepdim=True)
+        y = x * torch.rsqrt(nu2 + 1e-6) * self.weight.view(_view(x)) + self.bias.view(_view(x))
+        return torch.maximum(y, self.tau.view(_view(x)))
+
+
+class _TorchEvoS0(nn.Module):
+    def __init__(self, c: int, groups: int = 32):
+        super().__init__()
+        self.groups = groups
+        self.weight, self.bias, self.v = (nn.Parameter(torch.full((c,), v)) for v in (1.0, 0.0, 1.0))
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        var = x.reshape(n, self.groups, -1).var(-1, unbiased=False, keepdim=True)
+        std = torch.sqrt(var + 1e-5).expand(n, self.groups, c // self.groups * h * w).reshape(x.shape)
+        y = x * torch.sigmoid(self.v.view(_view(x)) * x) / std
+        return y * self.weight.view(_view(x)) + self.bias.view(_view(x))
+
+
+class _TorchEvoB0(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.weight, self.bias, self.v = (nn.Parameter(torch.full((c,), v)) for v in (1.0, 0.0, 1.0))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x):
+        var_b = x.var([0, 2, 3], unbiased=False)
+        with torch.no_grad():
+            m = x.numel() // x.shape[1]
+            self.running_var.lerp_(var_b * m / (m - 1), 0.1)
+        left = torch.sqrt(var_b + 1e-5).view(_view(x))
+        inst = torch.sqrt(x.var((2, 3), unbiased=False, keepdim=True) + 1e-5)
+        y = x / torch.maximum(left, self.v.view(_view(x)) * x + inst)
+        return y * self.weight.view(_view(x)) + self.bias.view(_view(x))
+
+
+class _TorchPointwise(nn.Module):
+    """``gamma * torch.tanh(alpha * x) + beta`` (or erf(alpha * x + shift)): what a user writes."""
+
+    def __init__(self, c: int, erf: bool):
+        super().__init__()
+        self.erf = erf
+        self.alpha = nn.Parameter(torch.full((1,), 0.5))
+        self.shift = nn.Parameter(torch.zeros(1)) if erf else None
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        a = torch.erf(self.alpha * x + self.shift) if self.erf else torch.tanh(self.alpha * x)
+        return self.weight * a + self.bias
+
+
+class _TorchWS(nn.Module):
+    """Weight Standardization as written in torch ops (timm's StdConv2d without the conv)."""
+
+    def forward(self, w):
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return (w - mean) / torch.sqrt(var + 1e-5)
+
+
+class _NormlabWS(nn.Module):
+    def forward(self, w):
+        from normlab.functional import weight_standardize
+
+        return weight_standardize(w, 1e-5)
+
+
 def _layer(norm: str, c: int, native: bool) -> nn.Module:
     if native:
         mk = {
@@ -108,6 +224,14 @@ def _layer(norm: str, c: int, native: bool) -> nn.Module:
             "in": lambda: nn.InstanceNorm2d(c, affine=True),
             "ln": lambda: nn.LayerNorm(c),
             "rms": lambda: nn.RMSNorm(c, eps=1e-6),
+            "brn": lambda: _TorchBatchRenorm(c),
+            "gbn": lambda: _TorchGhostBN(c),
+            "ws": lambda: _TorchWS(),
+            "frn": lambda: _TorchFRN(c),
+            "evonorm-s0": lambda: _TorchEvoS0(c),
+            "evonorm-b0": lambda: _TorchEvoB0(c),
+            "dyt": lambda: _TorchPointwise(c, erf=False),
+            "derf": lambda: _TorchPointwise(c, erf=True),
         }
     else:
         import normlab.nn as L
@@ -120,6 +244,14 @@ def _layer(norm: str, c: int, native: bool) -> nn.Module:
             "in": lambda: L.InstanceNorm2d(c, affine=True),
             "ln": lambda: L.LayerNorm(c),
             "rms": lambda: L.RMSNorm(c, eps=1e-6),
+            "brn": lambda: L.BatchRenorm2d(c),
+            "gbn": lambda: L.GhostBatchNorm2d(c, virtual_batch_size=8),
+            "ws": lambda: _NormlabWS(),
+            "frn": lambda: L.FilterResponseNorm2d(c),
+            "evonorm-s0": lambda: L.EvoNormS0(c),
+            "evonorm-b0": lambda: L.EvoNormB0(c),
+            "dyt": lambda: L.DynamicTanh(c),
+            "derf": lambda: L.DynamicErf(c),
         }
     m = mk[norm]()
     with torch.no_grad():
@@ -133,9 +265,15 @@ def _contender(name: str, norm: str, c: int, x: torch.Tensor, dy: torch.Tensor):
     from normlab.core import cpu as cpu_backend
     from normlab.core.dispatch import use_backend
 
-    m = _layer(norm, c, native=(name == "torch"))
+    m = _layer(norm, c, native=name in ("torch", "torch-compile"))
     params = [p for p in m.parameters() if p.requires_grad]
-    backend = {"torch": None, "reference": "reference", "cpu": "cpu", "cpu-nopool": "cpu"}[name]
+    if name == "torch-compile":
+        # one compiled graph per shape, static (every case is a new shape; dynamo's default of
+        # 8 recompiles per code object would silently fall back to eager)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        m = torch.compile(m, dynamic=False)
+    backend = {"torch": None, "torch-compile": None, "reference": "reference", "cpu": "cpu",
+               "cpu-nopool": "cpu"}[name]
     pool_mb = 0 if name == "cpu-nopool" else None
 
     def call(fn):
@@ -318,6 +456,23 @@ def summarize(results: list[Case], name: str = "cpu") -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def composed_summary(results: list[Case]) -> dict:
+    """Per composed norm: forward+backward speed-up of the cpu backend over the eager composition
+    and over torch.compile of it (median, min over shapes), and the worst large-shape % of copy."""
+    out = {}
+    for norm in dict.fromkeys(c.norm for c in results):
+        sel = [c for c in results if c.norm == norm and "torch-compile" in c.times and norm in COMPOSED]
+        if not sel:
+            continue
+        xe = [c.times["torch"]["fwdbwd"] / c.times["cpu"]["fwdbwd"] for c in sel]
+        xc = [c.times["torch-compile"]["fwdbwd"] / c.times["cpu"]["fwdbwd"] for c in sel]
+        large = [metrics(c, "cpu")["fwdbwd_pct_copy"] for c in sel if 4 * c.numel >= LARGE_BYTES]
+        out[norm] = {"shapes": len(sel), "median_x_eager": statistics.median(xe), "min_x_eager": min(xe),
+                     "median_x_compile": statistics.median(xc), "min_x_compile": min(xc),
+                     "large_min_pct_copy": min(large) if large else None}
+    return out
+
+
 def render(results: list[Case], contenders: list[str], compile_info: dict | None, console=None):
     """Rich tables: one row per case, then the per-norm summary."""
     from rich.console import Console
@@ -373,6 +528,17 @@ def _render_cases(results, contenders, others, console):
                       f"{d['median_fwd_speedup']:.2f}", f"{d['median_fwdbwd_gbs']:.1f}",
                       f"{d['median_torch_fwdbwd_gbs']:.1f}", large)
     console.print(s)
+    if "torch-compile" in contenders:
+        v = Table(title="methods torch lacks: normlab cpu vs the eager composition and vs torch.compile of it "
+                        "(forward+backward medians; targets ≥ 2× eager, ≥ 1× compile, large shapes ≥ 50% copy)")
+        for col in ("norm", "shapes", "median × eager", "min × eager", "median × compile", "min × compile",
+                    "large: min % copy"):
+            v.add_column(col, justify="left" if col == "norm" else "right")
+        for norm, d in composed_summary(results).items():
+            v.add_row(norm, str(d["shapes"]), f"{d['median_x_eager']:.2f}", f"{d['min_x_eager']:.2f}",
+                      f"{d['median_x_compile']:.2f}", f"{d['min_x_compile']:.2f}",
+                      "-" if d["large_min_pct_copy"] is None else f"{d['large_min_pct_copy']:.0f}")
+        console.print(v)
     if "cpu-nopool" in contenders:
         p = Table(title="cpu backend without its buffer pool (allocation via torch.empty)")
         for col in ("norm", "median f+b × (no pool)", "min ×", "median f+b × (pool)"):
@@ -414,6 +580,7 @@ def save(results: list[Case], contenders: list[str], compile_info: dict | None, 
         rows.append(d)
     doc = {"meta": meta, "contenders": contenders, "cases": rows,
            "summary": {n: summarize(results, n) for n in contenders if n != "torch"},
+           "composed": composed_summary(results),
            "compile": compile_info}
     jpath = out / "kernels.json"
     jpath.write_text(json.dumps(doc, indent=2))

@@ -42,7 +42,8 @@ from torch import Tensor
 
 from normlab.core import dispatch, reference
 
-__all__ = ["stat_dtype", "batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_channels"]
+__all__ = ["stat_dtype", "batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_channels",
+           "dynamic_tanh", "dynamic_erf", "filter_response_norm"]
 
 stat_dtype = reference.stat_dtype
 
@@ -472,6 +473,10 @@ _COMPOSITE = {
 }
 
 
+# How many leading arguments of a forward operator may need a gradient (default 3: x, γ, β).
+_N_DIFF = {"batch_norm_eval": 5}
+
+
 def _functorch_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
@@ -492,7 +497,7 @@ def call(name: str, *args):
         # A dispatch mode (FakeTensorMode, FlopCounterMode, ...) or a tensor subclass (FakeTensor,
         # ...): through the dispatcher, so that they see the operator (the fake impl for fakes).
         return _ops[name](*args)
-    grad_args = args[:5] if name == "batch_norm_eval" else args[:3]
+    grad_args = args[:_N_DIFF.get(name, 3)]
     if _needs_grad(*grad_args):
         return _EAGER[name].apply(*args)
     return _IMPLS[name](*args)
@@ -521,3 +526,261 @@ def layer_norm(x, normalized_ndim: int, weight, bias, eps: float, rms: bool = Fa
 def layer_norm_channels(x, weight, bias, eps: float, backend: str | None = None):
     """(y, mean, var, rstd) of channels-first layer norm through ``normlab::layer_norm_channels``."""
     return call("layer_norm_channels", x, weight, bias, float(eps), backend or "")
+
+
+# ------------------------------------------------------------------------ point-wise operators
+# Dynamic Tanh and Dynamic erf: y = γ·f(α·x + s) + β, f = tanh (no s) or erf; α, s are scalar
+# tensors, γ, β of the trailing dims (channels_last=True) or (C,) on dim 1 (channels_last=False).
+#
+#     dynamic_tanh(x, alpha, weight?, bias?, channels_last, backend)                   -> y
+#     dynamic_tanh_backward(dy, x, alpha, weight?, bias?, channels_last, backend, mask) -> (dx, dα, dγ, dβ)
+#     dynamic_erf(x, alpha, shift, weight?, bias?, channels_last, backend)             -> y
+#     dynamic_erf_backward(dy, x, alpha, shift, weight?, bias?, channels_last, backend, mask)
+#                                                                                     -> (dx, dα, ds, dγ, dβ)
+#
+# y and dx: x's dtype; layout channels-first: as the per-channel ops (channels-last-like in,
+# channels-last out, else contiguous); channels-last: contiguous. Each parameter gradient has its
+# parameter's shape and dtype (bias is passed to the backward for dβ's shape only); ``mask``
+# says which of (x, α, [s,] γ, β) are wanted, the others come back empty. No statistics.
+
+
+def _pw_out(x: Tensor, channels_last: bool) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format) if channels_last else _empty_out(x, True)
+
+
+def _pw_canonical(y: Tensor, x: Tensor, channels_last: bool) -> Tensor:
+    if channels_last:
+        return y if y.is_contiguous() else y.contiguous()
+    return _canonical(y, x, True)
+
+
+def _pw_param_grads(x: Tensor, params, grads, mask) -> list:
+    out = []
+    for p, g, m in zip(params, grads, mask):
+        if m and p is not None and g is not None:
+            out.append(g.reshape(p.shape).to(p.dtype))
+        else:
+            out.append(x.new_empty((0,), dtype=x.dtype if p is None else p.dtype))
+    return out
+
+
+def _dynamic_tanh_impl(x, alpha, weight, bias, channels_last, backend):
+    y = _backend("dynamic_tanh", x, backend).dynamic_tanh(x, alpha, weight, bias, channels_last=channels_last)
+    return _pw_canonical(y, x, channels_last)
+
+
+def _dynamic_tanh_backward_impl(dy, x, alpha, weight, bias, channels_last, backend, mask):
+    dx, *grads = _backend("dynamic_tanh", x, backend).dynamic_tanh_backward(
+        dy, x, alpha, weight, bias, channels_last=channels_last, mask=tuple(mask))
+    dx = _pw_canonical(dx, x, channels_last) if mask[0] else x.new_empty((0,))
+    return (dx, *_pw_param_grads(x, (alpha, weight, bias), grads, mask[1:]))
+
+
+def _dynamic_erf_impl(x, alpha, shift, weight, bias, channels_last, backend):
+    y = _backend("dynamic_erf", x, backend).dynamic_erf(x, alpha, shift, weight, bias, channels_last=channels_last)
+    return _pw_canonical(y, x, channels_last)
+
+
+def _dynamic_erf_backward_impl(dy, x, alpha, shift, weight, bias, channels_last, backend, mask):
+    dx, *grads = _backend("dynamic_erf", x, backend).dynamic_erf_backward(
+        dy, x, alpha, shift, weight, bias, channels_last=channels_last, mask=tuple(mask))
+    dx = _pw_canonical(dx, x, channels_last) if mask[0] else x.new_empty((0,))
+    return (dx, *_pw_param_grads(x, (alpha, shift, weight, bias), grads, mask[1:]))
+
+
+def _pw_fake_grads(x, params, channels_last, mask):
+    dx = _pw_out(x, channels_last) if mask[0] else x.new_empty((0,))
+    rest = [p.new_empty(p.shape) if (m and p is not None) else x.new_empty((0,), dtype=x.dtype if p is None else p.dtype)
+            for p, m in zip(params, mask[1:])]
+    return (dx, *rest)
+
+
+def _dynamic_tanh_fake(x, alpha, weight, bias, channels_last, backend):
+    return _pw_out(x, channels_last)
+
+
+def _dynamic_tanh_backward_fake(dy, x, alpha, weight, bias, channels_last, backend, mask):
+    return _pw_fake_grads(x, (alpha, weight, bias), channels_last, mask)
+
+
+def _dynamic_erf_fake(x, alpha, shift, weight, bias, channels_last, backend):
+    return _pw_out(x, channels_last)
+
+
+def _dynamic_erf_backward_fake(dy, x, alpha, shift, weight, bias, channels_last, backend, mask):
+    return _pw_fake_grads(x, (alpha, shift, weight, bias), channels_last, mask)
+
+
+_ops.update({
+    "dynamic_tanh": _define("dynamic_tanh", _dynamic_tanh_impl, _dynamic_tanh_fake, {
+        "x": _T, "alpha": _T, "weight": _OT, "bias": _OT, "channels_last": bool, "backend": str, "return": _T}),
+    "dynamic_tanh_backward": _define("dynamic_tanh_backward", _dynamic_tanh_backward_impl,
+                                     _dynamic_tanh_backward_fake, {
+        "dy": _T, "x": _T, "alpha": _T, "weight": _OT, "bias": _OT, "channels_last": bool, "backend": str,
+        "mask": Sequence[bool], "return": tuple[Tensor, Tensor, Tensor, Tensor]}),
+    "dynamic_erf": _define("dynamic_erf", _dynamic_erf_impl, _dynamic_erf_fake, {
+        "x": _T, "alpha": _T, "shift": _T, "weight": _OT, "bias": _OT, "channels_last": bool, "backend": str,
+        "return": _T}),
+    "dynamic_erf_backward": _define("dynamic_erf_backward", _dynamic_erf_backward_impl,
+                                    _dynamic_erf_backward_fake, {
+        "dy": _T, "x": _T, "alpha": _T, "shift": _T, "weight": _OT, "bias": _OT, "channels_last": bool,
+        "backend": str, "mask": Sequence[bool], "return": tuple[Tensor, Tensor, Tensor, Tensor, Tensor]}),
+})
+_IMPLS.update({
+    "dynamic_tanh": _dynamic_tanh_impl,
+    "dynamic_tanh_backward": _dynamic_tanh_backward_impl,
+    "dynamic_erf": _dynamic_erf_impl,
+    "dynamic_erf_backward": _dynamic_erf_backward_impl,
+})
+_COMPOSITE.update({
+    "dynamic_tanh": lambda x, a, w, b, cl, _: reference.dynamic_tanh(x, a, w, b, channels_last=cl),
+    "dynamic_erf": lambda x, a, s, w, b, cl, _: reference.dynamic_erf(x, a, s, w, b, channels_last=cl),
+})
+_PW_PARAMS = {"dynamic_tanh": 3, "dynamic_erf": 4}  # tensor arguments after x (α, [s,] γ, β)
+_N_DIFF.update({name: 1 + k for name, k in _PW_PARAMS.items()})
+
+
+def _pw_setup(ctx, inputs, output):  # noqa: ARG001 - y is not needed (f(u) is recomputed from x)
+    k = 1 + _PW_PARAMS[ctx.pw_name]
+    ctx.save_for_backward(*inputs[:k])
+    ctx.args = inputs[k:]  # (channels_last, backend)
+    ctx.compiled = True
+    ctx.set_materialize_grads(False)
+
+
+def _pw_backward_of(name: str):
+    """The autograd formula of point-wise operator ``name``: its backward operator (one fused
+    pass), or with ``create_graph=True`` the reference composite differentiated on the saved
+    inputs (so gradients of gradients work)."""
+    n_in = 1 + _PW_PARAMS[name]
+
+    def backward(ctx, dy):
+        none = (None,) * len(ctx.args)
+        if dy is None:
+            return (None,) * n_in + none
+        inputs = ctx.saved_tensors
+        need = ctx.needs_input_grad[:n_in]
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                y = _COMPOSITE[name](*inputs, *ctx.args)
+                wrt = [t for t, n in zip(inputs, need) if n and t is not None]
+                grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
+            out = []
+            for t, n in zip(inputs, need):
+                g = next(grads) if (n and t is not None) else None
+                out.append(torch.zeros_like(t) if (g is None and n and t is not None) else g)
+            return (*out, *none)
+        grads = _run(f"{name}_backward", ctx.compiled)(dy, *inputs, *ctx.args, list(need))
+        return (*(g if n else None for g, n in zip(grads, need)), *none)
+
+    return backward
+
+
+def _pw_setup_for(name: str):
+    def setup(ctx, inputs, output):
+        ctx.pw_name = name
+        _pw_setup(ctx, inputs, output)
+
+    return setup
+
+
+for _name in _PW_PARAMS:
+    _ops[_name].register_autograd(_pw_backward_of(_name), setup_context=_pw_setup_for(_name))
+    _EAGER[_name] = _eager_function(_name, _pw_backward_of(_name), setup=_pw_setup_for(_name), n_out=1)
+del _name
+
+
+def dynamic_tanh(x, alpha: Tensor, weight, bias, channels_last: bool = True, backend: str | None = None):
+    """y = γ·tanh(α·x) + β through ``normlab::dynamic_tanh`` (α a 1-element tensor)."""
+    return call("dynamic_tanh", x, alpha, weight, bias, bool(channels_last), backend or "")
+
+
+def dynamic_erf(x, alpha: Tensor, shift: Tensor, weight, bias, channels_last: bool = True,
+                backend: str | None = None):
+    """y = γ·erf(α·x + s) + β through ``normlab::dynamic_erf`` (α, s 1-element tensors)."""
+    return call("dynamic_erf", x, alpha, shift, weight, bias, bool(channels_last), backend or "")
+
+
+# ----------------------------------------------------------------- filter response norm + TLU
+#     filter_response_norm(x, weight?, bias?, tau?, eps, backend)            -> (y, [rstd]) (N, C)
+#     filter_response_norm_backward(dy, x, weight?, bias?, tau?, rstd, eps, backend, mask)
+#                                                                            -> (dx, dγ, dβ, dτ)
+# y = max(γ·x·rstd + β, τ), rstd = 1/sqrt(mean over positions of x² + ε); y/dx in the per-channel
+# canonical layout; ``mask`` over (x, γ, β, τ); tau None: no threshold.
+
+
+def _frn_impl(x, weight, bias, tau, eps, backend):
+    y, rstd = _backend("filter_response_norm", x, backend).filter_response_norm(x, weight, bias, tau, eps)
+    return _canonical(y, x, True), *_stats(x, rstd)
+
+
+def _frn_backward_impl(dy, x, weight, bias, tau, rstd, eps, backend, mask):
+    dx, *grads = _backend("filter_response_norm", x, backend).filter_response_norm_backward(
+        dy, x, weight, bias, tau, rstd, eps, mask=tuple(mask))
+    dx = _canonical(dx, x, True) if mask[0] else x.new_empty((0,))
+    return (dx, *_pw_param_grads(x, (weight, bias, tau), grads, mask[1:]))
+
+
+def _frn_fake(x, weight, bias, tau, eps, backend):
+    return _empty_out(x, True), x.new_empty(tuple(x.shape[:2]), dtype=stat_dtype(x))
+
+
+def _frn_backward_fake(dy, x, weight, bias, tau, rstd, eps, backend, mask):
+    dx = _empty_out(x, True) if mask[0] else x.new_empty((0,))
+    rest = [p.new_empty(p.shape) if (m and p is not None) else x.new_empty((0,), dtype=x.dtype if p is None else p.dtype)
+            for p, m in zip((weight, bias, tau), mask[1:])]
+    return (dx, *rest)
+
+
+_ops.update({
+    "filter_response_norm": _define("filter_response_norm", _frn_impl, _frn_fake, {
+        "x": _T, "weight": _OT, "bias": _OT, "tau": _OT, "eps": float, "backend": str,
+        "return": tuple[Tensor, Tensor]}),
+    "filter_response_norm_backward": _define("filter_response_norm_backward", _frn_backward_impl,
+                                             _frn_backward_fake, {
+        "dy": _T, "x": _T, "weight": _OT, "bias": _OT, "tau": _OT, "rstd": _T, "eps": float, "backend": str,
+        "mask": Sequence[bool], "return": tuple[Tensor, Tensor, Tensor, Tensor]}),
+})
+_IMPLS.update({"filter_response_norm": _frn_impl, "filter_response_norm_backward": _frn_backward_impl})
+_COMPOSITE["filter_response_norm"] = lambda x, w, b, t, eps, _: reference.filter_response_norm(x, w, b, t, eps)
+_N_DIFF["filter_response_norm"] = 4
+
+
+def _frn_setup(ctx, inputs, output):
+    x, weight, bias, tau, eps, backend = inputs
+    ctx.save_for_backward(x, weight, bias, tau, output[1])
+    ctx.args = (eps, backend)
+    ctx.compiled = True
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _frn_backward(ctx, dy, *_):
+    """The backward operator (one fused kernel on the CPU), or with ``create_graph=True`` the
+    reference composite differentiated on the saved inputs."""
+    if dy is None:
+        return (None,) * 6
+    x, weight, bias, tau, rstd = ctx.saved_tensors
+    inputs = (x, weight, bias, tau)
+    need = ctx.needs_input_grad[:4]
+    if torch.is_grad_enabled():
+        with torch.enable_grad():
+            y = reference.filter_response_norm(*inputs, ctx.args[0])[0]
+            wrt = [t for t, n in zip(inputs, need) if n and t is not None]
+            grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
+        out = []
+        for t, n in zip(inputs, need):
+            g = next(grads) if (n and t is not None) else None
+            out.append(torch.zeros_like(t) if (g is None and n and t is not None) else g)
+        return (*out, None, None)
+    grads = _run("filter_response_norm_backward", ctx.compiled)(dy, *inputs, rstd, *ctx.args, list(need))
+    return (*(g if n else None for g, n in zip(grads, need)), None, None)
+
+
+_ops["filter_response_norm"].register_autograd(_frn_backward, setup_context=_frn_setup)
+_EAGER["filter_response_norm"] = _eager_function("filter_response_norm", _frn_backward, setup=_frn_setup, n_out=2)
+
+
+def filter_response_norm(x, weight, bias, tau, eps: float, backend: str | None = None):
+    """(y, rstd) through ``normlab::filter_response_norm``."""
+    return call("filter_response_norm", x, weight, bias, tau, float(eps), backend or "")

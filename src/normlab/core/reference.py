@@ -308,3 +308,146 @@ def _restore(y: Tensor, like: Tensor) -> Tensor:
 def supports(op: str, x: Tensor) -> bool:
     """The reference backend handles every op on every device and floating dtype."""
     return True
+
+
+# --------------------------------------------------------------------------------------------
+# point-wise methods: Dynamic Tanh (DyT) and Dynamic erf (Derf)
+# --------------------------------------------------------------------------------------------
+# y = γ·f(α·x + s) + β with f = tanh (s = 0) or erf; γ, β of the trailing dims
+# (``channels_last=True``) or (C,) on dim 1 (``channels_last=False``). Computed in
+# compute_dtype(x) and cast back to x's dtype, as the fused kernels do.
+
+__all__ += ["dynamic_tanh", "dynamic_tanh_backward", "dynamic_erf", "dynamic_erf_backward"]
+
+
+def _pw_view(t: Tensor | None, x: Tensor, channels_last: bool, dtype: torch.dtype) -> Tensor | None:
+    if t is None:
+        return None
+    t = t.to(dtype)
+    return t if channels_last else t.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _pw_forward(x: Tensor, alpha: Tensor, shift: Tensor | None, weight, bias, channels_last: bool) -> Tensor:
+    acc = compute_dtype(x.dtype)
+    u = alpha.reshape(()).to(acc) * x.to(acc)
+    if shift is None:
+        y = torch.tanh(u)
+    else:
+        y = torch.erf(u + shift.reshape(()).to(acc))
+    w = _pw_view(weight, x, channels_last, acc)
+    b = _pw_view(bias, x, channels_last, acc)
+    if w is not None:
+        y = y * w
+    if b is not None:
+        y = y + b
+    return y.to(x.dtype)
+
+
+def _pw_feature_dims(x: Tensor, weight, bias, channels_last: bool) -> list[int]:
+    """The dims dγ and dβ are summed over (all but the parameters' own)."""
+    if not channels_last:
+        return [0] + list(range(2, x.dim()))
+    p = weight if weight is not None else bias
+    k = 0 if p is None else p.dim()
+    return list(range(x.dim() - k))
+
+
+def _pw_backward(dy, x, alpha, shift, weight, bias, channels_last: bool, mask):
+    """(dx, dα, ds, dγ, dβ) in compute_dtype(x) (dx in x's dtype); None where not in ``mask``
+    (mask order: x, α, s, γ, β)."""
+    acc = compute_dtype(x.dtype)
+    xc, dyc = x.to(acc), dy.to(acc)
+    a = alpha.reshape(()).to(acc)
+    u = a * xc
+    if shift is None:
+        act = torch.tanh(u)
+        fprime = 1 - act * act
+    else:
+        u = u + shift.reshape(()).to(acc)
+        act = torch.erf(u)
+        fprime = (2 / math.sqrt(math.pi)) * torch.exp(-u * u)
+    w = _pw_view(weight, x, channels_last, acc)
+    g = dyc * fprime if w is None else dyc * w * fprime
+    red = _pw_feature_dims(x, weight, bias, channels_last)
+    dx = (a * g).to(x.dtype) if mask[0] else None
+    dalpha = (g * xc).sum() if mask[1] else None
+    dshift = g.sum() if mask[2] else None
+    dw = (dyc * act).sum(red) if mask[3] else None
+    db = dyc.sum(red) if mask[4] else None
+    return dx, dalpha, dshift, dw, db
+
+
+def dynamic_tanh(x: Tensor, alpha: Tensor, weight, bias, *, channels_last: bool = True) -> Tensor:
+    """y = γ·tanh(α·x) + β (plain differentiable torch ops)."""
+    return _pw_forward(x, alpha, None, weight, bias, channels_last)
+
+
+def dynamic_tanh_backward(dy, x, alpha, weight, bias, *, channels_last: bool = True, mask=(True,) * 4):
+    """(dx, dα, dγ, dβ) of :func:`dynamic_tanh` (``bias`` only gives dβ's shape)."""
+    dx, da, _, dw, db = _pw_backward(dy, x, alpha, None, weight, bias, channels_last,
+                                     (mask[0], mask[1], False, mask[2], mask[3]))
+    return dx, da, dw, db
+
+
+def dynamic_erf(x: Tensor, alpha: Tensor, shift: Tensor, weight, bias, *, channels_last: bool = True) -> Tensor:
+    """y = γ·erf(α·x + s) + β (plain differentiable torch ops)."""
+    return _pw_forward(x, alpha, shift, weight, bias, channels_last)
+
+
+def dynamic_erf_backward(dy, x, alpha, shift, weight, bias, *, channels_last: bool = True, mask=(True,) * 5):
+    """(dx, dα, ds, dγ, dβ) of :func:`dynamic_erf`."""
+    return _pw_backward(dy, x, alpha, shift, weight, bias, channels_last, tuple(mask))
+
+
+# --------------------------------------------------------------------------------------------
+# Filter Response Normalization + TLU
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["filter_response_norm", "filter_response_norm_backward"]
+
+
+def filter_response_norm(x: Tensor, weight, bias, tau, eps: float):
+    """(y, rstd): ν² = mean_*(x²) per (n, c), rstd = 1/sqrt(ν² + ε), y = max(γ·x·rstd + β, τ)."""
+    acc = compute_dtype(x.dtype)
+    xc = x.to(acc)
+    dims = tuple(range(2, x.dim()))
+    rstd = torch.rsqrt(xc.pow(2).mean(dims, keepdim=True) + eps)
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    y = xc * rstd
+    if weight is not None:
+        y = y * weight.to(acc).view(view)
+    if bias is not None:
+        y = y + bias.to(acc).view(view)
+    if tau is not None:
+        y = torch.maximum(y, tau.to(acc).view(view))
+    return y.to(x.dtype), rstd.reshape(x.shape[:2])
+
+
+def filter_response_norm_backward(dy, x, weight, bias, tau, rstd, eps: float, *, mask=(True,) * 4):
+    """(dx, dγ, dβ, dτ) of :func:`filter_response_norm`, hand-derived: torch.maximum's gradient
+    (dy to z unless z < τ, to τ unless z > τ, half to each on a tie), dz = dy·k_z,
+    dγ = Σ dz·x̂, dβ = Σ dz, dτ = Σ dy·k_τ, dx = r·(dx̂ − x̂·mean_*(dx̂·x̂)) with dx̂ = γ·dz."""
+    acc = compute_dtype(x.dtype)
+    xc, dyc = x.to(acc), dy.to(acc)
+    dims = tuple(range(2, x.dim()))
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    r = rstd.to(acc).reshape(x.shape[:2] + (1,) * (x.dim() - 2))
+    xh = xc * r
+    w = None if weight is None else weight.to(acc).view(view)
+    z = xh if w is None else xh * w
+    if bias is not None:
+        z = z + bias.to(acc).view(view)
+    if tau is None:
+        dz, dt = dyc, None
+    else:
+        t = tau.to(acc).view(view)
+        half = torch.where(z == t, 0.5, 1.0).to(acc)
+        dz = (dyc * half).masked_fill(z < t, 0)
+        dt = (dyc * half).masked_fill(z > t, 0)
+    red = [0, *dims]
+    dxh = dz if w is None else dz * w
+    dx = (r * (dxh - xh * (dxh * xh).mean(dims, keepdim=True))).to(x.dtype) if mask[0] else None
+    dw = (dz * xh).sum(red) if mask[1] else None
+    db = dz.sum(red) if mask[2] else None
+    dtau = dt.sum(red) if (mask[3] and dt is not None) else None
+    return dx, dw, db, dtau

@@ -85,6 +85,10 @@ from normlab.core.cpu.pool import (POOL_MIN_BYTES, buffer_pool_stats, clear_buff
                                    set_buffer_pool)
 from normlab.core.cpu.pool import pool as _pool  # noqa: F401 - cpu._pool: the pool's cap, stats
 from normlab.core.cpu.rows import RowsPlan
+from normlab.core.cpu.pointwise import (POINTWISE_OPS, dynamic_erf, dynamic_erf_backward, dynamic_tanh,
+                                        dynamic_tanh_backward, filter_response_norm,
+                                        filter_response_norm_backward)
+from normlab.core.cpu.pointwise import warmup as _warmup_pointwise
 from normlab.core.cpu.threads import PARALLEL_MIN_NUMEL, start_pool
 
 __all__ = [
@@ -98,6 +102,12 @@ __all__ = [
     "layer_norm_backward",
     "layer_norm_channels",
     "layer_norm_channels_backward",
+    "dynamic_tanh",
+    "dynamic_tanh_backward",
+    "dynamic_erf",
+    "dynamic_erf_backward",
+    "filter_response_norm",
+    "filter_response_norm_backward",
     "supports",
     "wait_ready",
     "set_buffer_pool",
@@ -112,7 +122,7 @@ __all__ = [
     "POOL_MIN_BYTES",
 ]
 
-OPS = ("batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_channels")
+OPS = ("batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_channels", *POINTWISE_OPS)
 
 
 def _takes(op: str, x: Tensor) -> bool:
@@ -123,7 +133,7 @@ def _takes(op: str, x: Tensor) -> bool:
         return False
     if x.numel() == 0 or x.is_conj() or x.is_neg():
         return False
-    return x.dim() >= 1 if op == "layer_norm" else x.dim() >= 2
+    return x.dim() >= 1 if op in ("layer_norm", *POINTWISE_OPS) else x.dim() >= 2
 
 
 def supports(op: str, x: Tensor) -> bool:
@@ -385,10 +395,6 @@ def layer_norm_channels_backward(dy, x, weight, mean, rstd, eps: float, *, mask=
     return (dx if mask[0] else None), dw, db
 
 
-# Pointwise kernels (DyT and the like) are a family of their own: a ``pointwise`` module next to
-# ``rows`` etc. holding its kernels and launcher, with its ops defined here like the others.
-
-
 def warmup(dtypes=(torch.float32, torch.float64)) -> None:
     """Compile (or load from the disk cache) every kernel for ``dtypes`` now."""
     for dt in dtypes:
@@ -403,3 +409,4 @@ def warmup(dtypes=(torch.float32, torch.float64)) -> None:
         layer_norm_backward(y, x, None, mean, rstd, 2, 1e-5)
         y, mean, _, rstd = layer_norm_channels(x, w, w, 1e-5)
         layer_norm_channels_backward(y, x, w, mean, rstd, 1e-5)
+        _warmup_pointwise(dt)
