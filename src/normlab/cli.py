@@ -557,6 +557,7 @@ def advise_cmd(
     from normlab.lab.sweep import RunDirError, available_cores, check_run_dir
 
     t_start = time.perf_counter()
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     try:
         budget_s = planner.parse_budget(budget)
     except ValueError as exc:
@@ -604,7 +605,10 @@ def advise_cmd(
                                   labels=found.labels, asked=asked)
         say = None if quiet else (lambda text: typer.echo(f"advise: {text}", err=True))
         calibration = planner.calibrate(cfg, bundle, found.methods, progress=say)
-        n_workers = min(workers or available_cores(), available_cores())
+        # runs in parallel: the workers, but no more than the cores other processes leave free
+        # (load average at the start, before this command's own calibration adds to it)
+        n_workers = min(workers or available_cores(), available_cores(),
+                        max(1.0, available_cores() - load_before))
         if steps is None:
             try:
                 per_run = planner.run_overhead_s(cfg, bundle, found.methods)

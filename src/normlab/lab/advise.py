@@ -206,9 +206,12 @@ def run_overhead_s(cfg: Config, data: DataBundle, methods: list[str]) -> float:
 
 def plan_steps(
     cfg: Config, calibration: dict[str, dict[str, float]], methods: list[str], *,
-    budget_s: float, spent_s: float, workers: int, per_run_s: float, startup: float,
+    budget_s: float, spent_s: float, workers: float, per_run_s: float, startup: float,
 ) -> int:
     """Optimizer steps per run that fit the rest of ``budget_s`` (see the module docstring).
+
+    ``workers``: how many runs effectively go at once (fewer than the worker processes when other
+    work holds some of the cores).
 
     Raises ``ValueError`` naming the budget needed when not even :data:`MIN_STEPS` fit.
     """
