@@ -224,3 +224,16 @@ def test_advise_cli_errors(user_dir):
     r = CliRunner().invoke(app, ["advise", "--model", "usermodel_advise:plain", "--data", "data.npz",
                                  "--out", str(user_dir / "o")])
     assert r.exit_code == 2 and "has no normalization layers" in r.output
+
+
+def test_advise_dry_run_writes_nothing(user_dir):
+    from typer.testing import CliRunner
+
+    from normlab.cli import app
+
+    out = user_dir / "never"
+    r = CliRunner().invoke(app, ["advise", "--model", "usermodel_advise:net", "--data", "data.npz",
+                                 "--methods", "own,bn,gn", "--out", str(out), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "advise: 2 methods (own, gn) × 1 batch size(s)" in r.output and "dry run, nothing written" in r.output
+    assert not out.exists()

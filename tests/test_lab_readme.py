@@ -1,6 +1,6 @@
 """Every ``normlab ...`` command shown in README.md is accepted (issue 14, case 12).
 
-Study and demo commands run with ``--dry-run`` (everything is parsed and validated — study, grid,
+Study, demo and advise commands run with ``--dry-run`` (everything is parsed and validated — study, grid,
 data, model, --out — and nothing runs); ``studies`` and ``report`` run for real; ``bench``
 commands are parsed by their Typer app without running the benchmarks.
 """
@@ -38,7 +38,7 @@ def readme_commands() -> list[str]:
 
 
 def _workspace(root: Path) -> None:
-    """The files the README's examples name: my_data.npz, mypkg.models:build, imgs/, runs/bs."""
+    """The files the README's examples name: my_data.npz, mypkg.models:build/net, imgs/, runs/bs."""
     rng = np.random.default_rng(0)
     np.savez(root / "my_data.npz", x=rng.random((80, 1, 8, 8)).astype(np.float32),
              y=np.arange(80) % 4)
@@ -47,7 +47,10 @@ def _workspace(root: Path) -> None:
     (root / "mypkg" / "models.py").write_text(
         "import math\nfrom torch import nn\n\n"
         "def build(norm, input_shape, num_classes, **options):\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))\n\n"
+        "def net(num_classes):\n"  # a model written without normlab: what `normlab advise` takes
+        "    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))\n"
     )
     from PIL import Image
 
@@ -85,9 +88,9 @@ def test_every_readme_command_is_accepted(tmp_path: Path, monkeypatch: pytest.Mo
         if args[0] == "bench":
             _parse_bench(args[1:])
             continue
-        if args[0] in ("study", "demo") and "--dry-run" not in args:
+        if args[0] in ("study", "demo", "advise") and "--dry-run" not in args:
             args.append("--dry-run")
         result = runner.invoke(cli.app, args, prog_name="normlab")
         assert result.exit_code == 0, f"{command}: {result.output}"
-        if args[0] in ("study", "demo"):
+        if args[0] in ("study", "demo", "advise"):
             assert "dry run, nothing written" in result.output, command

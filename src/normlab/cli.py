@@ -537,6 +537,9 @@ def advise_cmd(
     force: bool = typer.Option(
         False, "--force", help="Write into an existing folder that is not a normlab run directory."
     ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Validate the model, data and methods; run nothing, write nothing."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Which normalization for your model? Swap it for each method, train, compare, recommend.
@@ -601,6 +604,11 @@ def advise_cmd(
             _fail(str(exc))
         for m, why in found.skipped.items():
             typer.echo(f"advise: skipping {m}: {why}", err=True)
+        if dry_run:
+            typer.echo(f"advise: {len(found.methods)} methods ({', '.join(found.methods)}) × "
+                       f"{len(sizes)} batch size(s) on {bundle.name}: model, data and methods "
+                       "validated; dry run, nothing written")
+            return
         cfg = dataclasses.replace(cfg, methods=tuple(found.methods),
                                   labels=found.labels, asked=asked)
         say = None if quiet else (lambda text: typer.echo(f"advise: {text}", err=True))
