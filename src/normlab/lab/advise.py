@@ -9,7 +9,7 @@ module decides what it can afford:
 * :func:`calibrate` times a few training steps of each (method, batch size) with one thread (what a
   sweep worker uses) and measures the activation memory a step keeps for backward.
 * :func:`plan_steps` turns a wall-clock budget into optimizer steps per run:
-  ``steps = (0.8·budget − spent − overhead) · workers / Σ_runs step_time``, the overhead being
+  ``steps = (0.7·budget − spent − overhead) · workers / Σ_runs step_time``, the overhead being
   two worker start-ups (:func:`startup_s`) and each run's data load, model build and evaluation
   (:func:`run_overhead_s`), all measured on this machine before anything runs.
 """
@@ -37,7 +37,7 @@ __all__ = ["Candidates", "calibrate", "candidates", "parse_budget", "plan_steps"
 
 #: fewest optimizer steps per run an advice is worth giving on
 MIN_STEPS = 10
-_SAFETY = 0.8
+_SAFETY = 0.7
 
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*$")
 
