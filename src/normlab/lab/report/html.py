@@ -213,7 +213,10 @@ def _status_badge(status: str) -> str:
 
 
 def _effect_text(card: Card) -> str:
-    return format_interval(card.effect) if card.effect is not None else "—"
+    if card.effect is None:
+        return "—"
+    text = format_interval(card.effect)
+    return f"{card.effect_label}: {text}" if card.effect_label else text
 
 
 def _summary_effect(card: Card) -> str:

@@ -108,6 +108,8 @@ class Card:
             that has no true/false answer (e.g. "which norm for CNNs?").
         question: the article's question this card answers, if any.
         effect: the interval the verdict was computed from (shown in the summary table).
+        effect_label: what ``effect`` is, with its unit, e.g. ``"error at bs 2 − error at bs 32
+            (points)"`` or ``"κ_raw / κ_std (×)"``: the summary table prints it beside the interval.
         details: further explanation (method, caveats); plain text.
     """
 
@@ -118,6 +120,7 @@ class Card:
     question: str | None = None
     effect: Interval | None = None
     details: str = ""
+    effect_label: str = ""
 
     def __post_init__(self) -> None:
         if self.verdict not in CARD_VERDICTS:
