@@ -7,20 +7,26 @@ PY := $(VENV)/bin/python
 # torch is pinned to the CPU build of 2.13.0 so a fresh machine never pulls a multi-GB CUDA wheel.
 TORCH := torch==2.13.0
 
-$(VENV)/.installed: pyproject.toml
+# The demo needs the lab extra only; the tests need the dev extras and the float64 kernels too.
+$(VENV)/.lab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[lab]'
 	# compile the CPU kernels once into numba's disk cache (first calls then load in milliseconds)
-	$(PY) -c "from normlab.core import cpu; cpu.warmup()"
+	$(PY) -m normlab.core.cpu float32
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.lab
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m normlab.core.cpu float64
 	touch $@
 
 .PHONY: demo test bench
-demo: $(VENV)/.installed
+demo: $(VENV)/.lab
 	$(VENV)/bin/normlab demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.dev
 	$(PY) -m pytest -q -n 2
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.lab
 	$(VENV)/bin/normlab bench kernels --quick

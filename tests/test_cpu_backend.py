@@ -582,3 +582,19 @@ def test_first_kernel_call_keeps_torch_thread_count():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_warmup_parts_cover_every_task_once():
+    tasks = cpu._warmup_tasks((torch.float32,))
+    parts = [tasks[i::2] for i in range(2)]
+    assert sorted(map(id, parts[0] + parts[1])) == sorted(map(id, tasks)) and len(tasks) == 4
+    cpu.warmup((torch.float32,), part=1, parts=2)  # loads from the cache the suite has built
+
+
+def test_prebuild_command_rejects_unknown_dtype():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "normlab.core.cpu", "float16"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "dtype: expected some of ['float32', 'float64'], got 'float16'"
