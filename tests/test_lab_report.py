@@ -364,6 +364,11 @@ def test_conclusion_card_ranks_bn_in_every_task() -> None:
     two = Ranking("e", "MLP", "validation error", {"bn": [3.0, 3.1], "ln": [1.0, 1.1]})
     card = conclusion_card([two])
     assert card is not None and card.verdict == NOT_TESTED and card.verdict_note == "2 seeds; 3 needed"
+    assert "(validation error, BN − ln: 2 [" in card.measurement and "; not tested at this profile)" in card.measurement
+    # a 2-seed task counts neither for nor against: the 3-seed task decides
+    card = conclusion_card([best, two])
+    assert card is not None and card.verdict == "supported" and card.effect is not None and card.effect.n == 3
+    assert "1 with fewer than 3 seeds (not counted)" in card.measurement
     assert conclusion_card([Ranking("f", "x", "err", {"bn": [1.0, 2.0]})]) is None  # nothing compared
 
 
@@ -434,7 +439,7 @@ def test_report_answers_first_quick_profile(tmp_path: Path, register) -> None:
     assert 'href="#card-toy-1"' in arch  # the ranking links to its evidence card ("Which norm?")
     assert arch.count("<img ") == 1 and 'class="thumb" href="#card-toy-1"' in arch
     batch = answers[answers.index('id="answer-batch-size"'):answers.index('id="answer-cost"')]
-    assert "BN has the lower error. — not tested at this profile" in batch
+    assert '<span class="badge v-not-tested">not tested at this profile</span> BN has the lower error. (' in batch
     assert "(2 seeds; 3 needed)" in batch and 'href="#card-toy-0"' in batch
     cost = answers[answers.index('id="answer-cost"'):answers.index('id="answer-conclusion"')]
     assert "Not measured in this run." in cost and "<img " not in cost
@@ -501,3 +506,48 @@ def test_report_without_answers(tmp_path: Path, register) -> None:
     answers = _answers_part(page)
     assert answers.count("Not measured in this run") == 4  # three questions and the conclusion
     assert "<img " not in answers
+
+
+def _run(i: int, config: dict[str, Any], final: dict[str, Any]) -> Any:
+    from normlab.lab.store import RunResult
+
+    return RunResult(run_id=f"r{i:04d}", config=config, status="done", final=final)
+
+
+def test_ranking_hooks_of_the_question_studies() -> None:
+    """The hooks of batch-size, rnn and cost turn hand-made runs into rankings of the right data."""
+    bs = studies.get_study("batch-size")
+    cfg = bs.Config(norms=("bn", "gn"), batch_sizes=(2, 16), seeds=(0, 1, 2), model="cnn")
+    err = {("bn", 2): 9.0, ("bn", 16): 1.0, ("gn", 2): 3.0, ("gn", 16): 2.0}
+    results = []
+    for (n, b), e in err.items():
+        for s in range(3):
+            results.append(_run(len(results), {"part": "grid", "model": "cnn", "norm": n,
+                                               "batch_size": b, "seed": s}, {"val_err": e + 0.1 * s}))
+    rs = bs.module.ranking(results, cfg)
+    assert [(r.task, r.question) for r in rs] == [
+        ("CNN on digits, batch 16", "architecture"), ("CNN on digits, batch 2", "batch-size")]
+    assert sorted(rs[0].values["bn"]) == pytest.approx([1.0, 1.1, 1.2])
+    assert [x.norm for x in rank(rs[1])] == ["gn", "bn"]  # BN degrades at batch 2
+    assert all(r.figure == "batch_size_error.png" and r.bounds == (0.0, 100.0) for r in rs)
+    card = conclusion_card(rs)
+    assert card is not None and card.verdict == "not supported"  # GN reliably better at batch 2
+
+    rnn = studies.get_study("rnn")
+    rcfg = rnn.Config.quick()
+    data = rnn.module._datasets(rcfg)[0]
+    results = [_run(10 * k + s, {"runner": "rnn-train", "data": data, "arm": arm, "seed": s},
+                    {"final_val_acc": acc + 0.01 * s})
+               for k, (arm, acc) in enumerate((("ln", 0.9), ("none", 0.5))) for s in range(2)]
+    (r,) = [x for x in rnn.module.ranking(results, rcfg) if x.values]
+    assert r.question == "architecture" and not r.lower_is_better
+    assert sorted(r.values["ln"]) == pytest.approx([90.0, 91.0]) and "bn" not in r.values
+
+    cost = studies.get_study("cost")
+    ccfg = cost.Config(models=("cnn",), norms=("none", "bn"), seeds=(0, 1, 2))
+    results = [_run(10 * k + s, {"model": "cnn", "norm": n, "seed": s}, {"final_val_acc": a})
+               for k, (n, a) in enumerate((("none", 0.8), ("bn", 0.9))) for s in range(3)]
+    (r,) = cost.module.ranking(results, ccfg)
+    assert r.question is None and r.values["bn"] == pytest.approx([90.0] * 3)
+    cards = cost.module.analyze(results, ccfg)
+    assert cards[0].answers == "cost" and cards[0].figure == "cost_pareto.png"

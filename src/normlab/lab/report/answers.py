@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 
 from normlab.lab.stats import Interval, combine_verdicts, diff_ci, format_interval, mean_ci, verdict
-from normlab.lab.studies import DEFAULT_MIN_SEEDS, Card, Ranking, withhold_verdicts
+from normlab.lab.studies import DEFAULT_MIN_SEEDS, NOT_TESTED, Card, Ranking, withhold_verdicts
 
 __all__ = [
     "CONCLUSION",
@@ -139,8 +139,9 @@ def conclusion_card(rankings: list[Ranking], min_seeds: int = DEFAULT_MIN_SEEDS)
     worse; the claim predicts < 0 (:func:`normlab.lab.stats.verdict`, ``"less"``). The tasks'
     verdicts must all hold (:func:`~normlab.lab.stats.combine_verdicts`): one task where another
     method is reliably better refutes "the best". Tasks in which BN was not run are listed. The
-    card's effect is the task that decides (the first refuting one, else the worst for BN), and
-    it goes through :func:`~normlab.lab.studies.withhold_verdicts` like every study's card.
+    card's effect is the task that decides (the first refuting one, else the worst for BN). A task
+    with fewer than ``min_seeds`` seeds in BN's or its rival's arm is "not tested at this
+    profile" and counts neither for nor against (so is the whole card when every task is).
     """
     tasks = [r for r in unique_rankings(rankings) if len(r.values) >= 2]
     if not tasks:
@@ -155,7 +156,8 @@ def conclusion_card(rankings: list[Ranking], min_seeds: int = DEFAULT_MIN_SEEDS)
         other = next(x for x in ranked if x.norm != BN)
         bn_vals = r.values[BN]
         d = diff_ci(bn_vals, other.values) if r.lower_is_better else diff_ci(other.values, bn_vals)
-        v = verdict(d, "less") if len(bn_vals) >= 2 and len(other.values) >= 2 else "inconclusive"
+        n = min(len(bn_vals), len(other.values))
+        v = verdict(d, "less") if n >= min_seeds else NOT_TESTED
         rows.append((v, d, r))
         label = f"BN − {other.norm}" if r.lower_is_better else f"{other.norm} − BN"
         parts.append(
@@ -167,15 +169,20 @@ def conclusion_card(rankings: list[Ranking], min_seeds: int = DEFAULT_MIN_SEEDS)
         return Card(study=CONCLUSION_STUDY, claim=CONCLUSION, measurement=measurement,
                     verdict="inconclusive", details=_DETAILS)
     verdicts = [v for v, _, _ in rows]
-    combined = combine_verdicts(verdicts)
-    order = {"not supported": 0, "inconclusive": 1, "supported": 2}
-    _, d_dec, r_dec = min(rows, key=lambda row: (order[row[0]], -row[1].mean))
+    tested = [row for row in rows if row[0] != NOT_TESTED]
+    # A task with too few seeds counts neither for nor against; with none tested, nothing is.
+    combined = combine_verdicts([v for v, _, _ in tested]) if tested else NOT_TESTED
+    order = {"not supported": 0, "inconclusive": 1, "supported": 2, NOT_TESTED: 3}
+    _, d_dec, r_dec = min(tested or rows, key=lambda row: (order[row[0]], -row[1].mean))
     measurement = (
         f"BatchNorm ranks {'; '.join(parts)}."
         + (f" Not run in: {'; '.join(without)}." if without else "")
         + f" {len(rows)} task(s) with BN: {verdicts.count('supported')} where it is reliably the "
         f"best, {verdicts.count('not supported')} where another method is reliably better, "
-        f"{verdicts.count('inconclusive')} undecided."
+        f"{verdicts.count('inconclusive')} undecided"
+        + (f", {verdicts.count(NOT_TESTED)} with fewer than {min_seeds} seeds (not counted)"
+           if NOT_TESTED in verdicts else "")
+        + "."
     )
     card = Card(
         study=CONCLUSION_STUDY,
@@ -190,8 +197,11 @@ def conclusion_card(rankings: list[Ranking], min_seeds: int = DEFAULT_MIN_SEEDS)
         ),
         details=_DETAILS,
     )
-    seeds = min(min(len(v) for v in r.values.values()) for r in with_bn)
-    return withhold_verdicts([card], min_seeds, seeds)[0]
+    if combined == NOT_TESTED:
+        n = min(min(len(r.values[BN]), len(next(x for x in rank(r) if x.norm != BN).values))
+                for _, _, r in rows)
+        card.verdict_note = f"{n} seed{'s' if n != 1 else ''}; {min_seeds} needed"
+    return withhold_verdicts([card], min_seeds)[0]
 
 
 _DETAILS = (
@@ -199,5 +209,6 @@ _DETAILS = (
     "(their ranking() hook): per task, the Welch 95% interval of BN minus the best other method; "
     "supported when every task's interval lies below 0 (BN reliably the best everywhere), not "
     "supported when one lies above 0 (some method reliably better than BN there), inconclusive "
-    "otherwise. 'Most widely applicable': the tasks where BN was not run are listed."
+    "otherwise; a task with fewer than 3 seeds per arm is not counted. 'Most widely applicable': "
+    "the tasks where BN was not run are listed."
 )

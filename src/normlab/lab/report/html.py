@@ -272,10 +272,11 @@ class _Answers:
 
 
 def _card_sentence(card: Card) -> str:
-    """An answer card's measurement; for a claim, the claim, verdict, effect and reason."""
+    """An answer card's measurement; for a claim, the claim, effect and the reason of a withheld
+    verdict (the verdict itself is the badge beside it)."""
     if card.verdict == "answer":
         return card.measurement
-    text = f"{card.claim} — {card.verdict}"
+    text = card.claim.rstrip()
     if card.effect is not None:
         text += f" ({_effect_text(card)})"
     if card.verdict_note:
