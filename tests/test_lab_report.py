@@ -448,7 +448,7 @@ def test_report_answers_first_quick_profile(tmp_path: Path, register) -> None:
     assert "badge v-not-tested" in conclusion  # 2 seeds: not even the cross-study verdict
     # banner: on the page and on every card
     banner = "indicative — quick profile, n = 2 seeds"
-    assert page.count(f'<p class="banner">{banner}</p>') == 2  # header and answers
+    assert page.count(f'<p class="banner">{banner}</p>') == 1  # the page header
     assert page.count(f'<span class="profile">{banner}</span>') == 3  # 2 cards + conclusion
     # the verdict is withheld at n = 2, and says why
     assert "badge v-supported" not in page and "badge v-not-tested" in page
@@ -465,7 +465,7 @@ def test_report_answers_first_quick_profile(tmp_path: Path, register) -> None:
     # summary.md mirrors the answers first
     md = (run_dir / "report" / "summary.md").read_text()
     assert md.index("## Answers") < md.index("## Claims") < md.index("## Title toy")
-    assert f"*{banner}*" in md
+    assert f"**{banner}**" in md and 'From <a href="#study-toy">Title toy</a>:' in arch
     for question in QUESTIONS.values():
         assert f"{question}" in md
     assert "toy task toy (validation error, lower is better; n = 2 seeds): bn 0.5%" in md

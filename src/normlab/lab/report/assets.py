@@ -74,7 +74,8 @@ tr:hover td { background: #fafbfc; }
 .answer ul { margin: 4px 0 8px; padding-left: 20px; }
 .answer li { margin: 4px 0; }
 .thumbs { display: flex; flex-wrap: wrap; gap: 10px; }
-.thumb { display: inline-block; width: 240px; border: 1px solid var(--line); border-radius: 6px;
+.answer .from { margin: 8px 0 2px; color: var(--muted); font-size: 0.92em; }
+.thumb { display: inline-block; width: 320px; border: 1px solid var(--line); border-radius: 6px;
          padding: 4px; font-size: 0.82em; color: var(--muted); }
 .thumb img { width: 100%; height: auto; display: block; }
 .figures { margin: 8px 0; }

@@ -258,6 +258,7 @@ class _Evidence:
     text: str
     anchor: str
     study: str
+    study_anchor: str
     figure: Figure | None = None
     verdict: str | None = None
 
@@ -292,13 +293,14 @@ def _answers(sections: list[_Section]) -> _Answers:
         for r in sec.rankings:
             if r.question is not None:
                 questions[r.question].append(_Evidence(
-                    ranking_sentence(r), sec.evidence_anchor(r.evidence), sec.title,
+                    ranking_sentence(r), sec.evidence_anchor(r.evidence), sec.title, sec.anchor,
                     sec.figure(r.figure),
                 ))
         for i, card in enumerate(sec.cards):
             if card.answers is not None:
                 questions[card.answers].append(_Evidence(
-                    _card_sentence(card), sec.card_anchor(i), sec.title, sec.figure(card.figure),
+                    _card_sentence(card), sec.card_anchor(i), sec.title, sec.anchor,
+                    sec.figure(card.figure),
                     None if card.verdict == "answer" else card.verdict,
                 ))
     conclusion = conclusion_card([r for sec in sections for r in sec.rankings])
@@ -565,7 +567,6 @@ def _answers_html(answers: _Answers, sections: list[_Section]) -> str:
     """The answers-first section: each question's sentences with links and thumbnails, then the
     conclusion card."""
     parts = ['<section id="answers">', "<h2>Answers</h2>",
-             f'<p class="banner">{esc(answers.profile)}</p>',
              '<p class="muted">Sentences computed from this run\'s cards and rankings; each links to '
              "its evidence. In a ranking, <b>≈</b>: the 95% Welch interval of the difference between "
              "neighbours includes 0 (not separable with these seeds); <code>&lt;</code> / <code>&gt;</code>: it "
@@ -576,11 +577,15 @@ def _answers_html(answers: _Answers, sections: list[_Section]) -> str:
         if not items:
             parts.append(f'<p class="muted">{esc(NOT_MEASURED.capitalize())}.</p></div>')
             continue
-        parts.append('<div class="answer-body"><ul>')
-        for ev in items:
+        parts.append('<div class="answer-body">')
+        for j, ev in enumerate(items):
+            if j == 0 or ev.study_anchor != items[j - 1].study_anchor:  # one heading per study
+                if j:
+                    parts.append("</ul>")
+                parts.append(f'<p class="from">From <a href="#{esc(ev.study_anchor)}">'
+                             f"{esc(ev.study)}</a>:</p><ul>")
             badge = _badge(ev.verdict) + " " if ev.verdict else ""
-            parts.append(f"<li>{badge}{esc(ev.text)} <a href=\"#{esc(ev.anchor)}\">evidence</a> "
-                         f'<span class="muted">({esc(ev.study)})</span></li>')
+            parts.append(f'<li>{badge}{esc(ev.text)} <a href="#{esc(ev.anchor)}">evidence</a></li>')
         parts.append("</ul>")
         seen: set[str] = set()
         thumbs = []
@@ -692,16 +697,18 @@ def _md_rel(path: Path, report_dir: Path) -> str:
 
 def _md_answers(answers: _Answers, report_dir: Path) -> list[str]:
     """The answers-first part of summary.md: the same sentences, links and figures as the page."""
-    lines = ["## Answers", "", f"*{_md(answers.profile)}*", ""]
+    lines = ["## Answers", ""]
     for i, (qid, question) in enumerate(QUESTIONS.items()):
         lines += [f"### {i + 1}. {_md(question)}", ""]
         items = answers.questions[qid]
         if not items:
             lines += [f"{NOT_MEASURED.capitalize()}.", ""]
             continue
-        for ev in items:
+        for j, ev in enumerate(items):
+            if j == 0 or ev.study_anchor != items[j - 1].study_anchor:
+                lines += ([""] if j else []) + [f"From *{_md(ev.study)}*:", ""]
             badge = f"**{_md(ev.verdict)}** — " if ev.verdict else ""
-            lines.append(f"- {badge}{_md(ev.text)} ([evidence](index.html#{ev.anchor}), {_md(ev.study)})")
+            lines.append(f"- {badge}{_md(ev.text)} ([evidence](index.html#{ev.anchor}))")
         seen: set[str] = set()
         figs = []
         for ev in items:
@@ -728,6 +735,8 @@ def _render_md(run_dir: Path, report_dir: Path, sections: list[_Section], answer
         "",
         f"Run directory: `{_md(run_dir)}` — generated {generated} — runs: "
         + (", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none"),
+        "",
+        f"**{_md(answers.profile)}**",
         "",
         *_md_answers(answers, report_dir),
         "## Claims",
