@@ -1,5 +1,7 @@
 """Tests of the HTML/Markdown/CSV report (normlab.lab.report), including a headless-Chromium check
-that the page renders with every image loaded, no console error and no network access."""
+that the page renders with every image loaded, no console error and no network access; the
+answers-first part (sentences from hand-made cards and rankings, "not measured in this run", the
+cross-study verdict on BatchNorm), the profile banners and the verdicts withheld below MIN_SEEDS."""
 
 from __future__ import annotations
 
@@ -18,9 +20,19 @@ import pytest
 import lab_fake_runners  # noqa: F401  (registers the fake-* runners)
 from normlab.lab import studies
 from normlab.lab.report import build_report
-from normlab.lab.stats import mean_ci
-from normlab.lab.store import Store
-from normlab.lab.studies import Card, Figure, Study, save_study_config
+from normlab.lab.report.answers import conclusion_card, interval, rank, ranking_sentence
+from normlab.lab.stats import Interval, mean_ci
+from normlab.lab.store import RunResult, Store
+from normlab.lab.studies import (
+    NOT_TESTED,
+    QUESTIONS,
+    Card,
+    Figure,
+    Ranking,
+    Study,
+    save_study_config,
+    withhold_verdicts,
+)
 from normlab.lab.sweep import run_sweep
 
 XSS = "<script>alert(1)</script>"
@@ -253,10 +265,11 @@ def test_report_renders_in_headless_chromium(tmp_path: Path, register) -> None:
     run_dir = tmp_path / "run"
     run_study(register(make_study("xss")), run_dir)
     run_study(studies.get_study("smoke"), run_dir, quick=True)
+    run_study(register(make_answer_study("toy")), run_dir, quick=True)  # answers with thumbnails
     index = build_report(run_dir, strict=True)
     page = index.read_text()
     n_images = page.count("<img ")
-    assert n_images == 2
+    assert n_images == 5  # 3 figures and 2 thumbnails in the answers (2 questions cite Figure A)
 
     # 1. The report as written: it must load without a single console message (a CSP
     #    violation, i.e. an attempted fetch or script, or any error would log one).
@@ -283,9 +296,6 @@ def test_report_renders_in_headless_chromium(tmp_path: Path, register) -> None:
 
 # -- answers first, profile banners, verdicts the seeds can carry ------------------------------
 
-from normlab.lab.report.answers import conclusion_card, interval, rank, ranking_sentence  # noqa: E402
-from normlab.lab.stats import Interval  # noqa: E402
-from normlab.lab.studies import NOT_TESTED, QUESTIONS, Ranking, withhold_verdicts  # noqa: E402
 
 
 def _iv(n: int, lo: float = 0.5, hi: float = 1.5) -> Interval:
@@ -508,9 +518,7 @@ def test_report_without_answers(tmp_path: Path, register) -> None:
     assert "<img " not in answers
 
 
-def _run(i: int, config: dict[str, Any], final: dict[str, Any]) -> Any:
-    from normlab.lab.store import RunResult
-
+def _run(i: int, config: dict[str, Any], final: dict[str, Any]) -> RunResult:
     return RunResult(run_id=f"r{i:04d}", config=config, status="done", final=final)
 
 
