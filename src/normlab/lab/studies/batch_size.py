@@ -616,7 +616,7 @@ def ranking(results: list[RunResult], cfg: Config) -> list[Ranking]:
             out.append(Ranking(
                 study=NAME, task=f"{model.upper()} on {cfg.data}, batch {bs}", metric="validation error",
                 values=values, unit="%", bounds=(0.0, 100.0), question=question,
-                evidence=Q_CNN if model == "cnn" and question == "architecture" else Q_BATCH,
+                evidence=Q_BATCH,  # the card that gives these very numbers (bs small vs normal)
                 figure="batch_size_error.png",
             ))
     return out
