@@ -185,7 +185,7 @@ def test_report_only_uses_runs_of_recorded_config(tmp_path: Path, register) -> N
     page = build_report(run_dir).read_text()
     assert "values [0, 1]" in page
     assert "run(s) of other configurations" in page
-    assert "(quick profile)" in page
+    assert '<p class="profile">indicative — quick profile, n = 2 seeds</p>' in page
 
 
 def test_report_unknown_study_and_bad_figure(tmp_path: Path, register) -> None:
@@ -374,7 +374,8 @@ def test_conclusion_card_ranks_bn_in_every_task() -> None:
     two = Ranking("e", "MLP", "validation error", {"bn": [3.0, 3.1], "ln": [1.0, 1.1]})
     card = conclusion_card([two])
     assert card is not None and card.verdict == NOT_TESTED and card.verdict_note == "2 seeds; 3 needed"
-    assert "(validation error, BN − ln: 2 [" in card.measurement and "; not tested at this profile)" in card.measurement
+    assert "(validation error, BN − ln: 2 [" in card.measurement
+    assert "1 with fewer than 3 seeds (not counted)" in card.measurement
     # a 2-seed task counts neither for nor against: the 3-seed task decides
     card = conclusion_card([best, two])
     assert card is not None and card.verdict == "supported" and card.effect is not None and card.effect.n == 3

@@ -162,7 +162,7 @@ def conclusion_card(rankings: list[Ranking], min_seeds: int = DEFAULT_MIN_SEEDS)
         label = f"BN − {other.norm}" if r.lower_is_better else f"{other.norm} − BN"
         parts.append(
             f"{_ordinal(pos + 1)} of {len(ranked)} on {r.task} ({r.metric}, {label}: "
-            f"{format_interval(d)}{_diff_unit(r.unit)}; {v})"
+            f"{format_interval(d)}{_diff_unit(r.unit)}{'' if v == NOT_TESTED else f'; {v}'})"
         )
     if not rows:
         measurement = "BatchNorm was not run in any task that compares methods: " + "; ".join(without) + "."

@@ -532,8 +532,6 @@ def _section_html(sec: _Section) -> str:
     sub = f'<span class="mono">{esc(sec.name)}</span>'
     if sec.summary:
         sub += f" — {esc(sec.summary)}"
-    if sec.quick:
-        sub += " (quick profile)"
     parts.append(f'<p class="muted">{sub}</p>')
     parts.append(f'<p class="profile">{esc(_profile_text(sec.quick, [sec.seeds] if sec.seeds else []))}</p>')
     parts += [f'<div class="warn">{esc(n)}</div>' for n in sec.notes]

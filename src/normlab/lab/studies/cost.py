@@ -166,10 +166,13 @@ def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
     return [question, _card_fold(results, cfg)]
 
 
+_LABELS = {"cnn": "CNN", "resnet": "ResNet", "mlp": "MLP"}
+
+
 def ranking(results: list[RunResult], cfg: Config) -> list[Ranking]:
     """Validation accuracy (%) of every norm per model (counted in the report's BN rank)."""
     return [
-        Ranking(study=NAME, task=f"{model} on {cfg.data} (cost study, batch {cfg.batch_size})",
+        Ranking(study=NAME, task=f"{_LABELS.get(model, model)} on {cfg.data} (cost study, batch {cfg.batch_size})",
                 metric="validation accuracy",
                 values={n: [100 * v for v in _values(results, "final_val_acc", model=model, norm=n)]
                         for n in cfg.norms},
