@@ -5,6 +5,7 @@ cross-study verdict on BatchNorm), the profile banners and the verdicts withheld
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import re
@@ -333,6 +334,8 @@ def test_card_and_ranking_hooks_validate() -> None:
     with pytest.raises(ValueError, match="Ranking.bounds"):
         Ranking("s", "t", "err", {"bn": [1.0]}, bounds=(1.0, 0.0))
     assert Ranking("s", "t", "err", {"bn": [1, 2], "gn": []}).values == {"bn": [1.0, 2.0]}
+    with pytest.raises(ValueError, match="Ranking.values must be finite numbers"):
+        Ranking("s", "t", "err", {"bn": [1.0, float("nan")]})
 
 
 def test_ranking_sentence_orders_and_ties() -> None:
@@ -560,3 +563,16 @@ def test_ranking_hooks_of_the_question_studies() -> None:
     assert r.question is None and r.values["bn"] == pytest.approx([90.0] * 3)
     cards = cost.module.analyze(results, ccfg)
     assert cards[0].answers == "cost" and cards[0].figure == "cost_pareto.png"
+
+
+def test_report_names_a_missing_evidence_figure(tmp_path: Path, register) -> None:
+    study = make_answer_study("miss")
+    analyze = study.module.analyze
+    study.module.analyze = lambda results, cfg: [
+        dataclasses.replace(c, figure="nope.png") for c in analyze(results, cfg)]
+    run_dir = tmp_path / "run"
+    run_study(register(study), run_dir)
+    page = build_report(run_dir, strict=True).read_text()
+    assert "names the figure &#x27;nope.png&#x27;, which plot() did not make" in page
+    batch = page[page.index('id="answer-batch-size"'):page.index('id="answer-cost"')]
+    assert "BN has the lower error." in batch and "<img " not in batch  # the sentence stays

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 import traceback
 import warnings
@@ -194,7 +195,8 @@ class Ranking:
         task: what was trained on what, in words, e.g. ``"CNN on digits, batch 16"`` (a task
             where ``"bn"`` is missing counts as one where BatchNorm was not run).
         metric: the metric, e.g. ``"validation error"``.
-        values: ``{norm: [one value per seed]}`` (finite values; a norm with none is left out).
+        values: ``{norm: [one value per seed]}``, finite (count a diverged run as the metric's
+            worst value, e.g. 100 % error, rather than leave it out); a norm with none is dropped.
         lower_is_better: the metric's direction (error, loss: True; accuracy: False).
         unit: printed after each number, e.g. ``"%"``.
         bounds: the metric's range, e.g. ``(0, 100)`` for a percentage: intervals are clipped
@@ -221,6 +223,9 @@ class Ranking:
         if not isinstance(self.values, dict):
             raise TypeError(f"Ranking.values must be a dict norm -> list of values, got {type(self.values)}")
         self.values = {str(k): [float(v) for v in vs] for k, vs in self.values.items() if len(vs)}
+        bad = {k: vs for k, vs in self.values.items() if not all(math.isfinite(v) for v in vs)}
+        if bad:
+            raise ValueError(f"Ranking.values must be finite numbers, got {bad!r} ({self.task})")
         if self.bounds is not None and not (len(self.bounds) == 2 and self.bounds[0] < self.bounds[1]):
             raise ValueError(f"Ranking.bounds must be (low, high) with low < high, got {self.bounds!r}")
 
