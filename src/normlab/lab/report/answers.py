@@ -167,7 +167,7 @@ def conclusion_card(rankings: list[Ranking], min_seeds: int = DEFAULT_MIN_SEEDS)
     if not rows:
         measurement = "BatchNorm was not run in any task that compares methods: " + "; ".join(without) + "."
         return Card(study=CONCLUSION_STUDY, claim=CONCLUSION, measurement=measurement,
-                    verdict="inconclusive", details=_DETAILS)
+                    verdict="inconclusive", details=_DETAILS.format(min_seeds=min_seeds))
     verdicts = [v for v, _, _ in rows]
     tested = [row for row in rows if row[0] != NOT_TESTED]
     # A task with too few seeds counts neither for nor against; with none tested, nothing is.
@@ -195,7 +195,7 @@ def conclusion_card(rankings: list[Ranking], min_seeds: int = DEFAULT_MIN_SEEDS)
             f"{'BN − best other' if r_dec.lower_is_better else 'best other − BN'} "
             f"({(_diff_unit(r_dec.unit).strip() + '; ') if r_dec.unit.strip() else ''}> 0: BN worse)"
         ),
-        details=_DETAILS,
+        details=_DETAILS.format(min_seeds=min_seeds),
     )
     if combined == NOT_TESTED:
         n = min(min(len(r.values[BN]), len(next(x for x in rank(r) if x.norm != BN).values))
@@ -204,11 +204,11 @@ def conclusion_card(rankings: list[Ranking], min_seeds: int = DEFAULT_MIN_SEEDS)
     return withhold_verdicts([card], min_seeds)[0]
 
 
-_DETAILS = (
+_DETAILS = (  # {min_seeds} is filled in by conclusion_card
     "Computed from every task of this run in which the studies compared several normalizations "
     "(their ranking() hook): per task, the Welch 95% interval of BN minus the best other method; "
     "supported when every task's interval lies below 0 (BN reliably the best everywhere), not "
     "supported when one lies above 0 (some method reliably better than BN there), inconclusive "
-    "otherwise; a task with fewer than 3 seeds per arm is not counted. 'Most widely applicable': "
+    "otherwise; a task with fewer than {min_seeds} seeds per arm is not counted. 'Most widely applicable': "
     "the tasks where BN was not run are listed."
 )

@@ -662,8 +662,8 @@ def _render_html(
 <p class="muted">Each verdict is computed from the data: <b>supported</b> when the 95% confidence
 interval of the effect lies entirely on the side the claim predicts, <b>not supported</b> when it
 lies entirely on the other side, <b>inconclusive</b> when it straddles it; <b>{esc(NOT_TESTED)}</b>
-when the profile has fewer seeds per arm than the study needs to decide (3 unless the study says
-otherwise): it counts neither for nor against the claim. Intervals are over seeds (Student t /
+when the profile has fewer seeds per arm than the study needs to decide ({DEFAULT_MIN_SEEDS} unless the study
+says otherwise): it counts neither for nor against the claim. Intervals are over seeds (Student t /
 Welch).</p>
 {_summary_table(sections, answers.conclusion)}
 <nav><h3>Studies</h3><ul>{nav or '<li class="muted">none</li>'}</ul></nav>
