@@ -17,6 +17,7 @@ CSS = """
 :root {
   --fg: #1d2228; --muted: #5b6570; --bg: #ffffff; --panel: #f5f7f9; --line: #d9dee3;
   --link: #1f5fbf; --ok: #1b7f3b; --no: #b3261e; --maybe: #8a6d00; --answer: #2456a6;
+  --untested: #6b5b95;
 }
 * { box-sizing: border-box; }
 body {
@@ -51,6 +52,7 @@ tr:hover td { background: #fafbfc; }
 .v-not-supported { background: var(--no); }
 .v-inconclusive { background: var(--maybe); }
 .v-answer { background: var(--answer); }
+.v-not-tested { background: var(--untested); }
 .v-unknown { background: var(--muted); }
 .s-done { background: var(--ok); }
 .s-failed { background: var(--no); }
@@ -62,6 +64,21 @@ tr:hover td { background: #fafbfc; }
 .card.v-not-supported { border-left-color: var(--no); background: var(--bg); }
 .card.v-inconclusive { border-left-color: var(--maybe); background: var(--bg); }
 .card.v-answer { border-left-color: var(--answer); background: var(--bg); }
+.card.v-not-tested { border-left-color: var(--untested); background: var(--bg); }
+.card .verdict-note { color: var(--untested); font-size: 0.92em; }
+.profile { color: var(--muted); font-size: 0.85em; font-style: italic; margin: 2px 0; }
+.banner { display: inline-block; background: #eef1fb; border: 1px solid #c9d2ee; border-radius: 6px;
+          padding: 4px 12px; margin: 4px 0 10px; font-weight: 600; }
+.answer { margin: 14px 0 22px; }
+.answer h3 { margin: 18px 0 6px; }
+.answer ul { margin: 4px 0 8px; padding-left: 20px; }
+.answer li { margin: 4px 0; }
+.thumbs { display: flex; flex-wrap: wrap; gap: 10px; }
+.answer .from { margin: 8px 0 2px; color: var(--muted); font-size: 0.92em; }
+.thumb { display: inline-block; width: 320px; border: 1px solid var(--line); border-radius: 6px;
+         padding: 4px; font-size: 0.82em; color: var(--muted); }
+.thumb img { width: 100%; height: auto; display: block; }
+.figures { margin: 8px 0; }
 .card .claim { font-weight: 600; margin: 4px 0; }
 .card .measure { margin: 4px 0; }
 .card .details { color: var(--muted); font-size: 0.92em; white-space: pre-wrap; margin: 4px 0 0; }

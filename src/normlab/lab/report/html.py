@@ -5,10 +5,17 @@ inline, there is no script and no font or anything else to fetch (a Content-Secu
 forbids it), so it can be mailed or archived as one file. Every string that comes from a user, a
 config or a study (run names, paths, data/model specs, error messages) is HTML-escaped.
 
-Layout: a header (run directory, versions, run counts, warnings), the table of every claim with
-its measured effect and verdict badge (links to the cards and study sections), then one section
-per study (ordered by ``ORDER``): answer cards, figures with captions, the table of runs, and the
-failed runs with their tracebacks.
+Layout: a header (run directory, versions, run counts, the profile banner, warnings); the
+answers first — the article's three questions (:data:`~normlab.lab.studies.QUESTIONS`), each
+answered by sentences computed from the cards and rankings that name it, with figure thumbnails
+and links to the evidence ("not measured in this run" when none does), and the cross-study verdict
+on the article's conclusion (:mod:`normlab.lab.report.answers`); the table of every claim with its
+measured effect and verdict badge; then one section per study (ordered by ``ORDER``): figures
+with captions, answer cards (each with its profile banner), the failed runs with their
+tracebacks, and the table of runs (collapsed).
+
+Verdicts: every study's cards go through :func:`~normlab.lab.studies.withhold_verdicts` here,
+so no "supported"/"not supported" rests on fewer seeds than the study's ``MIN_SEEDS``.
 """
 
 from __future__ import annotations
@@ -27,20 +34,28 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from normlab.lab.report.answers import CONCLUSION_STUDY, conclusion_card, ranking_sentence
 from normlab.lab.report.assets import CSP, CSS
 from normlab.lab.stats import format_interval
 from normlab.lab.store import DB_NAME, RunResult, Store, flatten
 from normlab.lab.studies import (
+    DEFAULT_MIN_SEEDS,
+    NOT_TESTED,
+    QUESTIONS,
     Card,
     Figure,
+    Ranking,
     Study,
     StudyError,
     broken_studies,
+    card_seeds,
     config_meta_key,
     expected_run_ids,
     get_study,
     load_study_config,
     load_study_meta,
+    seed_count,
+    withhold_verdicts,
 )
 
 __all__ = ["build_report", "esc"]
@@ -56,6 +71,7 @@ _VERDICT_CLASS = {
     "not supported": "v-not-supported",
     "inconclusive": "v-inconclusive",
     "answer": "v-answer",
+    NOT_TESTED: "v-not-tested",
 }
 _STATUS_CLASS = {"done": "s-done", "failed": "s-failed", "running": "s-running", "pending": "s-pending"}
 
@@ -99,7 +115,10 @@ class _Section:
     order: int
     config: dict[str, Any] | None = None
     quick: bool | None = None
+    seeds: int | None = None
+    min_seeds: int = DEFAULT_MIN_SEEDS
     cards: list[Card] = field(default_factory=list)
+    rankings: list[Ranking] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
     runs: list[RunResult] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -111,6 +130,23 @@ class _Section:
 
     def card_anchor(self, i: int) -> str:
         return f"card-{_slug(self.name)}-{i}"
+
+    def figure(self, ref: str | None) -> Figure | None:
+        """The figure named ``ref`` (its file name or title), or None."""
+        if not ref:
+            return None
+        for f in self.figures:
+            if Path(f.path).name == ref or f.title == ref:
+                return f
+        self.notes.append(f"A card or ranking names the figure {ref!r}, which plot() did not make.")
+        return None
+
+    def evidence_anchor(self, text: str | None) -> str:
+        """The anchor of the card whose question or claim is ``text`` (else the section's)."""
+        for i, c in enumerate(self.cards):
+            if text and text in (c.question, c.claim):
+                return self.card_anchor(i)
+        return self.anchor
 
 
 def _error_text(what: str, exc: BaseException) -> str:
@@ -138,6 +174,7 @@ def _collect(store: Store, name: str, figroot: Path, strict: bool) -> _Section:
     else:
         sec.quick = bool(stored.get("quick", False)) if stored is not None else None
     sec.config = dataclasses.asdict(cfg)
+    sec.seeds, sec.min_seeds = seed_count(cfg), study.min_seeds
 
     # Only the runs of the recorded config: a directory re-used with another grid keeps the old
     # runs in the store, and mixing them in would silently change the answer.
@@ -172,11 +209,18 @@ def _collect(store: Store, name: str, figroot: Path, strict: bool) -> _Section:
         for c in cards:
             if not isinstance(c, Card):
                 raise TypeError(f"analyze() returned a {type(c).__name__}, expected Card")
-        sec.cards = cards
+        # The one place where a verdict the seeds cannot carry is withheld (see withhold_verdicts).
+        sec.cards = withhold_verdicts(cards, sec.min_seeds, sec.seeds)
     except Exception as exc:
         if strict:
             raise
         sec.errors.append(_error_text("analyze()", exc))
+    try:
+        sec.rankings = study.ranking(done, cfg)
+    except Exception as exc:
+        if strict:
+            raise
+        sec.errors.append(_error_text("ranking()", exc))
 
     figdir = figroot / _slug(study.name)
     shutil.rmtree(figdir, ignore_errors=True)  # stale figures of a previous build
@@ -197,6 +241,115 @@ def _collect(store: Store, name: str, figroot: Path, strict: bool) -> _Section:
             raise
         sec.errors.append(_error_text("plot()", exc))
     return sec
+
+
+# -- answers first -----------------------------------------------------------------------------------
+
+
+#: Anchor of the conclusion card (the cross-study verdict on "BatchNorm is still the best").
+CONCLUSION_ANCHOR = "card-conclusion"
+NOT_MEASURED = "not measured in this run"
+
+
+@dataclass
+class _Evidence:
+    """One sentence of an answer: computed text, the anchor of its evidence, its figure."""
+
+    text: str
+    anchor: str
+    study: str
+    study_anchor: str
+    figure: Figure | None = None
+    verdict: str | None = None
+
+
+@dataclass
+class _Answers:
+    """The answers-first part of the report, computed once for the HTML page and the summary."""
+
+    questions: dict[str, list[_Evidence]]
+    conclusion: Card | None
+    profile: str
+
+
+def _card_sentence(card: Card) -> str:
+    """An answer card's measurement; for a claim, the claim, effect and the reason of a withheld
+    verdict (the verdict itself is the badge beside it)."""
+    if card.verdict == "answer":
+        return card.measurement
+    text = card.claim.rstrip()
+    if card.effect is not None:
+        text += f" ({_effect_text(card)})"
+    if card.verdict_note:
+        text += f" ({card.verdict_note})"
+    return text + ("" if text.endswith(".") else ".")
+
+
+def _answers(sections: list[_Section]) -> _Answers:
+    """For each of the article's questions, the evidence sentences of every section (rankings
+    first, then the cards that name the question), and the conclusion card over all rankings."""
+    questions: dict[str, list[_Evidence]] = {q: [] for q in QUESTIONS}
+    for sec in sections:
+        for r in sec.rankings:
+            if r.question is not None:
+                questions[r.question].append(_Evidence(
+                    ranking_sentence(r), sec.evidence_anchor(r.evidence), sec.title, sec.anchor,
+                    sec.figure(r.figure),
+                ))
+        for i, card in enumerate(sec.cards):
+            if card.answers is not None:
+                questions[card.answers].append(_Evidence(
+                    _card_sentence(card), sec.card_anchor(i), sec.title, sec.anchor,
+                    sec.figure(card.figure),
+                    None if card.verdict == "answer" else card.verdict,
+                ))
+    conclusion = conclusion_card([r for sec in sections for r in sec.rankings])
+    return _Answers(questions, conclusion, _profile_banner(sections))
+
+
+# -- profile banners ---------------------------------------------------------------------------------
+
+
+def _profile_phrase(quick: bool | None) -> str:
+    if quick is None:
+        return "profile not recorded"
+    return "indicative — quick profile" if quick else "full grid"
+
+
+def _seeds_phrase(ns: list[int]) -> str:
+    if not ns:
+        return ""
+    lo, hi = min(ns), max(ns)
+    if lo == hi:
+        return f"n = {lo} seed{'s' if lo != 1 else ''}"
+    return f"n = {lo}–{hi} seeds"
+
+
+def _profile_text(quick: bool | None, ns: list[int]) -> str:
+    """``"indicative — quick profile, n = 2 seeds"``, ``"full grid, n = 3–5 seeds"``, …"""
+    seeds = _seeds_phrase(ns)
+    return _profile_phrase(quick) + (f", {seeds}" if seeds else "")
+
+
+def _profile_banner(sections: list[_Section]) -> str:
+    """The page's profile: one phrase per profile present, naming the studies when they differ."""
+    groups: dict[bool | None, list[_Section]] = {}
+    for sec in sections:
+        groups.setdefault(sec.quick, []).append(sec)
+    if not groups:
+        return "no studies"
+    texts = []
+    for quick, secs in groups.items():
+        text = _profile_text(quick, [s.seeds for s in secs if s.seeds is not None])
+        if len(groups) > 1:
+            text += " (" + ", ".join(s.name for s in secs) + ")"
+        texts.append(text)
+    return "; ".join(texts)
+
+
+def _card_profile(sec: _Section | None, card: Card, quick: bool | None) -> str:
+    n = card_seeds(card, sec.seeds if sec is not None else None)
+    return _profile_text(quick, [n] if n is not None else [])
 
 
 # -- HTML ------------------------------------------------------------------------------------------
@@ -226,19 +379,26 @@ def _summary_effect(card: Card) -> str:
     return f'<span class="muted">{esc(card.measurement)}</span>'
 
 
-def _summary_table(sections: list[_Section]) -> str:
+def _summary_row(label: str, href: str, study_href: str, study: str, card: Card) -> str:
+    return (
+        "<tr>"
+        f'<td><a href="#{href}">{esc(label)}</a></td>'
+        f'<td><a href="#{study_href}">{esc(study)}</a></td>'
+        f"<td>{_summary_effect(card)}</td>"
+        f"<td>{_badge(card.verdict)}</td>"
+        "</tr>"
+    )
+
+
+def _summary_table(sections: list[_Section], conclusion: Card | None = None) -> str:
     rows = []
+    if conclusion is not None:
+        rows.append(_summary_row(conclusion.claim, CONCLUSION_ANCHOR, "answers", CONCLUSION_STUDY,
+                                 conclusion))
     for sec in sections:
         for i, card in enumerate(sec.cards):
             label = card.question if card.verdict == "answer" and card.question else card.claim
-            rows.append(
-                "<tr>"
-                f'<td><a href="#{sec.card_anchor(i)}">{esc(label)}</a></td>'
-                f'<td><a href="#{sec.anchor}">{esc(sec.title)}</a></td>'
-                f"<td>{_summary_effect(card)}</td>"
-                f"<td>{_badge(card.verdict)}</td>"
-                "</tr>"
-            )
+            rows.append(_summary_row(label, sec.card_anchor(i), sec.anchor, sec.title, card))
     if not rows:
         return '<p class="muted">No answer cards: no study produced results yet.</p>'
     return (
@@ -248,9 +408,13 @@ def _summary_table(sections: list[_Section]) -> str:
     )
 
 
-def _card_html(sec: _Section, i: int, card: Card) -> str:
+def _card_html(card: Card, anchor: str, profile: str) -> str:
     cls = _VERDICT_CLASS.get(card.verdict, "v-unknown")
-    parts = [f'<article class="card {cls}" id="{sec.card_anchor(i)}">', _badge(card.verdict)]
+    parts = [f'<article class="card {cls}" id="{anchor}">', _badge(card.verdict),
+             f' <span class="profile">{esc(profile)}</span>']
+    if card.verdict_note:
+        parts.append(f'<p class="measure verdict-note">Verdict withheld: {esc(card.verdict_note)} '
+                     "at this profile (run the full grid to decide).</p>")
     if card.question:
         parts.append(f'<p class="claim">Question: {esc(card.question)}</p>')
         if card.claim and card.claim != card.question:
@@ -269,19 +433,26 @@ def _card_html(sec: _Section, i: int, card: Card) -> str:
     return "".join(parts)
 
 
-def _figure_html(fig: Figure) -> str:
+def _png_uri(fig: Figure) -> tuple[str | None, str]:
+    """``(data: URI, "")`` of a figure's PNG, or ``(None, error HTML)``."""
     try:
         data = Path(fig.path).read_bytes()
     except OSError as exc:
-        return f'<div class="error">Figure {esc(fig.title)}: cannot read {esc(fig.path)}: {esc(exc)}</div>'
+        return None, f'<div class="error">Figure {esc(fig.title)}: cannot read {esc(fig.path)}: {esc(exc)}</div>'
     if not data.startswith(_PNG_MAGIC):
-        return f'<div class="error">Figure {esc(fig.title)}: {esc(fig.path)} is not a PNG file.</div>'
-    b64 = base64.b64encode(data).decode("ascii")
+        return None, f'<div class="error">Figure {esc(fig.title)}: {esc(fig.path)} is not a PNG file.</div>'
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii"), ""
+
+
+def _figure_html(fig: Figure) -> str:
+    uri, error = _png_uri(fig)
+    if uri is None:
+        return error
     caption = f"<b>{esc(fig.title)}</b>"
     if fig.caption:
         caption += f" {esc(fig.caption)}"
     return (
-        f'<figure><img src="data:image/png;base64,{b64}" alt="{esc(fig.title)}">'
+        f'<figure><img src="{uri}" alt="{esc(fig.title)}">'
         f"<figcaption>{caption}</figcaption></figure>"
     )
 
@@ -361,23 +532,26 @@ def _section_html(sec: _Section) -> str:
     sub = f'<span class="mono">{esc(sec.name)}</span>'
     if sec.summary:
         sub += f" — {esc(sec.summary)}"
-    if sec.quick:
-        sub += " (quick profile)"
     parts.append(f'<p class="muted">{sub}</p>')
+    parts.append(f'<p class="profile">{esc(_profile_text(sec.quick, [sec.seeds] if sec.seeds else []))}</p>')
     parts += [f'<div class="warn">{esc(n)}</div>' for n in sec.notes]
     parts += [f'<div class="error"><pre>{esc(e)}</pre></div>' for e in sec.errors]
+    # Figures first: they are what the eye meets; the cards below give the numbers.
+    if sec.figures:
+        parts.append('<div class="figures">')
+        parts += [_figure_html(f) for f in sec.figures]
+        parts.append("</div>")
     if sec.cards:
         parts.append('<div class="cards">')
-        parts += [_card_html(sec, i, c) for i, c in enumerate(sec.cards)]
+        parts += [_card_html(c, sec.card_anchor(i), _card_profile(sec, c, sec.quick))
+                  for i, c in enumerate(sec.cards)]
         parts.append("</div>")
-    if sec.figures:
-        parts.append("<h3>Figures</h3>")
-        parts += [_figure_html(f) for f in sec.figures]
+    parts.append(_failed_html(sec.runs))  # failures stay in view; the full table is collapsed
     counts = {s: sum(r.status == s for r in sec.runs) for s in ("done", "failed", "running", "pending")}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    parts.append(f"<h3>Runs ({esc(summary or 'none')})</h3>")
+    parts.append(f'<details class="runs"><summary>Runs ({esc(summary or "none")})</summary>')
     parts.append(_runs_table(sec.runs))
-    parts.append(_failed_html(sec.runs))
+    parts.append("</details>")
     if sec.config is not None:
         parts.append(
             "<details><summary>Study configuration</summary>"
@@ -387,9 +561,59 @@ def _section_html(sec: _Section) -> str:
     return "\n".join(parts)
 
 
+def _answers_html(answers: _Answers, sections: list[_Section]) -> str:
+    """The answers-first section: each question's sentences with links and thumbnails, then the
+    conclusion card."""
+    parts = ['<section id="answers">', "<h2>Answers</h2>",
+             '<p class="muted">Sentences computed from this run\'s cards and rankings; each links to '
+             "its evidence. In a ranking, <b>≈</b>: the 95% Welch interval of the difference between "
+             "neighbours includes 0 (not separable with these seeds); <code>&lt;</code> / <code>&gt;</code>: it "
+             "excludes 0. Intervals: mean [95% CI] over seeds.</p>"]
+    for i, (qid, question) in enumerate(QUESTIONS.items()):
+        parts.append(f'<div class="answer" id="answer-{esc(qid)}"><h3>{i + 1}. {esc(question)}</h3>')
+        items = answers.questions[qid]
+        if not items:
+            parts.append(f'<p class="muted">{esc(NOT_MEASURED.capitalize())}.</p></div>')
+            continue
+        parts.append('<div class="answer-body">')
+        for j, ev in enumerate(items):
+            if j == 0 or ev.study_anchor != items[j - 1].study_anchor:  # one heading per study
+                if j:
+                    parts.append("</ul>")
+                parts.append(f'<p class="from">From <a href="#{esc(ev.study_anchor)}">'
+                             f"{esc(ev.study)}</a>:</p><ul>")
+            badge = _badge(ev.verdict) + " " if ev.verdict else ""
+            parts.append(f'<li>{badge}{esc(ev.text)} <a href="#{esc(ev.anchor)}">evidence</a></li>')
+        parts.append("</ul>")
+        seen: set[str] = set()
+        thumbs = []
+        for ev in items:
+            if ev.figure is None or str(ev.figure.path) in seen:
+                continue
+            seen.add(str(ev.figure.path))
+            uri, error = _png_uri(ev.figure)
+            thumbs.append(error if uri is None else
+                          f'<a class="thumb" href="#{esc(ev.anchor)}"><img src="{uri}" '
+                          f'alt="{esc(ev.figure.title)}"><span>{esc(ev.figure.title)}</span></a>')
+        if thumbs:
+            parts.append('<div class="thumbs">' + "".join(thumbs) + "</div>")
+        parts.append("</div></div>")
+    parts.append('<div class="answer" id="answer-conclusion"><h3>The article\'s conclusion: '
+                 "“BatchNorm is still the best and most widely applicable”</h3>")
+    if answers.conclusion is None:
+        parts.append(f'<p class="muted">{esc(NOT_MEASURED.capitalize())}: no study ranked several '
+                     "methods on a task.</p>")
+    else:
+        quick = {s.quick for s in sections if s.rankings}
+        profile = _card_profile(None, answers.conclusion, quick.pop() if len(quick) == 1 else None)
+        parts.append(_card_html(answers.conclusion, CONCLUSION_ANCHOR, profile))
+    parts.append("</div></section>")
+    return "\n".join(parts)
+
+
 def _render_html(
-    run_dir: Path, sections: list[_Section], meta: dict[str, Any], counts: dict[str, int],
-    broken: dict[str, str], generated: str,
+    run_dir: Path, sections: list[_Section], answers: _Answers, meta: dict[str, Any],
+    counts: dict[str, int], broken: dict[str, str], generated: str,
 ) -> str:
     versions = meta.get("versions") or {}
     meta_spans = [f"<span>run directory: <code>{esc(run_dir)}</code></span>",
@@ -431,13 +655,17 @@ def _render_html(
 <main>
 <h1>normlab lab report</h1>
 <div class="meta">{''.join(meta_spans)}<span>runs: {esc(run_line)}</span></div>
+<p class="banner">{esc(answers.profile)}</p>
 {''.join(warnings_html)}
+{_answers_html(answers, sections)}
 <h2 id="claims">Claims and answers</h2>
 <p class="muted">Each verdict is computed from the data: <b>supported</b> when the 95% confidence
 interval of the effect lies entirely on the side the claim predicts, <b>not supported</b> when it
-lies entirely on the other side, <b>inconclusive</b> when it straddles it. Intervals are over
-seeds (Student t / Welch).</p>
-{_summary_table(sections)}
+lies entirely on the other side, <b>inconclusive</b> when it straddles it; <b>{esc(NOT_TESTED)}</b>
+when the profile has fewer seeds per arm than the study needs to decide ({DEFAULT_MIN_SEEDS} unless the study
+says otherwise): it counts neither for nor against the claim. Intervals are over seeds (Student t /
+Welch).</p>
+{_summary_table(sections, answers.conclusion)}
 <nav><h3>Studies</h3><ul>{nav or '<li class="muted">none</li>'}</ul></nav>
 {body}
 <footer>Generated by normlab. This page is self-contained: it loads nothing from the network.</footer>
@@ -456,44 +684,91 @@ def _md(text: Any) -> str:
     return html.escape(str(text), quote=False).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
-def _render_md(run_dir: Path, report_dir: Path, sections: list[_Section], counts: dict[str, int],
-               generated: str) -> str:
+def _md_rel(path: Path, report_dir: Path) -> str:
+    """A figure's path relative to the report folder, for a Markdown link."""
+    try:
+        rel = Path(path).resolve().relative_to(report_dir.resolve()).as_posix()
+    except ValueError:
+        rel = Path(path).resolve().as_posix()
+    return rel.replace(" ", "%20")
+
+
+def _md_answers(answers: _Answers, report_dir: Path) -> list[str]:
+    """The answers-first part of summary.md: the same sentences, links and figures as the page."""
+    lines = ["## Answers", ""]
+    for i, (qid, question) in enumerate(QUESTIONS.items()):
+        lines += [f"### {i + 1}. {_md(question)}", ""]
+        items = answers.questions[qid]
+        if not items:
+            lines += [f"{NOT_MEASURED.capitalize()}.", ""]
+            continue
+        for j, ev in enumerate(items):
+            if j == 0 or ev.study_anchor != items[j - 1].study_anchor:
+                lines += ([""] if j else []) + [f"From *{_md(ev.study)}*:", ""]
+            badge = f"**{_md(ev.verdict)}** — " if ev.verdict else ""
+            lines.append(f"- {badge}{_md(ev.text)} ([evidence](index.html#{ev.anchor}))")
+        seen: set[str] = set()
+        figs = []
+        for ev in items:
+            if ev.figure is not None and str(ev.figure.path) not in seen:
+                seen.add(str(ev.figure.path))
+                figs.append(f"![{_md(ev.figure.title)}]({_md_rel(ev.figure.path, report_dir)})")
+        lines += ["", *([" ".join(figs), ""] if figs else [])]
+    lines += ["### The article's conclusion: “BatchNorm is still the best and most widely applicable”", ""]
+    c = answers.conclusion
+    if c is None:
+        lines += [f"{NOT_MEASURED.capitalize()}: no study ranked several methods on a task.", ""]
+    else:
+        lines += [f"**{_md(c.verdict)}**" + (f" ({_md(c.verdict_note)})" if c.verdict_note else "")
+                  + f" — {_md(c.measurement)}", ""]
+        if c.effect is not None:
+            lines += [f"Effect: {_md(_effect_text(c))} (n={c.effect.n}).", ""]
+    return lines
+
+
+def _render_md(run_dir: Path, report_dir: Path, sections: list[_Section], answers: _Answers,
+               counts: dict[str, int], generated: str) -> str:
     lines = [
         "# normlab lab report",
         "",
         f"Run directory: `{_md(run_dir)}` — generated {generated} — runs: "
         + (", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none"),
         "",
+        f"**{_md(answers.profile)}**",
+        "",
+        *_md_answers(answers, report_dir),
+        "## Claims",
+        "",
         "| Claim / question | Study | Measured effect (95% CI) | Verdict |",
         "|---|---|---|---|",
     ]
-    for sec in sections:
-        for card in sec.cards:
-            label = card.question if card.verdict == "answer" and card.question else card.claim
-            lines.append(
-                f"| {_md(label)} | {_md(sec.title)} | "
-                f"{_md(_effect_text(card) if card.effect is not None else card.measurement)} | "
-                f"**{_md(card.verdict)}** |"
-            )
+    rows = [(answers.conclusion, CONCLUSION_STUDY)] if answers.conclusion is not None else []
+    rows += [(card, sec.title) for sec in sections for card in sec.cards]
+    for card, study in rows:
+        label = card.question if card.verdict == "answer" and card.question else card.claim
+        lines.append(
+            f"| {_md(label)} | {_md(study)} | "
+            f"{_md(_effect_text(card) if card.effect is not None else card.measurement)} | "
+            f"**{_md(card.verdict)}**" + (f" ({_md(card.verdict_note)})" if card.verdict_note else "")
+            + " |"
+        )
     for sec in sections:
         lines += ["", f"## {_md(sec.title)}", ""]
         if sec.summary:
             lines += [_md(sec.summary), ""]
+        lines += [f"*{_md(_profile_text(sec.quick, [sec.seeds] if sec.seeds else []))}*", ""]
         lines += [f"> {_md(n)}" for n in sec.notes]
         lines += [f"> ERROR: {_md(e.splitlines()[0] if e else '')}" for e in sec.errors]
+        for fig in sec.figures:
+            lines += ["", f"![{_md(fig.title)}]({_md_rel(fig.path, report_dir)})", "",
+                      f"*{_md(fig.title)}.* {_md(fig.caption)}", ""]
         for card in sec.cards:
             head = f"Question: {card.question}" if card.question else card.claim
-            lines.append(f"- **{_md(card.verdict)}** — {_md(head)}")
+            note = f" ({_md(card.verdict_note)})" if card.verdict_note else ""
+            lines.append(f"- **{_md(card.verdict)}**{note} — {_md(head)}")
             lines.append(f"  - {_md(card.measurement)}")
             if card.details:
                 lines.append(f"  - {_md(card.details)}")
-        for fig in sec.figures:
-            try:
-                rel = Path(fig.path).resolve().relative_to(report_dir.resolve()).as_posix()
-            except ValueError:
-                rel = Path(fig.path).resolve().as_posix()
-            lines += ["", f"![{_md(fig.title)}]({rel.replace(' ', '%20')})", "",
-                      f"*{_md(fig.title)}.* {_md(fig.caption)}"]
         failed = [r for r in sec.runs if r.status == "failed"]
         if failed:
             lines += ["", f"Failed runs ({len(failed)}):"]
@@ -544,9 +819,10 @@ def build_report(run_dir: str | Path, *, strict: bool = False) -> Path:
         broken = broken_studies()
 
     index = report_dir / "index.html"
-    index.write_text(_render_html(run_dir, sections, meta, counts, broken, generated),
+    answers = _answers(sections)
+    index.write_text(_render_html(run_dir, sections, answers, meta, counts, broken, generated),
                      encoding="utf-8")
     (report_dir / "summary.md").write_text(
-        _render_md(run_dir, report_dir, sections, counts, generated), encoding="utf-8"
+        _render_md(run_dir, report_dir, sections, answers, counts, generated), encoding="utf-8"
     )
     return index

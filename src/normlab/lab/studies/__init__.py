@@ -25,7 +25,16 @@ A study answers some of the article's claims by experiment. It is **one module**
 
 Optional: ``HIDDEN = True`` keeps the study out of ``normlab demo`` and ``normlab studies``
 (without ``--all``); ``validate(cfg)`` raises ``ValueError`` with a clear message for bad
-settings, before anything runs.
+settings, before anything runs; ``MIN_SEEDS: int`` (default :data:`DEFAULT_MIN_SEEDS` = 3),
+the fewest seeds per arm at which a card's "supported"/"not supported" is shown (below it the
+report prints :data:`NOT_TESTED` instead, see :func:`withhold_verdicts`);
+``ranking(results, cfg) -> list[Ranking]``: per task, one value per seed of one metric for each
+norm (see :class:`Ranking`) — the report ranks the norms from it in its answers and ranks
+BatchNorm among the methods of every task for the article's conclusion.
+
+The report opens with the article's three questions (:data:`QUESTIONS`); a card answers one by
+naming its id in ``Card.answers`` (and its evidence figure, by file name, in ``Card.figure``);
+a :class:`Ranking` by its ``question``.
 
 Helpers: :mod:`normlab.lab.analysis` (metric values of the finished runs, by seed, log-ratio
 intervals, number formats) with the statistics of :mod:`normlab.lab.stats`;
@@ -39,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 import traceback
 import warnings
@@ -52,7 +62,11 @@ from normlab.lab.store import RunResult, Store, run_id
 
 __all__ = [
     "CARD_VERDICTS",
+    "DEFAULT_MIN_SEEDS",
+    "NOT_TESTED",
+    "QUESTIONS",
     "Card",
+    "Ranking",
     "Figure",
     "OVERRIDE_OPTIONS",
     "Study",
@@ -69,10 +83,28 @@ __all__ = [
     "load_study_config",
     "load_study_meta",
     "merge_data_options",
+    "card_seeds",
     "save_study_config",
+    "seed_count",
+    "withhold_verdicts",
 ]
 
-CARD_VERDICTS: tuple[str, ...] = ("supported", "not supported", "inconclusive", "answer")
+#: The verdict a card gets when its profile has too few seeds to decide (see
+#: :func:`withhold_verdicts`); it counts neither for nor against the claim.
+NOT_TESTED = "not tested at this profile"
+
+CARD_VERDICTS: tuple[str, ...] = ("supported", "not supported", "inconclusive", "answer", NOT_TESTED)
+
+#: Fewest seeds per arm for a "supported"/"not supported" verdict (a study may set ``MIN_SEEDS``).
+DEFAULT_MIN_SEEDS = 3
+
+#: The article's three questions, which the report answers first: id -> question. A card names
+#: the one it answers in ``Card.answers``, a ranking in ``Ranking.question``.
+QUESTIONS: dict[str, str] = {
+    "architecture": "Which normalization for CNNs, RNNs, transformers…?",
+    "batch-size": "What happens when the batch size changes?",
+    "cost": "Which gives the best cost/accuracy trade-off?",
+}
 
 #: Common command-line options and the Config field each one sets.
 OVERRIDE_OPTIONS: dict[str, str] = {
@@ -111,6 +143,12 @@ class Card:
         effect_label: what ``effect`` is, with its unit, e.g. ``"error at bs 2 − error at bs 32
             (points)"`` or ``"κ_raw / κ_std (×)"``: the summary table prints it beside the interval.
         details: further explanation (method, caveats); plain text.
+        answers: the id (a key of :data:`QUESTIONS`) of the article's question this card is
+            evidence for; the report quotes it in that question's answer.
+        figure: the file name (e.g. ``"batch_size_error.png"``) or title of the study's figure
+            that shows this card's evidence (its thumbnail goes beside the answer).
+        verdict_note: why the verdict is what it is when the report changed it (set by
+            :func:`withhold_verdicts`, e.g. ``"2 seeds; 3 needed"``).
     """
 
     study: str
@@ -121,6 +159,9 @@ class Card:
     effect: Interval | None = None
     details: str = ""
     effect_label: str = ""
+    answers: str | None = None
+    figure: str | None = None
+    verdict_note: str = ""
 
     def __post_init__(self) -> None:
         if self.verdict not in CARD_VERDICTS:
@@ -130,6 +171,63 @@ class Card:
             )
         if self.effect is not None and not isinstance(self.effect, Interval):
             raise TypeError(f"Card.effect must be an Interval or None, got {type(self.effect)}")
+        _check_question("Card.answers", self.answers)
+
+
+def _check_question(what: str, qid: str | None) -> None:
+    if qid is not None and qid not in QUESTIONS:
+        raise ValueError(
+            f"{what} must be None or one of {', '.join(map(repr, QUESTIONS))}; got {qid!r}"
+        )
+
+
+@dataclass
+class Ranking:
+    """One metric of every norm on one task, one value per seed: what a study's optional
+    ``ranking(results, cfg)`` hook returns.
+
+    The report orders the norms by mean (with 95% intervals), writes the order as a sentence in
+    the answer to ``question``, and ranks BatchNorm among the methods of every task for the
+    article's conclusion "BatchNorm is still the best and most widely applicable".
+
+    Attributes:
+        study: the study's ``NAME``.
+        task: what was trained on what, in words, e.g. ``"CNN on digits, batch 16"`` (a task
+            where ``"bn"`` is missing counts as one where BatchNorm was not run).
+        metric: the metric, e.g. ``"validation error"``.
+        values: ``{norm: [one value per seed]}``, finite (count a diverged run as the metric's
+            worst value, e.g. 100 % error, rather than leave it out); a norm with none is dropped.
+        lower_is_better: the metric's direction (error, loss: True; accuracy: False).
+        unit: printed after each number, e.g. ``"%"``.
+        bounds: the metric's range, e.g. ``(0, 100)`` for a percentage: intervals are clipped
+            to it (the true mean lies inside it, so the clipped interval covers it as often).
+        question: the id (a key of :data:`QUESTIONS`) whose answer quotes this ranking, or None
+            (then it counts only for the conclusion).
+        evidence: the ``question`` or ``claim`` text of the study's card that shows these
+            numbers (the answer links to it); figure: as :attr:`Card.figure`.
+    """
+
+    study: str
+    task: str
+    metric: str
+    values: dict[str, list[float]]
+    lower_is_better: bool = True
+    unit: str = ""
+    bounds: tuple[float, float] | None = None
+    question: str | None = None
+    evidence: str | None = None
+    figure: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_question("Ranking.question", self.question)
+        if not isinstance(self.values, dict):
+            raise TypeError(f"Ranking.values must be a dict norm -> list of values, got {type(self.values)}")
+        self.values = {str(k): [float(v) for v in vs] for k, vs in self.values.items() if len(vs)}
+        bad = {k: vs for k, vs in self.values.items() if not all(math.isfinite(v) for v in vs)}
+        if bad:
+            raise ValueError(f"Ranking.values must be finite numbers, got {bad!r} ({self.task})")
+        if self.bounds is not None and not (len(self.bounds) == 2 and self.bounds[0] < self.bounds[1]):
+            raise ValueError(f"Ranking.bounds must be (low, high) with low < high, got {self.bounds!r}")
 
 
 @dataclass
@@ -171,6 +269,11 @@ class Study:
         return bool(getattr(self.module, "HIDDEN", False))
 
     @property
+    def min_seeds(self) -> int:
+        """The study's ``MIN_SEEDS`` (default :data:`DEFAULT_MIN_SEEDS`)."""
+        return int(getattr(self.module, "MIN_SEEDS", DEFAULT_MIN_SEEDS))
+
+    @property
     def Config(self) -> type:  # noqa: N802 - mirrors the module attribute
         return self.module.Config
 
@@ -205,6 +308,58 @@ class Study:
 
     def plot(self, results: list[RunResult], cfg: Any, outdir: Path) -> list[Figure]:
         return list(self.module.plot(results, cfg, outdir))
+
+    def ranking(self, results: list[RunResult], cfg: Any) -> list[Ranking]:
+        """The study's optional ``ranking(results, cfg)`` (``[]`` when it has none)."""
+        fn = getattr(self.module, "ranking", None)
+        if fn is None:
+            return []
+        out = list(fn(results, cfg))
+        for r in out:
+            if not isinstance(r, Ranking):
+                raise TypeError(f"study {self.name!r}: ranking() returned a {type(r).__name__}, expected Ranking")
+        return out
+
+
+def seed_count(cfg: Any) -> int | None:
+    """Seeds per arm of a study Config: its ``seeds`` field (a count or a sequence), else None."""
+    seeds = getattr(cfg, "seeds", None)
+    if isinstance(seeds, bool):
+        return None
+    if isinstance(seeds, int):
+        return seeds
+    if isinstance(seeds, (list, tuple)):
+        return len(seeds)
+    return None
+
+
+def card_seeds(card: Card, seeds: int | None = None) -> int | None:
+    """Seeds per arm behind a card: the smaller of its effect interval's ``n`` and ``seeds``
+    (the profile's seeds per arm), of those that are known; None when neither is."""
+    known = [n for n in ((card.effect.n if card.effect is not None else None), seeds) if n is not None]
+    return min(known) if known else None
+
+
+def withhold_verdicts(cards: list[Card], min_seeds: int, seeds: int | None = None) -> list[Card]:
+    """The cards with every "supported"/"not supported" verdict that rests on fewer than
+    ``min_seeds`` seeds per arm replaced by :data:`NOT_TESTED`, and the reason in
+    ``verdict_note`` (e.g. ``"2 seeds; 3 needed"``).
+
+    A card's seeds per arm: :func:`card_seeds`; a card with no known count keeps its verdict.
+    A 95% interval from two seeds has a t quantile of 12.7: a verdict from it says more about
+    the draw than about the claim, and the quick profile must not contradict the full grid.
+    The single place where this rule is applied: the report calls it on every study's cards.
+    """
+    out = []
+    for card in cards:
+        n = card_seeds(card, seeds)
+        if card.verdict in ("supported", "not supported") and n is not None and n < min_seeds:
+            card = dataclasses.replace(
+                card, verdict=NOT_TESTED,
+                verdict_note=f"{n} seed{'s' if n != 1 else ''}; {min_seeds} needed",
+            )
+        out.append(card)
+    return out
 
 
 _REQUIRED = ("NAME", "TITLE", "SUMMARY", "Config", "runs", "analyze", "plot")

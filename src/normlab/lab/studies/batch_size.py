@@ -54,7 +54,7 @@ from normlab.lab.norms import get_norm
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import diff_ci, format_interval, mean_ci, paired_diff_ci, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure
+from normlab.lab.studies import Card, Figure, Ranking
 from normlab.lab.train import train
 
 NAME = "batch-size"
@@ -596,7 +596,30 @@ def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
         g = _card_groups(results, cfg)
         if g is not None:
             cards.append(g)
+    for c in cards:  # the report quotes these in its answer to "What happens when the batch size changes?"
+        if c.claim.startswith((Q_BATCH, CLAIM_BN, CLAIM_GN)):
+            c.answers, c.figure = "batch-size", "batch_size_error.png"
     return cards
+
+
+def ranking(results: list[RunResult], cfg: Config) -> list[Ranking]:
+    """Validation error (%) of every norm per model at the normal batch size (the report's answer
+    to "which norm for CNNs…") and at the smallest one (its answer on batch sizes)."""
+    out = []
+    for model in _models(cfg):
+        small, normal = _reference_batches(cfg, results, model)
+        for bs, question in ((normal, "architecture"), (small, "batch-size")):
+            if bs is None or (question == "batch-size" and bs == normal):
+                continue
+            values = {n: list(errors(results, part="grid", model=model, norm=n, batch_size=bs).values())
+                      for n in cfg.norms}
+            out.append(Ranking(
+                study=NAME, task=f"{model.upper()} on {cfg.data}, batch {bs}", metric="validation error",
+                values=values, unit="%", bounds=(0.0, 100.0), question=question,
+                evidence=Q_BATCH,  # the card that gives these very numbers (bs small vs normal)
+                figure="batch_size_error.png",
+            ))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

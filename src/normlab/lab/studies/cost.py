@@ -47,7 +47,7 @@ from normlab.lab.metrics import pareto_front
 from normlab.lab.norms import get_norm
 from normlab.lab.stats import combine_verdicts, format_interval, mean_ci, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure
+from normlab.lab.studies import Card, Figure, Ranking
 
 NAME = "cost"
 TITLE = "Cost and accuracy: the trade-off between normalizations"
@@ -161,7 +161,25 @@ def summary_table(results: list[RunResult], cfg: Config) -> dict[str, dict[str, 
 
 def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
     """The question card (Pareto set per model) and the BN-folding claim."""
-    return [_card_question(results, cfg), _card_fold(results, cfg)]
+    question = _card_question(results, cfg)
+    question.answers, question.figure = "cost", "cost_pareto.png"  # quoted in the report's answers
+    return [question, _card_fold(results, cfg)]
+
+
+_LABELS = {"cnn": "CNN", "resnet": "ResNet", "mlp": "MLP"}
+
+
+def ranking(results: list[RunResult], cfg: Config) -> list[Ranking]:
+    """Validation accuracy (%) of every norm per model (counted in the report's BN rank)."""
+    return [
+        Ranking(study=NAME, task=f"{_LABELS.get(model, model)} on {cfg.data} (cost study, batch {cfg.batch_size})",
+                metric="validation accuracy",
+                values={n: [100 * v for v in _values(results, "final_val_acc", model=model, norm=n)]
+                        for n in cfg.norms},
+                lower_is_better=False, unit="%", bounds=(0.0, 100.0), evidence=QUESTION,
+                figure="cost_pareto.png")
+        for model in cfg.models
+    ]
 
 
 def _card_question(results: list[RunResult], cfg: Config) -> Card:

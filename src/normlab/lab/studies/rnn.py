@@ -79,7 +79,7 @@ from normlab.lab.models import recurrent as rnn_models
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, paired_diff_ci, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure
+from normlab.lab.studies import Card, Figure, Ranking
 from normlab.lab.train import seed_everything, train
 from normlab.nn.utils import init_weight_norm_
 
@@ -426,6 +426,17 @@ def _ranking(results: list[RunResult], data: str, norms: tuple[str, ...]) -> lis
         if vals:
             rows.append((norm, vals))
     return sorted(rows, key=lambda kv: -float(np.mean(kv[1])))
+
+
+def ranking(results: list[RunResult], cfg: Config) -> list[Ranking]:
+    """Final validation accuracy (%) of every cell per data set, for the report's answers."""
+    return [
+        Ranking(study=NAME, task=f"LSTM on {data}", metric="final validation accuracy",
+                values={norm: [100 * v for v in vals] for norm, vals in _ranking(results, data, tuple(cfg.norms))},
+                lower_is_better=False, unit="%", bounds=(0.0, 100.0), question="architecture",
+                evidence=QUESTION, figure="rnn_final_accuracy.png")
+        for data in _datasets(cfg)
+    ]
 
 
 # --------------------------------------------------------------------------------------------
