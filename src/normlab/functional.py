@@ -724,6 +724,8 @@ def evonorm_s0(
     bias: Tensor | None = None,
     v: Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    backend: str | None = None,
 ) -> Tensor:
     r"""EvoNorm-S0 (Liu, Brock, Simonyan & Le 2020), batch-independent, of (N, C, \*) input.
 
@@ -731,9 +733,9 @@ def evonorm_s0(
 
     with s²_g the biased variance per (sample, group) over the group's C/G channels and every
     position (GroupNorm's grouping); v, γ, β per channel. ``v=None`` drops the sigmoid gate
-    (y = x / s_g · γ + β). Plain torch ops: the group standard deviation must be differentiable
-    inside a non-linear formula, which the normalization operators' (non-differentiable)
-    statistics outputs are not.
+    (y = x / s_g · γ + β). Computed by the ``normlab::evonorm_s0`` operator (on the CPU backend
+    one fused kernel forward, statistics then output, and one backward); traced for export,
+    plain torch ops.
     """
     check_input(input, min_dim=2)
     check_eps(eps)
@@ -741,6 +743,8 @@ def evonorm_s0(
     check_divisor(groups, c, "groups", f"the {c} channels")
     for t, name in ((weight, "weight"), (bias, "bias"), (v, "v")):
         _check_param(t, (c,), name)
+    if not traced(input):
+        return ops.evonorm_s0(input, weight, bias, v, groups, eps, backend=backend)[0]
     xc = input.to(compute_dtype(input.dtype))
     view = _chan_view(input)
     num = xc if v is None else xc * torch.sigmoid(v.view(view) * xc)

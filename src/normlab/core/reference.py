@@ -451,3 +451,69 @@ def filter_response_norm_backward(dy, x, weight, bias, tau, rstd, eps: float, *,
     db = dz.sum(red) if mask[2] else None
     dtau = dt.sum(red) if (mask[3] and dt is not None) else None
     return dx, dw, db, dtau
+
+
+# --------------------------------------------------------------------------------------------
+# EvoNorm-S0
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["evonorm_s0", "evonorm_s0_backward"]
+
+
+def _s0_group_stats(xc: Tensor, groups: int, eps: float):
+    """(mean, rstd) per (sample, group), each broadcast back to xc's shape, and the (N, G) ones.
+    The moments are the core's (shifted two-pass, rescaled against overflow); rstd is
+    differentiable, the mean is not (the composite differentiates through rstd only)."""
+    n, c = xc.shape[0], xc.shape[1]
+    m = (c // groups) * _spatial(xc)
+    shift, corr, _, rstd = _moments(xc.reshape(n, groups, m), (2,), STANDARD, eps)
+    mean = _mean(shift, corr, xc.dtype)
+
+    def back(t: Tensor) -> Tensor:
+        return t.expand(n, groups, m).reshape(xc.shape)
+
+    return back(mean), back(rstd), mean.reshape(n, groups), rstd.reshape(n, groups)
+
+
+def evonorm_s0(x: Tensor, weight, bias, v, groups: int, eps: float):
+    """(y, mean, rstd): y = γ·x·σ(v·x)·rstd + β, rstd = 1/sqrt(σ²_ng + ε) per (sample, group)
+    of ``groups`` consecutive-channel groups; ``v=None``: no gate. Plain differentiable torch ops."""
+    acc = compute_dtype(x.dtype)
+    xc = x.to(acc)
+    _, r, mean, rstd = _s0_group_stats(xc, groups, eps)
+    z = xc if v is None else xc * torch.sigmoid(_channel_view(v.to(acc), x.dim()) * xc)
+    y = z * r
+    if weight is not None:
+        y = y * _channel_view(weight.to(acc), x.dim())
+    if bias is not None:
+        y = y + _channel_view(bias.to(acc), x.dim())
+    return y.to(x.dtype), mean, rstd
+
+
+def evonorm_s0_backward(dy, x, weight, bias, v, mean, rstd, groups: int, eps: float, *, mask=(True,) * 4):
+    """(dx, dγ, dβ, dv) of :func:`evonorm_s0`, hand-derived (``mean``/``rstd`` recomputed from x):
+    with z = x·σ, h = γ·dy and A = Σ_group h·z, dx = h·r·(σ + v·x·σ(1 − σ)) − A·r³/M·(x − μ),
+    dγ = Σ dy·z·r, dβ = Σ dy, dv = Σ h·r·x²·σ(1 − σ) (M values per group)."""
+    acc = compute_dtype(x.dtype)
+    xc, dyc = x.to(acc), dy.to(acc)
+    n, c = x.shape[0], x.shape[1]
+    m = (c // groups) * _spatial(x)
+    with torch.no_grad():
+        mu, r, _, _ = _s0_group_stats(xc, groups, eps)
+    red = [0] + list(range(2, x.dim()))
+    h = dyc if weight is None else dyc * _channel_view(weight.to(acc), x.dim())
+    if v is None:
+        z, dzdx, ds = xc, torch.ones_like(xc), None
+    else:
+        vv = _channel_view(v.to(acc), x.dim())
+        sg = torch.sigmoid(vv * xc)
+        ds = sg * (1 - sg)
+        z, dzdx = xc * sg, sg + vv * xc * ds
+    dx = None
+    if mask[0]:
+        a = (h * z).reshape(n, groups, m).sum(-1, keepdim=True).expand(n, groups, m).reshape(x.shape)
+        dx = (h * r * dzdx - a * r.pow(3) / max(m, 1) * (xc - mu)).to(x.dtype)
+    dw = (dyc * z * r).sum(red) if mask[1] else None
+    db = dyc.sum(red) if mask[2] else None
+    dv = (h * r * xc * xc * ds).sum(red) if (mask[3] and ds is not None) else None
+    return dx, dw, db, dv
