@@ -325,3 +325,31 @@ def test_opcheck_evonorm_s0(case):
         assert y.is_contiguous(memory_format=torch.channels_last)
     mask = [True, True, True, gate]
     torch.library.opcheck(N.evonorm_s0_backward, (torch.randn_like(y), x, w, b, v, mean, rstd, 3, 1e-5, backend, mask))
+
+
+EVONORM_OPS |= {"evonorm_b0", "evonorm_b0_backward"}
+
+
+@pytest.mark.parametrize("case", [(torch.float32, "contiguous", True, True, ""),
+                                  (torch.float64, "channels_last", True, False, ""),
+                                  (torch.bfloat16, "sliced", True, True, ""),
+                                  (torch.float32, "channels_last", False, True, ""),
+                                  (torch.float32, "sliced", True, False, "reference")],
+                         ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_opcheck_evonorm_b0(case):
+    dtype, layout, gate, training, backend = case
+    x = _input(SHAPE, dtype, layout)
+    g = torch.Generator().manual_seed(4)
+    w, b, v = ((torch.randn(SHAPE[1], generator=g) * 0.3 + m).to(dtype) for m in (1.0, 0.0, 1.0))
+    v = v if gate else None
+    run = None if training else (torch.rand(SHAPE[1], generator=g) + 0.5).to(dtype)
+    args = (x, w, b, v, run, 1e-5, backend)
+    torch.library.opcheck(N.evonorm_b0, tuple(
+        t.detach().requires_grad_() if (isinstance(t, torch.Tensor) and t is not run) else t for t in args))
+    y, *stats = N.evonorm_b0(*args)
+    assert stats[0].shape == ((SHAPE[1],) if training else (0,)) and stats[2].shape == SHAPE[:2]
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    mask = [True, True, True, gate]
+    torch.library.opcheck(N.evonorm_b0_backward, (torch.randn_like(y), x, w, b, v, *stats, training, 1e-5, backend,
+                                                  mask))

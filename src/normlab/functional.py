@@ -765,6 +765,8 @@ def evonorm_b0(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    backend: str | None = None,
 ) -> Tensor:
     r"""EvoNorm-B0 (Liu, Brock, Simonyan & Le 2020), batch-dependent, of (N, C, \*S) input.
 
@@ -775,7 +777,9 @@ def evonorm_b0(
     s²_b: the biased batch variance per channel over (N, \*S) in training (or without running
     statistics), ``running_var`` in eval; s²_i: the biased variance per (sample, channel) over
     the positions. Training updates ``running_var`` with the unbiased batch variance and
-    ``momentum``. Plain torch ops (differentiable statistics inside a max).
+    ``momentum``. Computed by the ``normlab::evonorm_b0`` operator (on the CPU backend fused
+    kernels: statistics, output; backward: reductions, dx; the gradient of the max goes to the
+    larger argument, split on a tie as torch.maximum's); traced for export, plain torch ops.
     """
     check_input(input, min_dim=3)
     check_eps(eps)
@@ -783,6 +787,16 @@ def evonorm_b0(
     c = input.shape[1]
     for t, name in ((running_var, "running_var"), (weight, "weight"), (bias, "bias"), (v, "v")):
         _check_param(t, (c,), name)
+    batch_stats = training or running_var is None
+    if not traced(input):
+        m = input.numel() // c if c else 0
+        if batch_stats:
+            _check_batch_stats(input, m, eps, "EvoNorm-B0")
+        y, _, var_b, _, _ = ops.evonorm_b0(input, weight, bias, v, None if batch_stats else running_var, eps,
+                                           backend=backend)
+        if training and running_var is not None and m > 0:
+            _update_running(running_var, var_b * (m / (m - 1)), momentum)
+        return y
     xc = input.to(compute_dtype(input.dtype))
     view = _chan_view(input)
     if training or running_var is None:

@@ -517,3 +517,82 @@ def evonorm_s0_backward(dy, x, weight, bias, v, mean, rstd, groups: int, eps: fl
     db = dyc.sum(red) if mask[2] else None
     dv = (h * r * xc * xc * ds).sum(red) if (mask[3] and ds is not None) else None
     return dx, dw, db, dv
+
+
+# --------------------------------------------------------------------------------------------
+# EvoNorm-B0
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["evonorm_b0", "evonorm_b0_backward"]
+
+
+def _b0_parts(xc: Tensor, running_var, eps: float):
+    """(σ_b broadcastable, σ_i keepdim, mean_b, var_b, mean_i, var_i): the core's moments;
+    σ_b from ``running_var`` when given (then mean_b is empty)."""
+    n, c = xc.shape[0], xc.shape[1]
+    sp = tuple(range(2, xc.dim()))
+    shift, corr, var_i, _ = _moments(xc, sp, STANDARD, 0.0)
+    mean_i = _mean(shift, corr, xc.dtype)
+    if running_var is None:
+        bshift, bcorr, var_b, _ = _moments(xc, (0,) + sp, STANDARD, 0.0)
+        mean_b = _mean(bshift, bcorr, xc.dtype).reshape(c)
+    else:
+        var_b = running_var.to(xc.dtype).reshape((1, c) + (1,) * len(sp))
+        mean_b = xc.new_zeros((0,))
+    sigma_b = torch.sqrt(var_b + eps)
+    sigma_i = torch.sqrt(var_i + eps)
+    return sigma_b, sigma_i, mean_b, var_b.reshape(c), mean_i.reshape(n, c), var_i.reshape(n, c)
+
+
+def evonorm_b0(x: Tensor, weight, bias, v, running_var, eps: float):
+    """(y, mean_b, var_b, mean_i, var_i): y = γ·x / max(sqrt(σ²_b + ε), v·x + sqrt(σ²_i + ε)) + β,
+    σ²_b the biased batch variance per channel (``running_var`` when given), σ²_i per (sample,
+    channel). Plain differentiable torch ops."""
+    acc = compute_dtype(x.dtype)
+    xc = x.to(acc)
+    sigma_b, sigma_i, mean_b, var_b, mean_i, var_i = _b0_parts(xc, running_var, eps)
+    right = sigma_i if v is None else _channel_view(v.to(acc), x.dim()) * xc + sigma_i
+    y = xc / torch.maximum(sigma_b, right)
+    if weight is not None:
+        y = y * _channel_view(weight.to(acc), x.dim())
+    if bias is not None:
+        y = y + _channel_view(bias.to(acc), x.dim())
+    return y.to(x.dtype), mean_b.detach(), var_b.detach(), mean_i, var_i.detach()
+
+
+def evonorm_b0_backward(dy, x, weight, bias, v, mean_b, var_b, mean_i, var_i, batch: bool, eps: float, *,
+                        mask=(True,) * 4):
+    """(dx, dγ, dβ, dv) of :func:`evonorm_b0`, hand-derived (statistics recomputed from x;
+    ``batch=False``: σ²_b = ``var_b`` is a constant). With D = max(L, R), L = σ_b,
+    R = v·x + σ_i, h = γ·dy, torch.maximum's gradient k_R, k_L (½ each on a tie),
+    g = −h·x/D²: dx = h/D + v·k_R·g + Σ_s k_R·g/(σ_i·S)·(x − μ_i) [+ Σ_{n,s} k_L·g/(σ_b·N·S)·(x − μ_b)],
+    dv = Σ k_R·g·x, dγ = Σ dy·x/D, dβ = Σ dy."""
+    acc = compute_dtype(x.dtype)
+    xc, dyc = x.to(acc), dy.to(acc)
+    n, c = x.shape[0], x.shape[1]
+    s = _spatial(x)
+    sp = tuple(range(2, x.dim()))
+    red = [0, *sp]
+    sigma_b, sigma_i, _, _, _, _ = _b0_parts(xc, None if batch else var_b, eps)
+    mu_i = xc.mean(sp, keepdim=True)
+    right = sigma_i if v is None else _channel_view(v.to(acc), x.dim()) * xc + sigma_i
+    left = sigma_b.expand_as(xc)
+    den = torch.maximum(left, right)
+    half = torch.where(left == right, 0.5, 1.0).to(acc)
+    kr = half.masked_fill(left > right, 0)
+    kl = half.masked_fill(left < right, 0)
+    h = dyc if weight is None else dyc * _channel_view(weight.to(acc), x.dim())
+    gd = -h * xc / (den * den)
+    dx = None
+    if mask[0]:
+        dx = h / den + (xc - mu_i) * (gd * kr).sum(sp, keepdim=True) / (sigma_i * max(s, 1))
+        if v is not None:
+            dx = dx + _channel_view(v.to(acc), x.dim()) * kr * gd
+        if batch:
+            mu_b = xc.mean(red, keepdim=True)
+            dx = dx + (xc - mu_b) * (gd * kl).sum(red, keepdim=True) / (sigma_b * max(n * s, 1))
+        dx = dx.to(x.dtype)
+    dw = (dyc * xc / den).sum(red) if mask[1] else None
+    db = dyc.sum(red) if mask[2] else None
+    dv = (gd * kr * xc).sum(red) if (mask[3] and v is not None) else None
+    return dx, dw, db, dv

@@ -89,7 +89,8 @@ from normlab.core.cpu.pointwise import (POINTWISE_OPS, dynamic_erf, dynamic_erf_
                                         dynamic_tanh_backward, filter_response_norm,
                                         filter_response_norm_backward)
 from normlab.core.cpu.pointwise import warmup as _warmup_pointwise
-from normlab.core.cpu.evonorm import EVONORM_OPS, evonorm_s0, evonorm_s0_backward
+from normlab.core.cpu.evonorm import (EVONORM_OPS, evonorm_b0, evonorm_b0_backward, evonorm_s0,
+                                      evonorm_s0_backward)
 from normlab.core.cpu.evonorm import warmup as _warmup_evonorm
 from normlab.core.cpu.threads import PARALLEL_MIN_NUMEL, start_pool
 
@@ -112,6 +113,8 @@ __all__ = [
     "filter_response_norm_backward",
     "evonorm_s0",
     "evonorm_s0_backward",
+    "evonorm_b0",
+    "evonorm_b0_backward",
     "supports",
     "wait_ready",
     "set_buffer_pool",
@@ -138,6 +141,8 @@ def _takes(op: str, x: Tensor) -> bool:
         return False
     if x.numel() == 0 or x.is_conj() or x.is_neg():
         return False
+    if op == "evonorm_b0":
+        return x.dim() >= 3
     return x.dim() >= 1 if op in ("layer_norm", *POINTWISE_OPS) else x.dim() >= 2
 
 

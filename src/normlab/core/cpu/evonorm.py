@@ -46,6 +46,7 @@ from numba.extending import overload
 from torch import Tensor
 
 from normlab.core.cpu.jit import CACHE, FASTMATH, _cache_dir_override, _stamp_with_common
+from normlab.core.cpu.params import NP_DTYPE as NP_DT
 from normlab.core.cpu.params import f64, param
 from normlab.core.cpu.plan import is_channels_last
 from normlab.core.cpu.pointwise import _is_f32, tanh_f
@@ -53,11 +54,12 @@ from normlab.core.cpu.pool import pool
 from normlab.core.cpu.shared import mean_var, overflow_bound, shifted_sums, split_mean
 from normlab.core.cpu.threads import launch, threads
 
-__all__ = ["EVONORM_OPS", "evonorm_s0", "evonorm_s0_backward", "s0_bwd", "s0_bwd_cl", "s0_fwd",
+__all__ = ["EVONORM_OPS", "b0_dx", "b0_dx_cl", "b0_fwd", "b0_fwd_cl", "b0_red", "b0_red_cl", "b0_stats",
+           "b0_stats_cl", "evonorm_b0", "evonorm_b0_backward", "evonorm_s0", "evonorm_s0_backward", "s0_bwd", "s0_bwd_cl", "s0_fwd",
            "s0_fwd_cl", "sigmoid_f", "warmup"]
 
 #: the backend ops this family implements
-EVONORM_OPS = ("evonorm_s0",)
+EVONORM_OPS = ("evonorm_s0", "evonorm_b0")
 
 # The numpy error model (x/0 is IEEE, no ZeroDivisionError check) lets LLVM vectorize the
 # rational tanh inside σ, as in ``pointwise``.
@@ -394,3 +396,280 @@ def warmup(dt: torch.dtype) -> None:
         for v in (w, None):
             y, mean, rstd = evonorm_s0(xi, w, w, v, 2, 1e-5)
             evonorm_s0_backward(y, xi, w, w, v, mean, rstd, 2, 1e-5)
+    _warmup_b0(dt)
+
+
+# --------------------------------------------------------------------------------------------
+# EvoNorm-B0: y = γ_c·x / max(σ_b, v_c·x + σ_i) + β_c
+# --------------------------------------------------------------------------------------------
+# σ_b = sqrt(s²_b,c + ε) (batch variance per channel, or the running one), σ_i = sqrt(s²_i,nc + ε)
+# (instance variance per (sample, channel)). Passes: instance statistics (shifted sums per
+# (n, c)), then y; backward: per-(n, c) sums, then dx. Contiguous input: one item per (n, c)
+# plane; channels-last: one item per sample, inner loops along the channels. Every per-(n, c)
+# coefficient (σ_i, the dx constants) is computed by the launcher in float64 and cast once, so
+# the forward and the backward form max(σ_b, v·x + σ_i) from the same values (same ties).
+#
+# Backward, with D = max(L, R), L = σ_b, R = v·x + σ_i, h = γ·dy, torch.maximum's gradient
+# (k_R = 0 if L > R, ½ on a tie, else 1; k_L likewise), g_R = −h·x·k_R/D², g_L = −h·x·k_L/D²:
+#     dx = h/D + v·g_R + Σ_s g_R/(σ_i·S)·(x − μ_i) + [batch] Σ_{n,s} g_L/(σ_b·N·S)·(x − μ_b)
+#     dv = Σ g_R·x,  dγ = Σ dy·x/D,  dβ = Σ dy.
+
+
+@kernel
+def b0_stats(x, mean, var):
+    P, S = x.shape
+    big = overflow_bound(x)
+    for p in prange(P):
+        xs = x[p]
+        s1, s2 = shifted_sums(xs, xs[0], big, 0.0, 0.0)
+        mean[p], var[p] = mean_var(s1, s2, S, xs[0])
+
+
+@kernel
+def b0_stats_cl(x, nchunks, mean, var):
+    N, S, C = x.shape
+    for t in prange(nchunks):
+        q1 = np.empty(C)
+        q2 = np.empty(C)
+        for n in range(t * N // nchunks, (t + 1) * N // nchunks):
+            xn = x[n]
+            sh = xn[0]
+            q1[:] = 0.0
+            q2[:] = 0.0
+            for s in range(S):
+                xs = xn[s]
+                for c in range(C):
+                    d = np.float64(xs[c] - sh[c])
+                    q1[c] += d
+                    q2[c] += d * d
+            for c in range(C):
+                mean[n, c], var[n, c] = mean_var(q1[c], q2[c], S, sh[c])
+
+
+@kernel
+def b0_fwd(x, w, b, v, sb, si, y):
+    P, S = x.shape
+    C = w.shape[0]
+    for p in prange(P):
+        c = p % C
+        xs, ys = x[p], y[p]
+        lc, rc, wc, bc, vc = sb[c], si[p], w[c], b[c], v[c]
+        for s in range(S):
+            xv = xs[s]
+            r = vc * xv + rc
+            den = lc if (lc > r or lc != lc) else r  # torch.maximum: NaN in either gives NaN
+            ys[s] = wc * (xv / den) + bc
+
+
+@kernel
+def b0_fwd_cl(x, w, b, v, sb, si, nchunks, y):
+    N, S, C = x.shape
+    for t in prange(nchunks):
+        for n in range(t * N // nchunks, (t + 1) * N // nchunks):
+            xn, yn, rn = x[n], y[n], si[n]
+            for s in range(S):
+                xs, ys = xn[s], yn[s]
+                for c in range(C):
+                    xv = xs[c]
+                    r = v[c] * xv + rn[c]
+                    den = sb[c] if (sb[c] > r or sb[c] != sb[c]) else r
+                    ys[c] = w[c] * (xv / den) + b[c]
+
+
+@kernel
+def b0_red(x, dy, w, v, sb, si, qr, qrx, ql, qw, qb):
+    P, S = x.shape
+    C = w.shape[0]
+    T = x.dtype.type
+    half, one, zero = T(0.5), T(1), T(0)
+    for p in prange(P):
+        c = p % C
+        xs, gs = x[p], dy[p]
+        lc, rc, wc, vc = sb[c], si[p], w[c], v[c]
+        a1 = 0.0
+        a2 = 0.0
+        a3 = 0.0
+        a4 = 0.0
+        a5 = 0.0
+        for s in range(S):
+            xv = xs[s]
+            d = gs[s]
+            r = vc * xv + rc
+            den = lc if (lc > r or lc != lc) else r
+            kr = zero if lc > r else (half if lc == r else one)
+            kl = zero if lc < r else (half if lc == r else one)
+            q = xv / den
+            gd = -(d * wc) * q / den
+            a1 += np.float64(gd * kr)
+            a2 += np.float64(gd * kr * xv)
+            a3 += np.float64(gd * kl)
+            a4 += np.float64(d * q)
+            a5 += np.float64(d)
+        qr[p] = a1
+        qrx[p] = a2
+        ql[p] = a3
+        qw[p] = a4
+        qb[p] = a5
+
+
+@kernel
+def b0_red_cl(x, dy, w, v, sb, si, nchunks, qr, qrx, ql, qw, qb):
+    N, S, C = x.shape
+    T = x.dtype.type
+    half, one, zero = T(0.5), T(1), T(0)
+    for t in prange(nchunks):
+        for n in range(t * N // nchunks, (t + 1) * N // nchunks):
+            xn, gn, rn = x[n], dy[n], si[n]
+            a1, a2, a3, a4, a5 = qr[n], qrx[n], ql[n], qw[n], qb[n]
+            a1[:] = 0.0
+            a2[:] = 0.0
+            a3[:] = 0.0
+            a4[:] = 0.0
+            a5[:] = 0.0
+            for s in range(S):
+                xs, gs = xn[s], gn[s]
+                for c in range(C):
+                    xv = xs[c]
+                    d = gs[c]
+                    lc = sb[c]
+                    r = v[c] * xv + rn[c]
+                    den = lc if (lc > r or lc != lc) else r
+                    kr = zero if lc > r else (half if lc == r else one)
+                    kl = zero if lc < r else (half if lc == r else one)
+                    q = xv / den
+                    gd = -(d * w[c]) * q / den
+                    a1[c] += np.float64(gd * kr)
+                    a2[c] += np.float64(gd * kr * xv)
+                    a3[c] += np.float64(gd * kl)
+                    a4[c] += np.float64(d * q)
+                    a5[c] += np.float64(d)
+
+
+@kernel
+def b0_dx(x, dy, w, v, sb, si, k1, mh, k0, dx):
+    P, S = x.shape
+    C = w.shape[0]
+    T = x.dtype.type
+    half, one, zero = T(0.5), T(1), T(0)
+    for p in prange(P):
+        c = p % C
+        xs, gs, dxs = x[p], dy[p], dx[p]
+        lc, rc, wc, vc = sb[c], si[p], w[c], v[c]
+        a, m, z = k1[p], mh[p], k0[p]
+        for s in range(S):
+            xv = xs[s]
+            r = vc * xv + rc
+            den = lc if (lc > r or lc != lc) else r
+            kr = zero if lc > r else (half if lc == r else one)
+            h = gs[s] * wc
+            dxs[s] = h / den - vc * kr * (h * (xv / den) / den) + a * (xv - m) + z
+
+
+@kernel
+def b0_dx_cl(x, dy, w, v, sb, si, k1, mh, k0, nchunks, dx):
+    N, S, C = x.shape
+    T = x.dtype.type
+    half, one, zero = T(0.5), T(1), T(0)
+    for t in prange(nchunks):
+        for n in range(t * N // nchunks, (t + 1) * N // nchunks):
+            xn, gn, dxn = x[n], dy[n], dx[n]
+            rn, an, mn, zn = si[n], k1[n], mh[n], k0[n]
+            for s in range(S):
+                xs, gs, dxs = xn[s], gn[s], dxn[s]
+                for c in range(C):
+                    xv = xs[c]
+                    lc = sb[c]
+                    r = v[c] * xv + rn[c]
+                    den = lc if (lc > r or lc != lc) else r
+                    kr = zero if lc > r else (half if lc == r else one)
+                    h = gs[c] * w[c]
+                    dxs[c] = h / den - v[c] * kr * (h * (xv / den) / den) + an[c] * (xv - mn[c]) + zn[c]
+
+
+def _b0_arrays(t: Tensor, cl: bool, n: int, c: int, s: int) -> np.ndarray:
+    """Channels-last: the (N, S, C) rows; contiguous: the (N·C, S) planes."""
+    if cl:
+        return t.movedim(1, -1).numpy().reshape(n, s, c)
+    return t.numpy().reshape(n * c, s)
+
+
+def evonorm_b0(x: Tensor, weight, bias, v, running_var, eps: float):
+    """(y, batch mean, batch var, instance mean, instance var), float64 statistics ((C,) and
+    (N, C)); ``running_var`` given: σ²_b is it (the batch mean comes back empty), else the
+    biased batch variance. ``v=None``: R = σ_i. None when float64 squares overflowed."""
+    x, cl, s = _layout(x)
+    n, c = x.shape[0], x.shape[1]
+    T = NP_DT[x.dtype]
+    mean_i, var_i = np.empty((n, c)), np.empty((n, c))
+    xa = _b0_arrays(x, cl, n, c, s)
+    if cl:
+        launch(b0_stats_cl, xa, _chunks(x, n), mean_i, var_i)
+    else:
+        launch(b0_stats, xa, mean_i.reshape(-1), var_i.reshape(-1))
+    if x.dtype == torch.float64 and (np.isfinite(mean_i) & ~np.isfinite(var_i)).any():
+        return None  # Σd² overflowed float64
+    if running_var is None:
+        mean_b = mean_i.mean(0)
+        var_b = var_i.mean(0) + ((mean_i - mean_b) ** 2).mean(0)  # all (n, c) hold S values
+    else:
+        mean_b, var_b = np.zeros(0), f64(running_var).copy()
+    sb = np.sqrt(var_b + eps).astype(T)
+    si = np.sqrt(var_i + eps).astype(T)
+    y = pool.empty(tuple(x.shape), x.stride(), x.dtype)
+    w, b = param(weight, c, x.dtype, 1.0), param(bias, c, x.dtype, 0.0)
+    vv = param(v, c, x.dtype, 0.0)
+    if cl:
+        launch(b0_fwd_cl, xa, w, b, vv, sb, si, _chunks(x, n), _b0_arrays(y, cl, n, c, s))
+    else:
+        launch(b0_fwd, xa, w, b, vv, sb, si.reshape(-1), _b0_arrays(y, cl, n, c, s))
+    return (y, torch.from_numpy(mean_b), torch.from_numpy(var_b), torch.from_numpy(mean_i),
+            torch.from_numpy(var_i))
+
+
+def evonorm_b0_backward(dy, x, weight, bias, v, mean_b, var_b, mean_i, var_i, batch: bool, eps: float, *,
+                        mask=(True,) * 4):
+    """(dx, dγ, dβ, dv): dx in x's layout and dtype, the rest float64 (C,); ``batch``: σ²_b is
+    the batch variance (its gradient reaches x), else a constant (running statistics)."""
+    x, cl, s = _layout(x)
+    n, c = x.shape[0], x.shape[1]
+    T = NP_DT[x.dtype]
+    dy = dy.detach()
+    if dy.dtype != x.dtype or dy.stride() != x.stride():
+        dy = torch.empty_strided(tuple(x.shape), x.stride(), dtype=x.dtype).copy_(dy)
+    vb, mi, vi = f64(var_b), f64(mean_i).reshape(n, c), f64(var_i).reshape(n, c)
+    sb64, si64 = np.sqrt(vb + eps), np.sqrt(vi + eps)
+    sb, si = sb64.astype(T), si64.astype(T)
+    w, vv = param(weight, c, x.dtype, 1.0), param(v, c, x.dtype, 0.0)
+    xa, ga = _b0_arrays(x, cl, n, c, s), _b0_arrays(dy, cl, n, c, s)
+    qr, qrx, ql, qw, qb = (np.empty((n, c)) for _ in range(5))
+    if cl:
+        launch(b0_red_cl, xa, ga, w, vv, sb, si, _chunks(x, n), qr, qrx, ql, qw, qb)
+    else:
+        launch(b0_red, xa, ga, w, vv, sb, si.reshape(-1), *(q.reshape(-1) for q in (qr, qrx, ql, qw, qb)))
+    dx = None
+    if mask[0]:
+        alpha = qr / (si64 * s)  # coefficient of (x − μ_i)
+        beta = ql.sum(0) / (sb64 * n * s) if batch else np.zeros(c)  # coefficient of (x − μ_b)
+        mb = f64(mean_b) if batch else np.zeros(c)
+        mhi = mi.astype(T)
+        lo = mi - mhi.astype(np.float64)
+        k1 = (alpha + beta).astype(T)
+        k0 = (-alpha * lo - beta * (mb - mhi.astype(np.float64))).astype(T)
+        dx = pool.empty(tuple(x.shape), x.stride(), x.dtype)
+        if cl:
+            launch(b0_dx_cl, xa, ga, w, vv, sb, si, k1, mhi, k0, _chunks(x, n), _b0_arrays(dx, cl, n, c, s))
+        else:
+            launch(b0_dx, xa, ga, w, vv, sb, si.reshape(-1), k1.reshape(-1), mhi.reshape(-1), k0.reshape(-1),
+                   _b0_arrays(dx, cl, n, c, s))
+    out = (dx, torch.from_numpy(qw.sum(0)), torch.from_numpy(qb.sum(0)),
+           torch.from_numpy(qrx.sum(0)) if v is not None else None)
+    return tuple(o if m else None for o, m in zip(out, mask))
+
+
+def _warmup_b0(dt: torch.dtype) -> None:
+    x = torch.randn(2, 4, 3, 3, dtype=dt)
+    w = torch.ones(4, dtype=dt)
+    for xi in (x, x.contiguous(memory_format=torch.channels_last)):
+        for rv in (None, w):
+            y, mb, vb, mi, vi = evonorm_b0(xi, w, w, w, rv, 1e-5)
+            evonorm_b0_backward(y, xi, w, w, w, mb, vb, mi, vi, rv is None, 1e-5)
