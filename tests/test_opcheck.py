@@ -243,6 +243,7 @@ def test_every_operator_is_covered():
                "layer_norm", "layer_norm_backward", "layer_norm_channels", "layer_norm_channels_backward",
                "dynamic_tanh", "dynamic_tanh_backward", "dynamic_erf", "dynamic_erf_backward",
                "filter_response_norm", "filter_response_norm_backward"}
+    covered |= EVONORM_OPS
     assert registered == covered, registered ^ covered
 
 
@@ -298,3 +299,57 @@ def test_opcheck_filter_response_norm(case):
     y, rstd = N.filter_response_norm(*args)
     mask = [True, affine, affine, affine]
     torch.library.opcheck(N.filter_response_norm_backward, (torch.randn_like(y), x, w, b, tau, rstd, 1e-6, backend, mask))
+
+
+# ---- EvoNorm-S0: opcheck of forward and backward; values are compared with the paper's formula
+# in tests/test_evonorm.py.
+EVONORM_OPS = {"evonorm_s0", "evonorm_s0_backward"}
+
+
+@pytest.mark.parametrize("case", [(torch.float32, "contiguous", True, ""), (torch.float64, "channels_last", True, ""),
+                                  (torch.bfloat16, "sliced", True, ""), (torch.float32, "channels_last", False, ""),
+                                  (torch.float32, "sliced", True, "reference")],
+                         ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_opcheck_evonorm_s0(case):
+    dtype, layout, gate, backend = case
+    x = _input(SHAPE, dtype, layout)
+    g = torch.Generator().manual_seed(3)
+    w, b, v = ((torch.randn(SHAPE[1], generator=g) * 0.3 + m).to(dtype) for m in (1.0, 0.0, 1.0))
+    v = v if gate else None
+    args = (x, w, b, v, 3, 1e-5, backend)
+    torch.library.opcheck(N.evonorm_s0, tuple(
+        t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args))
+    y, mean, rstd = N.evonorm_s0(*args)
+    assert mean.shape == rstd.shape == (SHAPE[0], 3)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    mask = [True, True, True, gate]
+    torch.library.opcheck(N.evonorm_s0_backward, (torch.randn_like(y), x, w, b, v, mean, rstd, 3, 1e-5, backend, mask))
+
+
+EVONORM_OPS |= {"evonorm_b0", "evonorm_b0_backward"}
+
+
+@pytest.mark.parametrize("case", [(torch.float32, "contiguous", True, True, ""),
+                                  (torch.float64, "channels_last", True, False, ""),
+                                  (torch.bfloat16, "sliced", True, True, ""),
+                                  (torch.float32, "channels_last", False, True, ""),
+                                  (torch.float32, "sliced", True, False, "reference")],
+                         ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_opcheck_evonorm_b0(case):
+    dtype, layout, gate, training, backend = case
+    x = _input(SHAPE, dtype, layout)
+    g = torch.Generator().manual_seed(4)
+    w, b, v = ((torch.randn(SHAPE[1], generator=g) * 0.3 + m).to(dtype) for m in (1.0, 0.0, 1.0))
+    v = v if gate else None
+    run = None if training else (torch.rand(SHAPE[1], generator=g) + 0.5).to(dtype)
+    args = (x, w, b, v, run, 1e-5, backend)
+    torch.library.opcheck(N.evonorm_b0, tuple(
+        t.detach().requires_grad_() if (isinstance(t, torch.Tensor) and t is not run) else t for t in args))
+    y, *stats = N.evonorm_b0(*args)
+    assert stats[0].shape == ((SHAPE[1],) if training else (0,)) and stats[2].shape == SHAPE[:2]
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    mask = [True, True, True, gate]
+    torch.library.opcheck(N.evonorm_b0_backward, (torch.randn_like(y), x, w, b, v, *stats, training, 1e-5, backend,
+                                                  mask))

@@ -724,6 +724,8 @@ def evonorm_s0(
     bias: Tensor | None = None,
     v: Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    backend: str | None = None,
 ) -> Tensor:
     r"""EvoNorm-S0 (Liu, Brock, Simonyan & Le 2020), batch-independent, of (N, C, \*) input.
 
@@ -731,9 +733,9 @@ def evonorm_s0(
 
     with s²_g the biased variance per (sample, group) over the group's C/G channels and every
     position (GroupNorm's grouping); v, γ, β per channel. ``v=None`` drops the sigmoid gate
-    (y = x / s_g · γ + β). Plain torch ops: the group standard deviation must be differentiable
-    inside a non-linear formula, which the normalization operators' (non-differentiable)
-    statistics outputs are not.
+    (y = x / s_g · γ + β). Computed by the ``normlab::evonorm_s0`` operator (on the CPU backend
+    one fused kernel forward, statistics then output, and one backward); traced for export,
+    plain torch ops.
     """
     check_input(input, min_dim=2)
     check_eps(eps)
@@ -741,6 +743,8 @@ def evonorm_s0(
     check_divisor(groups, c, "groups", f"the {c} channels")
     for t, name in ((weight, "weight"), (bias, "bias"), (v, "v")):
         _check_param(t, (c,), name)
+    if not traced(input):
+        return ops.evonorm_s0(input, weight, bias, v, groups, eps, backend=backend)[0]
     xc = input.to(compute_dtype(input.dtype))
     view = _chan_view(input)
     num = xc if v is None else xc * torch.sigmoid(v.view(view) * xc)
@@ -761,6 +765,8 @@ def evonorm_b0(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    backend: str | None = None,
 ) -> Tensor:
     r"""EvoNorm-B0 (Liu, Brock, Simonyan & Le 2020), batch-dependent, of (N, C, \*S) input.
 
@@ -771,7 +777,9 @@ def evonorm_b0(
     s²_b: the biased batch variance per channel over (N, \*S) in training (or without running
     statistics), ``running_var`` in eval; s²_i: the biased variance per (sample, channel) over
     the positions. Training updates ``running_var`` with the unbiased batch variance and
-    ``momentum``. Plain torch ops (differentiable statistics inside a max).
+    ``momentum``. Computed by the ``normlab::evonorm_b0`` operator (on the CPU backend fused
+    kernels: statistics, output; backward: reductions, dx; the gradient of the max goes to the
+    larger argument, split on a tie as torch.maximum's); traced for export, plain torch ops.
     """
     check_input(input, min_dim=3)
     check_eps(eps)
@@ -779,6 +787,16 @@ def evonorm_b0(
     c = input.shape[1]
     for t, name in ((running_var, "running_var"), (weight, "weight"), (bias, "bias"), (v, "v")):
         _check_param(t, (c,), name)
+    batch_stats = training or running_var is None
+    if not traced(input):
+        m = input.numel() // c if c else 0
+        if batch_stats:
+            _check_batch_stats(input, m, eps, "EvoNorm-B0")
+        y, _, var_b, _, _ = ops.evonorm_b0(input, weight, bias, v, None if batch_stats else running_var, eps,
+                                           backend=backend)
+        if training and running_var is not None and m > 0:
+            _update_running(running_var, var_b * (m / (m - 1)), momentum)
+        return y
     xc = input.to(compute_dtype(input.dtype))
     view = _chan_view(input)
     if training or running_var is None:

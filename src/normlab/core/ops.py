@@ -784,3 +784,197 @@ _EAGER["filter_response_norm"] = _eager_function("filter_response_norm", _frn_ba
 def filter_response_norm(x, weight, bias, tau, eps: float, backend: str | None = None):
     """(y, rstd) through ``normlab::filter_response_norm``."""
     return call("filter_response_norm", x, weight, bias, tau, float(eps), backend or "")
+
+
+# ----------------------------------------------------------------------------------- EvoNorm-S0
+#     evonorm_s0(x, weight?, bias?, v?, groups, eps, backend)                  -> (y, [mean, rstd]) (N, G)
+#     evonorm_s0_backward(dy, x, weight?, bias?, v?, mean, rstd, groups, eps, backend, mask)
+#                                                                              -> (dx, dγ, dβ, dv)
+# y = γ·x·σ(v·x)·rstd + β, rstd = 1/sqrt(σ²_ng + ε) per (sample, group); v None: no gate (z = x).
+# y/dx in the per-channel canonical layout; ``mask`` over (x, γ, β, v); bias is passed to the
+# backward for dβ's shape and dtype only.
+
+
+def _s0_impl(x, weight, bias, v, groups, eps, backend):
+    out = _backend("evonorm_s0", x, backend).evonorm_s0(x, weight, bias, v, groups, eps)
+    if out is None:  # the CPU kernels' float64 sums of squares overflowed (|x| ≳ 1e154)
+        out = reference.evonorm_s0(x, weight, bias, v, groups, eps)
+    y, mean, rstd = out
+    return _canonical(y, x, True), *_stats(x, mean, rstd)
+
+
+def _s0_backward_impl(dy, x, weight, bias, v, mean, rstd, groups, eps, backend, mask):
+    dx, *grads = _backend("evonorm_s0", x, backend).evonorm_s0_backward(
+        dy, x, weight, bias, v, mean, rstd, groups, eps, mask=tuple(mask))
+    dx = _canonical(dx, x, True) if mask[0] else x.new_empty((0,))
+    return (dx, *_pw_param_grads(x, (weight, bias, v), grads, mask[1:]))
+
+
+def _s0_fake(x, weight, bias, v, groups, eps, backend):
+    sd = stat_dtype(x)
+    shape = (x.shape[0], groups)
+    return _empty_out(x, True), x.new_empty(shape, dtype=sd), x.new_empty(shape, dtype=sd)
+
+
+def _s0_backward_fake(dy, x, weight, bias, v, mean, rstd, groups, eps, backend, mask):
+    dx = _empty_out(x, True) if mask[0] else x.new_empty((0,))
+    rest = [p.new_empty(p.shape) if (m and p is not None) else x.new_empty((0,), dtype=x.dtype if p is None else p.dtype)
+            for p, m in zip((weight, bias, v), mask[1:])]
+    return (dx, *rest)
+
+
+_ops.update({
+    "evonorm_s0": _define("evonorm_s0", _s0_impl, _s0_fake, {
+        "x": _T, "weight": _OT, "bias": _OT, "v": _OT, "groups": int, "eps": float, "backend": str,
+        "return": tuple[Tensor, Tensor, Tensor]}),
+    "evonorm_s0_backward": _define("evonorm_s0_backward", _s0_backward_impl, _s0_backward_fake, {
+        "dy": _T, "x": _T, "weight": _OT, "bias": _OT, "v": _OT, "mean": _T, "rstd": _T, "groups": int,
+        "eps": float, "backend": str, "mask": Sequence[bool], "return": tuple[Tensor, Tensor, Tensor, Tensor]}),
+})
+_IMPLS.update({"evonorm_s0": _s0_impl, "evonorm_s0_backward": _s0_backward_impl})
+_COMPOSITE["evonorm_s0"] = lambda x, w, b, v, g, eps, _: reference.evonorm_s0(x, w, b, v, g, eps)
+_N_DIFF["evonorm_s0"] = 4
+
+
+def _s0_setup(ctx, inputs, output):
+    x, weight, bias, v, groups, eps, backend = inputs
+    ctx.save_for_backward(x, weight, bias, v, output[1], output[2])
+    ctx.args = (groups, eps, backend)
+    ctx.compiled = True
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
+
+
+def _s0_backward(ctx, dy, *_):
+    """The backward operator (one fused kernel on the CPU), or with ``create_graph=True`` the
+    reference composite differentiated on the saved inputs."""
+    if dy is None:
+        return (None,) * 7
+    x, weight, bias, v, mean, rstd = ctx.saved_tensors
+    inputs = (x, weight, bias, v)
+    need = ctx.needs_input_grad[:4]
+    if torch.is_grad_enabled():
+        with torch.enable_grad():
+            y = reference.evonorm_s0(*inputs, *ctx.args[:2])[0]
+            wrt = [t for t, n in zip(inputs, need) if n and t is not None]
+            grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
+        out = []
+        for t, n in zip(inputs, need):
+            g = next(grads) if (n and t is not None) else None
+            out.append(torch.zeros_like(t) if (g is None and n and t is not None) else g)
+        return (*out, None, None, None)
+    grads = _run("evonorm_s0_backward", ctx.compiled)(dy, *inputs, mean, rstd, *ctx.args, list(need))
+    return (*(g if n else None for g, n in zip(grads, need)), None, None, None)
+
+
+_ops["evonorm_s0"].register_autograd(_s0_backward, setup_context=_s0_setup)
+_EAGER["evonorm_s0"] = _eager_function("evonorm_s0", _s0_backward, setup=_s0_setup, n_out=3)
+
+
+__all__ += ["evonorm_s0"]
+
+
+def evonorm_s0(x, weight, bias, v, groups: int, eps: float, backend: str | None = None):
+    """(y, mean, rstd) through ``normlab::evonorm_s0``."""
+    return call("evonorm_s0", x, weight, bias, v, int(groups), float(eps), backend or "")
+
+
+# ----------------------------------------------------------------------------------- EvoNorm-B0
+#     evonorm_b0(x, weight?, bias?, v?, running_var?, eps, backend)
+#                                           -> (y, [mean_b (C,), var_b (C,), mean_i (N, C), var_i (N, C)])
+#     evonorm_b0_backward(dy, x, weight?, bias?, v?, mean_b, var_b, mean_i, var_i, batch, eps, backend, mask)
+#                                           -> (dx, dγ, dβ, dv)
+# y = γ·x / max(sqrt(σ²_b + ε), v·x + sqrt(σ²_i + ε)) + β; σ²_b the biased batch variance, or
+# ``running_var`` when given (then mean_b is empty and σ²_b gets no gradient: batch=False).
+# Variances, not rstd: the functional form updates running_var from var_b. ``mask`` over
+# (x, γ, β, v).
+
+
+def _b0_impl(x, weight, bias, v, running_var, eps, backend):
+    out = _backend("evonorm_b0", x, backend).evonorm_b0(x, weight, bias, v, running_var, eps)
+    if out is None:  # the CPU kernels' float64 sums of squares overflowed (|x| ≳ 1e154)
+        out = reference.evonorm_b0(x, weight, bias, v, running_var, eps)
+    y, mean_b, var_b, mean_i, var_i = out
+    sd = stat_dtype(x)
+    if running_var is not None:
+        mean_b = x.new_empty((0,), dtype=sd)
+    elif x.numel() == 0:
+        mean_b = x.new_zeros((x.shape[1],), dtype=sd)
+    else:
+        mean_b = mean_b.to(sd)
+    return _canonical(y, x, True), mean_b, *_stats(x, var_b, mean_i, var_i)
+
+
+def _b0_backward_impl(dy, x, weight, bias, v, mean_b, var_b, mean_i, var_i, batch, eps, backend, mask):
+    dx, *grads = _backend("evonorm_b0", x, backend).evonorm_b0_backward(
+        dy, x, weight, bias, v, mean_b, var_b, mean_i, var_i, batch, eps, mask=tuple(mask))
+    dx = _canonical(dx, x, True) if mask[0] else x.new_empty((0,))
+    return (dx, *_pw_param_grads(x, (weight, bias, v), grads, mask[1:]))
+
+
+def _b0_fake(x, weight, bias, v, running_var, eps, backend):
+    sd = stat_dtype(x)
+    n, c = x.shape[0], x.shape[1]
+    return (_empty_out(x, True), x.new_empty((c,) if running_var is None else (0,), dtype=sd),
+            x.new_empty((c,), dtype=sd), x.new_empty((n, c), dtype=sd), x.new_empty((n, c), dtype=sd))
+
+
+def _b0_backward_fake(dy, x, weight, bias, v, mean_b, var_b, mean_i, var_i, batch, eps, backend, mask):
+    return _s0_backward_fake(dy, x, weight, bias, v, None, None, 0, eps, backend, mask)
+
+
+_ops.update({
+    "evonorm_b0": _define("evonorm_b0", _b0_impl, _b0_fake, {
+        "x": _T, "weight": _OT, "bias": _OT, "v": _OT, "running_var": _OT, "eps": float, "backend": str,
+        "return": tuple[Tensor, Tensor, Tensor, Tensor, Tensor]}),
+    "evonorm_b0_backward": _define("evonorm_b0_backward", _b0_backward_impl, _b0_backward_fake, {
+        "dy": _T, "x": _T, "weight": _OT, "bias": _OT, "v": _OT, "mean_b": _T, "var_b": _T, "mean_i": _T,
+        "var_i": _T, "batch": bool, "eps": float, "backend": str, "mask": Sequence[bool],
+        "return": tuple[Tensor, Tensor, Tensor, Tensor]}),
+})
+_IMPLS.update({"evonorm_b0": _b0_impl, "evonorm_b0_backward": _b0_backward_impl})
+_COMPOSITE["evonorm_b0"] = lambda x, w, b, v, rv, eps, _: reference.evonorm_b0(x, w, b, v, rv, eps)
+_N_DIFF["evonorm_b0"] = 4  # running_var is a statistic, never differentiated
+
+
+def _b0_setup(ctx, inputs, output):
+    x, weight, bias, v, running_var, eps, backend = inputs
+    ctx.save_for_backward(x, weight, bias, v, running_var, *output[1:])
+    ctx.args = (eps, backend)
+    ctx.compiled = True
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _b0_backward(ctx, dy, *_):
+    """The backward operator (two fused passes on the CPU), or with ``create_graph=True`` the
+    reference composite differentiated on the saved inputs."""
+    if dy is None:
+        return (None,) * 7
+    x, weight, bias, v, running_var, mean_b, var_b, mean_i, var_i = ctx.saved_tensors
+    inputs = (x, weight, bias, v)
+    need = ctx.needs_input_grad[:4]
+    if torch.is_grad_enabled():
+        with torch.enable_grad():
+            y = reference.evonorm_b0(*inputs, running_var, ctx.args[0])[0]
+            wrt = [t for t, n in zip(inputs, need) if n and t is not None]
+            grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
+        out = []
+        for t, n in zip(inputs, need):
+            g = next(grads) if (n and t is not None) else None
+            out.append(torch.zeros_like(t) if (g is None and n and t is not None) else g)
+        return (*out, None, None, None)
+    grads = _run("evonorm_b0_backward", ctx.compiled)(dy, *inputs, mean_b, var_b, mean_i, var_i,
+                                                      running_var is None, *ctx.args, list(need))
+    return (*(g if n else None for g, n in zip(grads, need)), None, None, None)
+
+
+_ops["evonorm_b0"].register_autograd(_b0_backward, setup_context=_b0_setup)
+_EAGER["evonorm_b0"] = _eager_function("evonorm_b0", _b0_backward, setup=_b0_setup, n_out=5)
+__all__ += ["evonorm_b0"]
+
+
+def evonorm_b0(x, weight, bias, v, running_var, eps: float, backend: str | None = None):
+    """(y, mean_b, var_b, mean_i, var_i) through ``normlab::evonorm_b0`` (``running_var=None``:
+    batch statistics)."""
+    return call("evonorm_b0", x, weight, bias, v, running_var, float(eps), backend or "")

@@ -451,3 +451,148 @@ def filter_response_norm_backward(dy, x, weight, bias, tau, rstd, eps: float, *,
     db = dz.sum(red) if mask[2] else None
     dtau = dt.sum(red) if (mask[3] and dt is not None) else None
     return dx, dw, db, dtau
+
+
+# --------------------------------------------------------------------------------------------
+# EvoNorm-S0
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["evonorm_s0", "evonorm_s0_backward"]
+
+
+def _s0_group_stats(xc: Tensor, groups: int, eps: float):
+    """(mean, rstd) per (sample, group), each broadcast back to xc's shape, and the (N, G) ones.
+    The moments are the core's (shifted two-pass, rescaled against overflow); rstd is
+    differentiable, the mean is not (the composite differentiates through rstd only)."""
+    n, c = xc.shape[0], xc.shape[1]
+    m = (c // groups) * _spatial(xc)
+    shift, corr, _, rstd = _moments(xc.reshape(n, groups, m), (2,), STANDARD, eps)
+    mean = _mean(shift, corr, xc.dtype)
+
+    def back(t: Tensor) -> Tensor:
+        return t.expand(n, groups, m).reshape(xc.shape)
+
+    return back(mean), back(rstd), mean.reshape(n, groups), rstd.reshape(n, groups)
+
+
+def evonorm_s0(x: Tensor, weight, bias, v, groups: int, eps: float):
+    """(y, mean, rstd): y = γ·x·σ(v·x)·rstd + β, rstd = 1/sqrt(σ²_ng + ε) per (sample, group)
+    of ``groups`` consecutive-channel groups; ``v=None``: no gate. Plain differentiable torch ops."""
+    acc = compute_dtype(x.dtype)
+    xc = x.to(acc)
+    _, r, mean, rstd = _s0_group_stats(xc, groups, eps)
+    z = xc if v is None else xc * torch.sigmoid(_channel_view(v.to(acc), x.dim()) * xc)
+    y = z * r
+    if weight is not None:
+        y = y * _channel_view(weight.to(acc), x.dim())
+    if bias is not None:
+        y = y + _channel_view(bias.to(acc), x.dim())
+    return y.to(x.dtype), mean, rstd
+
+
+def evonorm_s0_backward(dy, x, weight, bias, v, mean, rstd, groups: int, eps: float, *, mask=(True,) * 4):
+    """(dx, dγ, dβ, dv) of :func:`evonorm_s0`, hand-derived (``mean``/``rstd`` recomputed from x):
+    with z = x·σ, h = γ·dy and A = Σ_group h·z, dx = h·r·(σ + v·x·σ(1 − σ)) − A·r³/M·(x − μ),
+    dγ = Σ dy·z·r, dβ = Σ dy, dv = Σ h·r·x²·σ(1 − σ) (M values per group)."""
+    acc = compute_dtype(x.dtype)
+    xc, dyc = x.to(acc), dy.to(acc)
+    n, c = x.shape[0], x.shape[1]
+    m = (c // groups) * _spatial(x)
+    with torch.no_grad():
+        mu, r, _, _ = _s0_group_stats(xc, groups, eps)
+    red = [0] + list(range(2, x.dim()))
+    h = dyc if weight is None else dyc * _channel_view(weight.to(acc), x.dim())
+    if v is None:
+        z, dzdx, ds = xc, torch.ones_like(xc), None
+    else:
+        vv = _channel_view(v.to(acc), x.dim())
+        sg = torch.sigmoid(vv * xc)
+        ds = sg * (1 - sg)
+        z, dzdx = xc * sg, sg + vv * xc * ds
+    dx = None
+    if mask[0]:
+        a = (h * z).reshape(n, groups, m).sum(-1, keepdim=True).expand(n, groups, m).reshape(x.shape)
+        dx = (h * r * dzdx - a * r.pow(3) / max(m, 1) * (xc - mu)).to(x.dtype)
+    dw = (dyc * z * r).sum(red) if mask[1] else None
+    db = dyc.sum(red) if mask[2] else None
+    dv = (h * r * xc * xc * ds).sum(red) if (mask[3] and ds is not None) else None
+    return dx, dw, db, dv
+
+
+# --------------------------------------------------------------------------------------------
+# EvoNorm-B0
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["evonorm_b0", "evonorm_b0_backward"]
+
+
+def _b0_parts(xc: Tensor, running_var, eps: float):
+    """(σ_b broadcastable, σ_i keepdim, mean_b, var_b, mean_i, var_i): the core's moments;
+    σ_b from ``running_var`` when given (then mean_b is empty)."""
+    n, c = xc.shape[0], xc.shape[1]
+    sp = tuple(range(2, xc.dim()))
+    shift, corr, var_i, _ = _moments(xc, sp, STANDARD, 0.0)
+    mean_i = _mean(shift, corr, xc.dtype)
+    if running_var is None:
+        bshift, bcorr, var_b, _ = _moments(xc, (0,) + sp, STANDARD, 0.0)
+        mean_b = _mean(bshift, bcorr, xc.dtype).reshape(c)
+    else:
+        var_b = running_var.to(xc.dtype).reshape((1, c) + (1,) * len(sp))
+        mean_b = xc.new_zeros((0,))
+    sigma_b = torch.sqrt(var_b + eps)
+    sigma_i = torch.sqrt(var_i + eps)
+    return sigma_b, sigma_i, mean_b, var_b.reshape(c), mean_i.reshape(n, c), var_i.reshape(n, c)
+
+
+def evonorm_b0(x: Tensor, weight, bias, v, running_var, eps: float):
+    """(y, mean_b, var_b, mean_i, var_i): y = γ·x / max(sqrt(σ²_b + ε), v·x + sqrt(σ²_i + ε)) + β,
+    σ²_b the biased batch variance per channel (``running_var`` when given), σ²_i per (sample,
+    channel). Plain differentiable torch ops."""
+    acc = compute_dtype(x.dtype)
+    xc = x.to(acc)
+    sigma_b, sigma_i, mean_b, var_b, mean_i, var_i = _b0_parts(xc, running_var, eps)
+    right = sigma_i if v is None else _channel_view(v.to(acc), x.dim()) * xc + sigma_i
+    y = xc / torch.maximum(sigma_b, right)
+    if weight is not None:
+        y = y * _channel_view(weight.to(acc), x.dim())
+    if bias is not None:
+        y = y + _channel_view(bias.to(acc), x.dim())
+    return y.to(x.dtype), mean_b.detach(), var_b.detach(), mean_i, var_i.detach()
+
+
+def evonorm_b0_backward(dy, x, weight, bias, v, mean_b, var_b, mean_i, var_i, batch: bool, eps: float, *,
+                        mask=(True,) * 4):
+    """(dx, dγ, dβ, dv) of :func:`evonorm_b0`, hand-derived (statistics recomputed from x;
+    ``batch=False``: σ²_b = ``var_b`` is a constant). With D = max(L, R), L = σ_b,
+    R = v·x + σ_i, h = γ·dy, torch.maximum's gradient k_R, k_L (½ each on a tie),
+    g = −h·x/D²: dx = h/D + v·k_R·g + Σ_s k_R·g/(σ_i·S)·(x − μ_i) [+ Σ_{n,s} k_L·g/(σ_b·N·S)·(x − μ_b)],
+    dv = Σ k_R·g·x, dγ = Σ dy·x/D, dβ = Σ dy."""
+    acc = compute_dtype(x.dtype)
+    xc, dyc = x.to(acc), dy.to(acc)
+    n, c = x.shape[0], x.shape[1]
+    s = _spatial(x)
+    sp = tuple(range(2, x.dim()))
+    red = [0, *sp]
+    sigma_b, sigma_i, _, _, _, _ = _b0_parts(xc, None if batch else var_b, eps)
+    mu_i = xc.mean(sp, keepdim=True)
+    right = sigma_i if v is None else _channel_view(v.to(acc), x.dim()) * xc + sigma_i
+    left = sigma_b.expand_as(xc)
+    den = torch.maximum(left, right)
+    half = torch.where(left == right, 0.5, 1.0).to(acc)
+    kr = half.masked_fill(left > right, 0)
+    kl = half.masked_fill(left < right, 0)
+    h = dyc if weight is None else dyc * _channel_view(weight.to(acc), x.dim())
+    gd = -h * xc / (den * den)
+    dx = None
+    if mask[0]:
+        dx = h / den + (xc - mu_i) * (gd * kr).sum(sp, keepdim=True) / (sigma_i * max(s, 1))
+        if v is not None:
+            dx = dx + _channel_view(v.to(acc), x.dim()) * kr * gd
+        if batch:
+            mu_b = xc.mean(red, keepdim=True)
+            dx = dx + (xc - mu_b) * (gd * kl).sum(red, keepdim=True) / (sigma_b * max(n * s, 1))
+        dx = dx.to(x.dtype)
+    dw = (dyc * xc / den).sum(red) if mask[1] else None
+    db = dyc.sum(red) if mask[2] else None
+    dv = (gd * kr * xc).sum(red) if (mask[3] and v is not None) else None
+    return dx, dw, db, dv

@@ -89,6 +89,9 @@ from normlab.core.cpu.pointwise import (POINTWISE_OPS, dynamic_erf, dynamic_erf_
                                         dynamic_tanh_backward, filter_response_norm,
                                         filter_response_norm_backward)
 from normlab.core.cpu.pointwise import warmup as _warmup_pointwise
+from normlab.core.cpu.evonorm import (EVONORM_OPS, evonorm_b0, evonorm_b0_backward, evonorm_s0,
+                                      evonorm_s0_backward)
+from normlab.core.cpu.evonorm import warmup as _warmup_evonorm
 from normlab.core.cpu.threads import PARALLEL_MIN_NUMEL, start_pool
 
 __all__ = [
@@ -108,6 +111,10 @@ __all__ = [
     "dynamic_erf_backward",
     "filter_response_norm",
     "filter_response_norm_backward",
+    "evonorm_s0",
+    "evonorm_s0_backward",
+    "evonorm_b0",
+    "evonorm_b0_backward",
     "supports",
     "wait_ready",
     "set_buffer_pool",
@@ -122,7 +129,8 @@ __all__ = [
     "POOL_MIN_BYTES",
 ]
 
-OPS = ("batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_channels", *POINTWISE_OPS)
+OPS = ("batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_channels", *POINTWISE_OPS,
+       *EVONORM_OPS)
 
 
 def _takes(op: str, x: Tensor) -> bool:
@@ -133,6 +141,8 @@ def _takes(op: str, x: Tensor) -> bool:
         return False
     if x.numel() == 0 or x.is_conj() or x.is_neg():
         return False
+    if op == "evonorm_b0":
+        return x.dim() >= 3
     return x.dim() >= 1 if op in ("layer_norm", *POINTWISE_OPS) else x.dim() >= 2
 
 
@@ -416,7 +426,7 @@ def _warmup_tasks(dtypes) -> list:
     return [lambda: [stats(dt, torch.channels_last) for dt in dtypes],
             lambda: [stats(dt, torch.contiguous_format) for dt in dtypes],
             lambda: [rows(dt) for dt in dtypes],
-            lambda: [_warmup_pointwise(dt) for dt in dtypes]]
+            lambda: [(_warmup_pointwise(dt), _warmup_evonorm(dt)) for dt in dtypes]]
 
 
 def warmup(dtypes=(torch.float32, torch.float64), *, part: int = 0, parts: int = 1) -> None:
