@@ -127,9 +127,12 @@ def stats_finalize(PM, PS, PL, PQ, SHIFT, CORR, MEAN, VAR, RSTD, T, R, CH, NCHUN
         sig = tl.load(PS + j * T + t, mask=tmask, other=1.0) / big
         lj = tl.load(PL + j * T + t, mask=tmask, other=0.0)
         qj = tl.load(PQ + j * T + t, mask=tmask, other=0.0)
-        dl = (m - g) / big
-        lsum += sig * lj + nj * dl
-        qsum += sig * sig * qj + 2.0 * dl * sig * lj + nj * dl * dl
+        if MODE == 1:  # no shifts: Q alone (and an Inf row gives var = Inf, rstd = 0, as torch)
+            qsum += sig * sig * qj
+        else:
+            dl = (m - g) / big
+            lsum += sig * lj + nj * dl
+            qsum += sig * sig * qj + 2.0 * dl * sig * lj + nj * dl * dl
     corr = lsum / nf
     if MODE == 1:
         var_s = qsum / nf
@@ -299,3 +302,102 @@ def sum_partials(PART, OUT, P, NCHUNK, BLOCK: tl.constexpr):
     for j in range(0, NCHUNK):
         acc += tl.load(PART + j * P + p, mask=pmask, other=0.0)
     tl.store(OUT + p, acc, mask=pmask)
+
+
+# --------------------------------------------------------------------------------------------
+# rows that fit in one program: layer norm / RMS norm in one read of x (forward) and one read of
+# x and dy (backward), the statistics computed from registers with the same numerics
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def rows_forward(X, Y, W, B, MEAN, VAR, RSTD, T, K, eps, MODE: tl.constexpr, HAS_W: tl.constexpr,
+                 HAS_B: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr):
+    """BG whole rows of a contiguous (T, K) x per program (K ≤ BK): shift m = mean(x) (0 for
+    RMS), s = power of two ≥ |x − m| when max|x| > 2⁶⁰, L = Σ(x−m)/s, Q = Σ((x−m)/s)², then
+    var = (Q/K − (L/K)²)·s², rstd = 1/(s·sqrt(var/s² + ε/s²)), y = ((x − m) − s·L/K)·rstd·γ + β."""
+    t = tl.program_id(0) * BG + tl.arange(0, BG)
+    k = tl.arange(0, BK)
+    tmask = t < T
+    kmask = k < K
+    mask = tmask[:, None] & kmask[None, :]
+    off = t.to(tl.int64)[:, None] * K + k[None, :]
+    x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+    nf = K * 1.0
+    amax = tl.max(tl.abs(x), axis=1)
+    big = (amax > _BIG) & (amax < float("inf"))
+    s = tl.where(big, tl.exp2(tl.ceil(tl.log2(tl.where(big, amax, 1.0))) + 1.0), 1.0)
+    if MODE == 1:
+        m = tl.zeros([BG], dtype=tl.float32)
+    else:
+        m = tl.sum(x, axis=1) / nf
+    d = tl.where(mask, (x - m[:, None]) * (1.0 / s)[:, None], 0.0)
+    q = tl.sum(d * d, axis=1) / nf
+    if MODE == 1:
+        corr = tl.zeros([BG], dtype=tl.float32)
+        var_s = q
+    else:
+        corr = tl.sum(d, axis=1) / nf
+        var_s = q - corr * corr
+        var_s = tl.where(var_s < 0.0, 0.0, var_s)  # NaN-preserving clamp
+    rstd = 1.0 / (s * tl.sqrt(var_s + eps / (s * s)))
+    c = corr * s
+    y = ((x - m[:, None]) - c[:, None]) * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(W + k, mask=kmask, other=1.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y = y + tl.load(B + k, mask=kmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + t, tl.where((m == float("inf")) | (m == -float("inf")), m, m + c), mask=tmask)
+    tl.store(VAR + t, var_s * s * s, mask=tmask)
+    tl.store(RSTD + t, rstd, mask=tmask)
+
+
+@triton.jit
+def rows_backward(X, DY, DX, W, MEAN, RSTD, PW, PB, T, K, MODE: tl.constexpr, HAS_W: tl.constexpr,
+                  NEED_DX: tl.constexpr, NEED_P: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr):
+    """Whole rows: with d = x − mean (the saved mean), corr = mean(d) (0 for RMS),
+    x̂ = (d − corr)·rstd, g = dy·γ: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) (RMS: no mean(g));
+    a program walks row blocks pid, pid + programs, ... and writes its Σdy·x̂ and Σdy per column
+    to row pid of the (programs, K) partial buffers (summed by ``sum_partials``)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    k = tl.arange(0, BK)
+    kmask = k < K
+    nf = K * 1.0
+    if HAS_W:
+        w = tl.load(W + k, mask=kmask, other=0.0).to(tl.float32)
+    acc_w = tl.zeros([BK], dtype=tl.float32)
+    acc_b = tl.zeros([BK], dtype=tl.float32)
+    for blk in range(pid, tl.cdiv(T, BG), nprog):
+        t = blk * BG + tl.arange(0, BG)
+        tmask = t < T
+        mask = tmask[:, None] & kmask[None, :]
+        off = t.to(tl.int64)[:, None] * K + k[None, :]
+        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(MEAN + t, mask=tmask, other=0.0)
+        rs = tl.load(RSTD + t, mask=tmask, other=1.0)
+        d = tl.where(mask, x - m[:, None], 0.0)
+        if MODE == 1:
+            corr = tl.zeros([BG], dtype=tl.float32)
+        else:
+            corr = tl.sum(d, axis=1) / nf
+        xh = tl.where(mask, (d - corr[:, None]) * rs[:, None], 0.0)
+        if NEED_DX:
+            g = dy
+            if HAS_W:
+                g = dy * w[None, :]
+            b = tl.sum(g * xh, axis=1) / nf
+            if MODE == 1:
+                dx = rs[:, None] * (g - xh * b[:, None])
+            else:
+                a = tl.sum(g, axis=1) / nf
+                dx = rs[:, None] * (g - a[:, None] - xh * b[:, None])
+            tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+        if NEED_P:
+            acc_w += tl.sum(dy * xh, axis=0)
+            acc_b += tl.sum(dy, axis=0)
+    if NEED_P:
+        tl.store(PW + pid * K + k, acc_w, mask=kmask)
+        tl.store(PB + pid * K + k, acc_b, mask=kmask)

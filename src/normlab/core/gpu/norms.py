@@ -19,6 +19,8 @@ from normlab.core.gpu import kernels as K
 from normlab.core.gpu.geometry import Geo
 
 FINAL_BLOCK = 256  # groups per program of the finalize kernels
+ROWS_MAX = 8192  # layer norm rows up to this length run the one-program-per-row kernels
+ROW_PROGRAMS = 528  # programs of the rows backward (each walks row blocks; 4 per SM of an H100)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -204,10 +206,50 @@ def _rows_of(x: Tensor, k: int) -> tuple[Tensor, int, int]:
     return xr, xr.numel() // cols, cols
 
 
+def _row_tile(cols: int) -> tuple[int, int, int]:
+    """(rows per program, block ≥ cols, warps) of the whole-row kernels."""
+    bk = geometry._pow2(cols)
+    return max(1, geometry.TILE // bk), bk, (4 if bk <= 2048 else 8 if bk <= 8192 else 16)
+
+
+def _rows_forward(xr, rows_, cols, weight, bias, eps, mode):
+    bg, bk, warps = _row_tile(cols)
+    y = torch.empty_like(xr)
+    mean, var, rstd = (torch.empty(rows_, dtype=torch.float32, device=xr.device) for _ in range(3))
+    K.rows_forward[(_cdiv(rows_, bg),)](xr, y, _param(weight, xr), _param(bias, xr), mean, var, rstd, rows_, cols,
+                                        float(eps), MODE=mode, HAS_W=weight is not None, HAS_B=bias is not None,
+                                        BG=bg, BK=bk, num_warps=warps)
+    return y, mean, var, rstd
+
+
+def _rows_backward(dy, xr, rows_, cols, weight, mean, rstd, mode, mask):
+    bg, bk, warps = _row_tile(cols)
+    want_dw, want_db = bool(mask[1]) and weight is not None, bool(mask[2])
+    need_p = want_dw or want_db
+    progs = max(1, min(_cdiv(rows_, bg), ROW_PROGRAMS))
+    f32 = dict(dtype=torch.float32, device=xr.device)
+    dx = torch.empty_like(xr) if mask[0] else xr
+    pw, pb = ((torch.empty((progs, cols), **f32) for _ in range(2)) if need_p else (xr, xr))
+    K.rows_backward[(progs,)](xr, dy, dx, _param(weight, xr), mean, rstd, pw, pb, rows_, cols, MODE=mode,
+                              HAS_W=weight is not None, NEED_DX=bool(mask[0]), NEED_P=need_p, BG=bg, BK=bk,
+                              num_warps=warps)
+    outs = []
+    for part, want in ((pw, want_dw), (pb, want_db)):
+        out = None
+        if want:
+            out = torch.empty(cols, **f32)
+            K.sum_partials[(_cdiv(cols, FINAL_BLOCK),)](part, out, cols, progs, BLOCK=FINAL_BLOCK)
+        outs.append(out)
+    return (dx if mask[0] else None), outs[0], outs[1]
+
+
 def layer_norm(x, normalized_ndim, weight, bias, eps, *, rms=False):
     xr, rows_, cols = _rows_of(x, normalized_ndim)
-    stat, _ = geometry.rows(rows_, cols)
-    y, mean, var, rstd = forward(xr, stat, weight, bias, eps, K.RMS if rms else K.STANDARD)
+    mode = K.RMS if rms else K.STANDARD
+    if cols <= ROWS_MAX:
+        y, mean, var, rstd = _rows_forward(xr, rows_, cols, weight, bias, eps, mode)
+    else:
+        y, mean, var, rstd = forward(xr, geometry.rows(rows_, cols)[0], weight, bias, eps, mode)
     lead = tuple(x.shape[: x.dim() - normalized_ndim])
     return y, (None if rms else mean.view(lead)), var.view(lead), rstd.view(lead)
 
@@ -216,8 +258,10 @@ def layer_norm_backward(dy, x, weight, mean, rstd, normalized_ndim, eps, *, rms=
     xr, rows_, cols = _rows_of(x, normalized_ndim)
     stat, param = geometry.rows(rows_, cols)
     mean = _f32(None if rms else mean, rows_, xr)
-    return backward(dy.contiguous(), xr, stat, param, weight, mean, _f32(rstd, rows_, xr, 1.0),
-                    K.RMS if rms else K.STANDARD, mask)
+    mode = K.RMS if rms else K.STANDARD
+    if cols <= ROWS_MAX:
+        return _rows_backward(dy.contiguous(), xr, rows_, cols, weight, mean, _f32(rstd, rows_, xr, 1.0), mode, mask)
+    return backward(dy.contiguous(), xr, stat, param, weight, mean, _f32(rstd, rows_, xr, 1.0), mode, mask)
 
 
 def layer_norm_channels(x, weight, bias, eps):
