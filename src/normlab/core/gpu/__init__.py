@@ -3,8 +3,9 @@
 Ops: ``batch_norm`` (training, also mean-only), ``batch_norm_eval`` (+ its fused backward),
 ``group_norm`` (instance norm is G = C), ``layer_norm`` (also RMSNorm), ``layer_norm_channels``;
 each forward returns the statistics of docs/CONTRACTS.md and each backward dx, dγ, dβ together.
-The point-wise DyT/Derf and filter response norm are not implemented here: dispatch sends them to
-the next backend (the reference, whose torch ops run on the GPU).
+The point-wise ``dynamic_tanh`` / ``dynamic_erf`` (DyT, Derf) have a forward kernel and a one-pass
+backward. Filter response norm is not implemented here: dispatch sends it to the next backend
+(the reference, whose torch ops run on the GPU).
 
 Support (``supports(op, x)``): CUDA tensors of dtype float32, bfloat16 or float16 with at least
 one element (and at least 2 dims for the per-channel ops). Under the Triton interpreter
@@ -51,9 +52,15 @@ __all__ = [
     "layer_norm_backward",
     "layer_norm_channels",
     "layer_norm_channels_backward",
+    "dynamic_tanh",
+    "dynamic_tanh_backward",
+    "dynamic_erf",
+    "dynamic_erf_backward",
 ]
 
-OPS = ("batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_channels")
+OPS = ("batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_channels", "dynamic_tanh",
+       "dynamic_erf")
+_ANY_RANK = ("layer_norm", "dynamic_tanh", "dynamic_erf")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NAME = "gpu"  # this backend's name in dispatch's registry
 
@@ -68,7 +75,7 @@ def _takes(op: str, x) -> bool:
         return False
     if x.dtype not in DTYPES or x.numel() == 0 or x.is_conj() or x.is_neg():
         return False
-    return x.dim() >= 1 if op == "layer_norm" else x.dim() >= 2
+    return x.dim() >= 1 if op in _ANY_RANK else x.dim() >= 2
 
 
 def supports(op: str, x: Tensor) -> bool:
@@ -139,3 +146,31 @@ def layer_norm_channels(x, weight, bias, eps):
 def layer_norm_channels_backward(dy, x, weight, mean, rstd, eps, *, mask=(True, True, True)):
     """(dx, dγ, dβ) of channels-first layer norm."""
     return _norms().layer_norm_channels_backward(dy, x, weight, mean, rstd, eps, mask=mask)
+
+
+def _pointwise():
+    from normlab.core.gpu import pointwise
+
+    return pointwise
+
+
+def dynamic_tanh(x, alpha, weight, bias, *, channels_last=True):
+    """y = γ·tanh(α·x) + β."""
+    return _pointwise().forward(x, alpha, None, weight, bias, channels_last)
+
+
+def dynamic_tanh_backward(dy, x, alpha, weight, bias, *, channels_last=True, mask=(True,) * 4):
+    """(dx, dα, dγ, dβ) of :func:`dynamic_tanh` (``bias`` only gives dβ's shape)."""
+    dx, da, _, dw, db = _pointwise().backward(dy, x, alpha, None, weight, bias, channels_last,
+                                              (mask[0], mask[1], False, mask[2], mask[3]))
+    return dx, da, dw, db
+
+
+def dynamic_erf(x, alpha, shift, weight, bias, *, channels_last=True):
+    """y = γ·erf(α·x + s) + β."""
+    return _pointwise().forward(x, alpha, shift, weight, bias, channels_last)
+
+
+def dynamic_erf_backward(dy, x, alpha, shift, weight, bias, *, channels_last=True, mask=(True,) * 5):
+    """(dx, dα, ds, dγ, dβ) of :func:`dynamic_erf`."""
+    return _pointwise().backward(dy, x, alpha, shift, weight, bias, channels_last, tuple(mask))
