@@ -25,6 +25,8 @@ kernel structure and the two-stage deterministic reductions: see ``kernels`` and
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 
@@ -92,57 +94,84 @@ def wait_ready(op: str, x: Tensor) -> bool:
     return _takes(op, x) and (x.is_cuda or (x.device.type == "cpu" and interpreted()))
 
 
+def _on_device(arg: int):
+    """Run the wrapped op with x's CUDA device current: Triton launches on the current device,
+    and a tensor on cuda:1 must not be read by a kernel launched on cuda:0."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            x = args[arg]
+            guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+            with guard:
+                return fn(*args, **kwargs)
+
+        return run
+
+    return wrap
+
+
 def _norms():
     from normlab.core.gpu import norms  # imports triton: only once a tensor reaches a kernel
 
     return norms
 
 
+@_on_device(0)
 def batch_norm(x, weight, bias, eps, *, center_only=False):
     """Training batch norm: (y, mean, var, rstd), float32 statistics (C,); var/rstd None mean-only."""
     return _norms().batch_norm(x, weight, bias, eps, center_only=center_only)
 
 
+@_on_device(1)
 def batch_norm_backward(dy, x, weight, mean, rstd, eps, *, center_only=False, mask=(True, True, True)):
     """(dx, dγ, dβ) of training batch norm (None where not in ``mask``)."""
     return _norms().batch_norm_backward(dy, x, weight, mean, rstd, eps, center_only=center_only, mask=mask)
 
 
+@_on_device(0)
 def batch_norm_eval(x, mean, var, weight, bias, eps, *, center_only=False):
     """y = (x − μ)·rsqrt(σ² + ε)·γ + β with given (running) statistics (mean-only: y = x − μ + β)."""
     return _norms().batch_norm_eval(x, mean, var, weight, bias, eps, center_only=center_only)
 
 
+@_on_device(1)
 def batch_norm_eval_backward(dy, x, mean, var, weight, eps, *, center_only=False, mask=(True, True, True)):
     """(dx, dγ, dβ) with constant statistics: dx = γ·rstd·dy, dγ = Σ dy·x̂, dβ = Σ dy."""
     return _norms().batch_norm_eval_backward(dy, x, mean, var, weight, eps, center_only=center_only, mask=mask)
 
 
+@_on_device(0)
 def group_norm(x, num_groups, weight, bias, eps):
     """Group norm (instance norm: G = C): (y, mean, var, rstd), float32 statistics (N, G)."""
     return _norms().group_norm(x, num_groups, weight, bias, eps)
 
 
+@_on_device(1)
 def group_norm_backward(dy, x, weight, mean, rstd, num_groups, eps, *, mask=(True, True, True)):
     """(dx, dγ, dβ) of group norm."""
     return _norms().group_norm_backward(dy, x, weight, mean, rstd, num_groups, eps, mask=mask)
 
 
+@_on_device(0)
 def layer_norm(x, normalized_ndim, weight, bias, eps, *, rms=False):
     """Layer norm (RMS norm: mean None) over the trailing dims: float32 statistics of the lead dims."""
     return _norms().layer_norm(x, normalized_ndim, weight, bias, eps, rms=rms)
 
 
+@_on_device(1)
 def layer_norm_backward(dy, x, weight, mean, rstd, normalized_ndim, eps, *, rms=False, mask=(True, True, True)):
     """(dx, dγ, dβ) of layer norm / RMS norm."""
     return _norms().layer_norm_backward(dy, x, weight, mean, rstd, normalized_ndim, eps, rms=rms, mask=mask)
 
 
+@_on_device(0)
 def layer_norm_channels(x, weight, bias, eps):
     """Channels-first layer norm of (N, C, *): statistics over C, float32 (N, *S)."""
     return _norms().layer_norm_channels(x, weight, bias, eps)
 
 
+@_on_device(1)
 def layer_norm_channels_backward(dy, x, weight, mean, rstd, eps, *, mask=(True, True, True)):
     """(dx, dγ, dβ) of channels-first layer norm."""
     return _norms().layer_norm_channels_backward(dy, x, weight, mean, rstd, eps, mask=mask)
@@ -154,11 +183,13 @@ def _pointwise():
     return pointwise
 
 
+@_on_device(0)
 def dynamic_tanh(x, alpha, weight, bias, *, channels_last=True):
     """y = γ·tanh(α·x) + β."""
     return _pointwise().forward(x, alpha, None, weight, bias, channels_last)
 
 
+@_on_device(1)
 def dynamic_tanh_backward(dy, x, alpha, weight, bias, *, channels_last=True, mask=(True,) * 4):
     """(dx, dα, dγ, dβ) of :func:`dynamic_tanh` (``bias`` only gives dβ's shape)."""
     dx, da, _, dw, db = _pointwise().backward(dy, x, alpha, None, weight, bias, channels_last,
@@ -166,11 +197,13 @@ def dynamic_tanh_backward(dy, x, alpha, weight, bias, *, channels_last=True, mas
     return dx, da, dw, db
 
 
+@_on_device(0)
 def dynamic_erf(x, alpha, shift, weight, bias, *, channels_last=True):
     """y = γ·erf(α·x + s) + β."""
     return _pointwise().forward(x, alpha, shift, weight, bias, channels_last)
 
 
+@_on_device(1)
 def dynamic_erf_backward(dy, x, alpha, shift, weight, bias, *, channels_last=True, mask=(True,) * 5):
     """(dx, dα, ds, dγ, dβ) of :func:`dynamic_erf`."""
     return _pointwise().backward(dy, x, alpha, shift, weight, bias, channels_last, tuple(mask))
