@@ -2,7 +2,7 @@
 # The whole GPU suite on one CUDA GPU, meant to finish in under 8 minutes on an H100-class GPU
 # (never run yet: no GPU was available when it was written; the time limits below are guesses:
 # 270 s for the tests, which compile every kernel specialisation they reach, 180 s for the
-# 28-case quick benchmark, whose torch.compile contender compiles two graphs per case):
+# 32-case quick benchmark, whose torch.compile contender compiles two graphs per case):
 #   1. tests/test_gpu_backend.py with the compiled Triton kernels on CUDA tensors, unmarked
 #      (the tests marked slow too; TRITON_INTERPRET is not set when a CUDA device exists);
 #   2. `normlab bench kernels --device cuda --quick`: torch native, torch.compile and the gpu

@@ -521,7 +521,7 @@ def test_registry_puts_gpu_first():
 def test_cuda_tensors_dispatch_to_gpu(op):
     assert dispatch.backend_module(op, _fake_cuda()) is gpu
     assert not gpu.supports(op, _fake_cuda(dtype=torch.float64))  # float64 goes to the reference
-    assert not gpu.supports("filter_response_norm", _fake_cuda())  # not implemented here
+    assert not gpu.supports("evo_norm", _fake_cuda())  # not an op of the backend
 
 
 def test_cpu_tensors_never_go_to_gpu_unless_forced():
@@ -535,7 +535,7 @@ def test_cpu_tensors_never_go_to_gpu_unless_forced():
         assert dispatch.backend_module("layer_norm", x) is gpu
         # what the kernels do not take falls back to the reference, as for every forced backend
         assert dispatch.backend_module("layer_norm", x.double()) is ref
-        assert dispatch.backend_module("filter_response_norm", x) is ref
+        assert dispatch.backend_module("layer_norm", x.to(torch.int32)) is ref
     assert dispatch.backend_module("layer_norm", x, "gpu") is gpu  # a layer's backend="gpu"
 
 
@@ -622,6 +622,66 @@ def test_pointwise_matches_reference(erf, channels_last, layout, dtype, affine):
     for i, (gr, g64) in enumerate(zip(grads, grads64)):
         # dx in x's dtype; dα, ds, dγ, dβ are sums rounded once to the parameter's dtype
         assert_close(gr, g64, dtype, msg=f"grad {i}")
+
+
+@pytest.mark.parametrize("layout,dtype,params", [
+    ("contiguous", torch.float32, "all"),
+    ("channels_last", torch.float32, "all"),
+    ("contiguous", torch.bfloat16, "all"),
+    ("channels_last", torch.float16, "no-tau"),
+    ("contiguous", torch.float32, "none"),
+])
+def test_filter_response_norm_matches_reference(layout, dtype, params, monkeypatch):
+    monkeypatch.setattr(geometry, "TILE", 16)  # positions split into chunks too
+    monkeypatch.setattr(geometry, "TARGET_PROGRAMS", 40)
+    v = _values(SHAPE, dtype)
+    x = _layout(v, layout)
+    g = torch.Generator().manual_seed(5)
+    c = SHAPE[1]
+    w = (1 + 0.5 * torch.randn(c, generator=g, dtype=torch.float64)).to(dtype)
+    b = (0.5 * torch.randn(c, generator=g, dtype=torch.float64)).to(dtype)
+    tau = (0.3 * torch.randn(c, generator=g, dtype=torch.float64)).to(dtype)
+    if params != "all":
+        tau = None
+    if params == "none":
+        w = b = None
+
+    def run(x, w, b, tau, backend):
+        x, w, b, tau = (_leaf(t) for t in (x, w, b, tau))
+        y, rstd = ops.filter_response_norm(x, w, b, tau, EPS, backend=backend)
+        dy = _values(y.shape, torch.float64, seed=11, scale=1.0, offset=0.0).to(dtype)
+        dy = dy.to(device=y.device, dtype=y.dtype)
+        inputs = [t for t in (x, w, b, tau) if t is not None]
+        return y.cpu(), rstd.cpu(), [gr.cpu() for gr in torch.autograd.grad(y, inputs, dy)]
+
+    with normlab.use_backend("gpu"):
+        dev = [None if t is None else t.to(DEVICE) for t in (x, w, b, tau)]
+        assert dispatch.backend_module("filter_response_norm", dev[0]) is gpu
+        y, rstd, grads = run(*dev, "")
+    y64, rstd64, grads64 = run(*(None if t is None else t.double() for t in (v, w, b, tau)), "reference")
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, y64, dtype, msg="y")
+    assert_close(rstd, rstd64, torch.float32, msg="rstd")
+    for i, (gr, g64) in enumerate(zip(grads, grads64)):
+        assert_close(gr, g64, dtype, msg=f"grad {i}")
+
+
+def test_filter_response_norm_tlu_ties_split_the_gradient():
+    """z == τ exactly (x = 0, β = τ = 0): half of dy to z, half to τ, as torch.maximum."""
+    v = _values((2, 3, 4, 4), torch.float32)
+    v[:, :, ::2, 1] = 0.0
+    w, b, tau = torch.ones(3), torch.zeros(3), torch.zeros(3)
+
+    def run(x, w, b, tau, backend):
+        x, w, b, tau = (_leaf(t) for t in (x, w, b, tau))
+        y = ops.filter_response_norm(x, w, b, tau, EPS, backend=backend)[0]
+        return [gr.cpu() for gr in torch.autograd.grad(y, (x, w, b, tau), torch.ones_like(y))]
+
+    with normlab.use_backend("gpu"):
+        grads = run(*(t.to(DEVICE) for t in (v, w, b, tau)), "")
+    for gr, g64 in zip(grads, run(v.double(), w.double(), b.double(), tau.double(), "reference")):
+        assert_close(gr, g64, torch.float32)
 
 
 def test_tanh_is_accurate_near_zero_and_saturates():

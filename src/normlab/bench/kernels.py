@@ -85,7 +85,7 @@ class Case:
 
 
 # the norms whose every op the gpu backend implements (the others run on the reference there)
-CUDA_NORMS = ["bn", "bn_eval", "mobn", "gn", "in", "ln", "rms", "dyt", "derf"]
+CUDA_NORMS = ["bn", "bn_eval", "mobn", "gn", "in", "ln", "rms", "dyt", "derf", "frn"]
 
 
 def cases(quick: bool, norms: list[str], device: str = "cpu") -> list[Case]:

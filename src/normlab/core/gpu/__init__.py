@@ -4,8 +4,7 @@ Ops: ``batch_norm`` (training, also mean-only), ``batch_norm_eval`` (+ its fused
 ``group_norm`` (instance norm is G = C), ``layer_norm`` (also RMSNorm), ``layer_norm_channels``;
 each forward returns the statistics of docs/CONTRACTS.md and each backward dx, dγ, dβ together.
 The point-wise ``dynamic_tanh`` / ``dynamic_erf`` (DyT, Derf) have a forward kernel and a one-pass
-backward. Filter response norm is not implemented here: dispatch sends it to the next backend
-(the reference, whose torch ops run on the GPU).
+backward; ``filter_response_norm`` (+ TLU) is instance norm's geometry in RMS mode (``frn``).
 
 Support (``supports(op, x)``): CUDA tensors of dtype float32, bfloat16 or float16 with at least
 one element (and at least 2 dims for the per-channel ops). Under the Triton interpreter
@@ -58,10 +57,12 @@ __all__ = [
     "dynamic_tanh_backward",
     "dynamic_erf",
     "dynamic_erf_backward",
+    "filter_response_norm",
+    "filter_response_norm_backward",
 ]
 
 OPS = ("batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_channels", "dynamic_tanh",
-       "dynamic_erf")
+       "dynamic_erf", "filter_response_norm")
 _ANY_RANK = ("layer_norm", "dynamic_tanh", "dynamic_erf")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NAME = "gpu"  # this backend's name in dispatch's registry
@@ -207,3 +208,21 @@ def dynamic_erf(x, alpha, shift, weight, bias, *, channels_last=True):
 def dynamic_erf_backward(dy, x, alpha, shift, weight, bias, *, channels_last=True, mask=(True,) * 5):
     """(dx, dα, ds, dγ, dβ) of :func:`dynamic_erf`."""
     return _pointwise().backward(dy, x, alpha, shift, weight, bias, channels_last, tuple(mask))
+
+
+def _frn():
+    from normlab.core.gpu import frn
+
+    return frn
+
+
+@_on_device(0)
+def filter_response_norm(x, weight, bias, tau, eps):
+    """(y, rstd): y = max(γ·x·rstd + β, τ), rstd = 1/sqrt(mean over positions of x² + ε), (N, C)."""
+    return _frn().forward(x, weight, bias, tau, eps)
+
+
+@_on_device(1)
+def filter_response_norm_backward(dy, x, weight, bias, tau, rstd, eps, *, mask=(True,) * 4):
+    """(dx, dγ, dβ, dτ) of :func:`filter_response_norm`."""
+    return _frn().backward(dy, x, weight, bias, tau, rstd, eps, tuple(mask))
