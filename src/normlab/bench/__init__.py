@@ -3,6 +3,7 @@
 Commands::
 
     normlab bench kernels [--quick] [--out DIR] [--norms bn,gn,...] [--reps N] [--no-compile]
+                          [--device cpu|cuda]
     normlab bench e2e     [--quick] [--out DIR] [--models resnet18-bn,bert,...|cnn,resnet] [--threads 1,2]
                           [--compile/--no-compile] [--contention] [--steps N]
     normlab bench compile [--quick]
@@ -12,6 +13,11 @@ transformer shape set (rows × hidden 256…8192), torch native vs the normlab b
 forward+backward, interleaved in one process; speed-ups, effective GB/s and % of a preallocated
 copy's bandwidth; first-call (compile) time in fresh processes, cold and cached. Writes a table,
 ``kernels.json`` and ``kernels.png`` to ``--out`` (default ``bench-results``).
+
+``kernels --device cuda``: the same on a CUDA device for the norms the Triton ``gpu`` backend
+implements: torch native, torch.compile and normlab's gpu backend, timed with CUDA events, GB/s
+and % of a device-to-device copy in the same run (``bench/gpu_quick.sh`` runs it with the GPU
+tests).
 
 ``e2e``: time per training step of real architectures (``bench/zoo.py``) with torch.nn layers vs
 the same model after ``normlab.convert``, eager and compiled (or of the lab's CNN and ResNet
@@ -90,11 +96,19 @@ def kernels_cmd(
                                  help="normlab contenders (default reference,cpu; full run adds cpu-nopool)"),
     compile_time: bool = typer.Option(True, "--compile/--no-compile",
                                       help="measure first-call time in fresh processes"),
+    device: str = typer.Option("cpu", "--device", help="cpu, or cuda: the Triton gpu backend on a CUDA device"),
 ) -> None:
     """Kernel speed: torch native vs normlab backends, per norm and shape."""
     import torch
 
     from normlab.bench import kernels as K
+
+    if device not in ("cpu", "cuda"):
+        typer.echo(f"Error: --device: expected 'cpu' or 'cuda', got {device!r}", err=True)
+        raise typer.Exit(2)
+    if device == "cuda":
+        _kernels_cuda(K, quick, out, norms, reps)
+        return
 
     all_norms = list(K.NORMS)
     chosen = _split(norms, all_norms, "--norms") or all_norms
@@ -122,6 +136,38 @@ def kernels_cmd(
     K.render(results, contenders, compile_info, console)
     paths = K.save(results, contenders, compile_info, out,
                    _meta(quick=quick, reps=reps, wall_s=time.perf_counter() - t0))
+    console.print(f"wrote {paths['json']} and {paths['png']} ({time.perf_counter() - t0:.0f} s)")
+
+
+def _kernels_cuda(K, quick: bool, out: Path, norms: str | None, reps: int | None) -> None:
+    """``kernels --device cuda``: torch native, torch.compile and the gpu backend on the GPU."""
+    import torch
+
+    from normlab.core import dispatch
+
+    if not torch.cuda.is_available():
+        typer.echo("Error: --device cuda: no CUDA device (torch.cuda.is_available() is False)", err=True)
+        raise typer.Exit(2)
+    if "gpu" not in dispatch.available_backends():
+        typer.echo("Error: --device cuda: the gpu backend needs triton: pip install 'normlab[gpu]'", err=True)
+        raise typer.Exit(2)
+    chosen = _split(norms, K.CUDA_NORMS, "--norms") or K.CUDA_NORMS
+    contenders = ["torch", "torch-compile", "gpu"]
+    reps = reps or (7 if quick else 11)
+    console = _console()
+    todo = K.cases(quick, chosen, "cuda")
+    console.print(f"normlab bench kernels --device cuda ({torch.cuda.get_device_name()}): {len(todo)} cases × "
+                  f"{contenders}, {reps} reps")
+    t0 = time.perf_counter()
+
+    def progress(i, n, case):
+        console.print(f"  [{i + 1}/{n}] {case.norm} {case.label}", highlight=False)
+
+    results = K.run(quick, chosen, contenders, reps, progress=progress, device="cuda")
+    K.render_device(results, contenders, console)
+    paths = K.save(results, contenders, None, out,
+                   _meta(quick=quick, reps=reps, device=torch.cuda.get_device_name(),
+                         wall_s=time.perf_counter() - t0))
     console.print(f"wrote {paths['json']} and {paths['png']} ({time.perf_counter() - t0:.0f} s)")
 
 

@@ -8,6 +8,11 @@ same size, the bandwidth yardstick) are timed in one process, interleaved: every
 each contender once, in alternating order (forward then forward+backward), and the medians are
 reported.
 
+On a CUDA device (``device="cuda"``, contenders torch native, torch.compile and the ``gpu``
+backend) every timing is bracketed by CUDA events after a ``torch.cuda.synchronize()``, the
+shapes are larger (:data:`CUDA_NORMS` only: the ops the Triton backend implements) and the copy is
+a device-to-device ``copy_`` measured in the same run.
+
 Minimum-traffic model (float32, n elements): forward moves 2·4·n bytes (read x, write y),
 backward 3·4·n (read x and dy, write dx). Effective GB/s = model bytes / median time; "% copy"
 divides it by the copy's 2·4·n / time measured on the same tensor in the same run.
@@ -30,7 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Case", "NORMS", "cases", "run", "compile_times", "summarize", "render", "save"]
+__all__ = ["Case", "NORMS", "CUDA_NORMS", "cases", "run", "compile_times", "summarize", "render",
+           "render_device", "save"]
 
 LARGE_BYTES = 64 << 20  # "large" tensors: well beyond the last-level cache (32 MiB)
 
@@ -78,8 +84,19 @@ class Case:
         return f"{n}x{c}x{h}x{w} {self.layout}"
 
 
-def cases(quick: bool, norms: list[str]) -> list[Case]:
-    if quick:
+# the norms whose every op the gpu backend implements (the others run on the reference there)
+CUDA_NORMS = ["bn", "bn_eval", "mobn", "gn", "in", "ln", "rms", "dyt", "derf", "frn"]
+
+
+def cases(quick: bool, norms: list[str], device: str = "cpu") -> list[Case]:
+    if device == "cuda":  # sizes from L2-resident to far beyond it (50 MiB L2 on an H100)
+        if quick:  # few shapes: every case compiles its own torch.compile graphs (~10 s)
+            cnn = [(32, 64, 56, 56), (32, 256, 64, 64)]
+            tr = [(8192, 1024), (16384, 4096)]
+        else:
+            cnn = [(n, c, hw, hw) for n in (32, 128) for c in (64, 256, 512) for hw in (16, 32, 64)]
+            tr = [(r, h) for r in (4096, 16384) for h in (512, 1024, 2048, 4096, 8192, 16384)]
+    elif quick:
         cnn = [(32, 64, 32, 32), (32, 256, 16, 16)]
         tr = [(4096, 1024), (1024, 4096)]
     else:
@@ -265,7 +282,7 @@ def _contender(name: str, norm: str, c: int, x: torch.Tensor, dy: torch.Tensor):
     from normlab.core import cpu as cpu_backend
     from normlab.core.dispatch import use_backend
 
-    m = _layer(norm, c, native=name in ("torch", "torch-compile"))
+    m = _layer(norm, c, native=name in ("torch", "torch-compile")).to(x.device)
     params = [p for p in m.parameters() if p.requires_grad]
     if name == "torch-compile":
         # one compiled graph per shape, static (every case is a new shape; dynamo's default of
@@ -273,7 +290,7 @@ def _contender(name: str, norm: str, c: int, x: torch.Tensor, dy: torch.Tensor):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         m = torch.compile(m, dynamic=False)
     backend = {"torch": None, "torch-compile": None, "reference": "reference", "cpu": "cpu",
-               "cpu-nopool": "cpu"}[name]
+               "cpu-nopool": "cpu", "gpu": "gpu"}[name]
     pool_mb = 0 if name == "cpu-nopool" else None
 
     def call(fn):
@@ -301,7 +318,18 @@ def _contender(name: str, norm: str, c: int, x: torch.Tensor, dy: torch.Tensor):
     return fwd, fwdbwd
 
 
-def _timeit(fn: Callable) -> float:
+def _timeit(fn: Callable, device: str = "cpu") -> float:
+    if device == "cuda":
+        # CUDA events on the stream around the call; synchronized first so that nothing queued
+        # earlier is counted, and after so that elapsed_time is defined
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        del out
+        return start.elapsed_time(end) / 1e3
     t = time.perf_counter()
     out = fn()
     dt = time.perf_counter() - t
@@ -309,17 +337,17 @@ def _timeit(fn: Callable) -> float:
     return dt
 
 
-def _make_input(case: Case) -> torch.Tensor:
+def _make_input(case: Case, device: str = "cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(case.shape, generator=g) * 1.5 + 0.3
+    x = (torch.randn(case.shape, generator=g) * 1.5 + 0.3).to(device)
     if case.layout == "nhwc":
         x = x.contiguous(memory_format=torch.channels_last)
     return x.requires_grad_()
 
 
-def run_case(case: Case, contenders: list[str], reps: int) -> Case:
+def run_case(case: Case, contenders: list[str], reps: int, device: str = "cpu") -> Case:
     """Median forward and forward+backward times of every contender, interleaved."""
-    x = _make_input(case)
+    x = _make_input(case, device)
     dy = torch.randn_like(x)  # same memory format as x (and as y)
     c = case.shape[1]
     fns = {name: _contender(name, case.norm, c, x, dy) for name in contenders}
@@ -335,11 +363,11 @@ def run_case(case: Case, contenders: list[str], reps: int) -> Case:
     try:
         for rep in range(reps):
             order = contenders if rep % 2 == 0 else contenders[::-1]
-            samples["copy"]["copy"].append(_timeit(lambda: buf.copy_(src)))
+            samples["copy"]["copy"].append(_timeit(lambda: buf.copy_(src), device))
             for name in order:
                 fwd, fwdbwd = fns[name]
-                samples[name]["fwd"].append(_timeit(fwd))
-                samples[name]["fwdbwd"].append(_timeit(fwdbwd))
+                samples[name]["fwd"].append(_timeit(fwd, device))
+                samples[name]["fwdbwd"].append(_timeit(fwdbwd, device))
     finally:
         if gc_was:
             gc.enable()
@@ -461,7 +489,8 @@ def composed_summary(results: list[Case]) -> dict:
     and over torch.compile of it (median, min over shapes), and the worst large-shape % of copy."""
     out = {}
     for norm in dict.fromkeys(c.norm for c in results):
-        sel = [c for c in results if c.norm == norm and "torch-compile" in c.times and norm in COMPOSED]
+        sel = [c for c in results if c.norm == norm and "torch-compile" in c.times and "cpu" in c.times
+               and norm in COMPOSED]
         if not sel:
             continue
         xe = [c.times["torch"]["fwdbwd"] / c.times["cpu"]["fwdbwd"] for c in sel]
@@ -633,11 +662,35 @@ def _chart(results: list[Case], contenders: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def run(quick: bool, norms: list[str], contenders: list[str], reps: int, progress=None) -> list[Case]:
+def run(quick: bool, norms: list[str], contenders: list[str], reps: int, progress=None,
+        device: str = "cpu") -> list[Case]:
     results = []
-    todo = cases(quick, norms)
+    todo = cases(quick, norms, device)
     for i, case in enumerate(todo):
         if progress:
             progress(i, len(todo), case)
-        results.append(run_case(case, contenders, reps))
+        results.append(run_case(case, contenders, reps, device))
     return results
+
+
+def render_device(results: list[Case], contenders: list[str], console=None) -> None:
+    """The CUDA run's table: per case and contender forward / forward+backward medians, GB/s by
+    the minimum-traffic model, % of the copy measured in the same run, × torch native."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(title="CUDA: normlab gpu backend vs torch (float32, medians; GB/s by the minimum-traffic model, "
+                    "% of a device-to-device copy in the same run)")
+    for col in ("norm", "shape", "contender", "f ms", "f GB/s", "f % copy", "f ×torch", "f+b ms", "f+b GB/s",
+                "f+b % copy", "f+b ×torch"):
+        t.add_column(col, justify="left" if col in ("norm", "shape", "contender") else "right")
+    for c in results:
+        for name in contenders:
+            if name not in c.times:
+                continue
+            m = metrics(c, name)
+            t.add_row(c.norm, c.label, name, f"{m['fwd_ms']:.3f}", f"{m['fwd_gbs']:.0f}", f"{m['fwd_pct_copy']:.0f}",
+                      f"{m['fwd_speedup']:.2f}", f"{m['fwdbwd_ms']:.3f}", f"{m['fwdbwd_gbs']:.0f}",
+                      f"{m['fwdbwd_pct_copy']:.0f}", f"{m['fwdbwd_speedup']:.2f}")
+    console.print(t)

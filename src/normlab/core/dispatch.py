@@ -23,6 +23,7 @@ from torch import Tensor
 # name -> (module path, priority); lower priority is tried first. Modules are imported lazily so
 # that importing normlab does not compile kernels.
 _REGISTRY: dict[str, tuple[str, int]] = {
+    "gpu": ("normlab.core.gpu", -10),  # Triton kernels for CUDA tensors (needs the `gpu` extra)
     "cpu": ("normlab.core.cpu", 0),
     "reference": ("normlab.core.reference", 100),
 }
