@@ -213,6 +213,8 @@ def test_lm_runner_rejects_bad_configs():
         lm_config(epochs=3)
     with pytest.raises(ValueError, match=r"^schedule: expected one of \['cosine', 'constant'\], got 'step'"):
         lm_train(lm_config(**TINY, schedule="step"), lambda k, m: None)
+    with pytest.raises(ValueError, match=r"^warmup: expected an int >= 0, got -1"):
+        lm_train(lm_config(**{**TINY, "warmup": -1}), lambda k, m: None)
     with pytest.raises(ValueError, match=r"^warmup: expected fewer steps than steps=6, got 6"):
         lm_train(lm_config(**{**TINY, "warmup": 6}), lambda k, m: None)
 
@@ -298,6 +300,7 @@ def test_quick_profile_cards_and_nothing_finished(tmp_path):
     assert len(figures) == 3 and all(f.path.exists() for f in figures)
 
 
+@pytest.mark.slow
 def test_tiny_profile_end_to_end_through_the_sweep_and_report(tmp_path):
     from normlab.lab.report.html import build_report
     from normlab.lab.store import Store

@@ -12,6 +12,12 @@ Built-in (see :func:`dataset_names`; more with :func:`register_dataset`):
   (pixel / 16). The train/validation split is stratified and FIXED (split seed 0): it does not
   change with ``seed``, so runs with different seeds see the same data.
 * ``digits-rows``: the same images as sequences of 8 rows, ``(T=8, F=8)``.
+* ``chars``: next-character prediction on a text that ships with Python itself, the source of a
+  fixed list of standard-library modules (:data:`CHARS_MODULES`; SHA-256 recorded per Python
+  version in :data:`CHARS_SHA256` and part of the data identity), 128 ASCII classes, inputs
+  ``(context, 1)``. Options ``size`` (``tiny``/``small``/``large``: 8 K, 64 K, 512 K training
+  characters) and ``context`` (64). The split is by contiguous 1024-character blocks and fixed.
+  Language models use :func:`char_corpus` (every position predicts the next character).
 * ``digits-pixels``: sequences of 64 pixels, ``(T=64, F=1)``; option ``permute=True`` (or spec
   ``digits-pixels-permuted``) reorders the 64 steps by a fixed permutation (NumPy seed 0).
 * ``synthetic2d`` / ``synthetic2d-cls``: the article's two-feature example. ``x1`` uniform in

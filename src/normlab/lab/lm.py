@@ -108,7 +108,8 @@ def bits_per_char(logits: torch.Tensor, targets: torch.Tensor) -> float:
 def _check(cfg: dict[str, Any]) -> None:
     for name in ("steps", "batch_size", "context", "eval_every", "val_windows", "timing_repeats"):
         check_positive_int(cfg[name], name)
-    check_positive_int(cfg["warmup"] + 1, "warmup + 1")
+    if isinstance(cfg["warmup"], bool) or not isinstance(cfg["warmup"], int) or cfg["warmup"] < 0:
+        raise ValueError(f"warmup: expected an int >= 0, got {cfg['warmup']!r}")
     if cfg["warmup"] >= cfg["steps"]:
         raise ValueError(f"warmup: expected fewer steps than steps={cfg['steps']}, got {cfg['warmup']}")
     if cfg["schedule"] not in SCHEDULES:

@@ -24,9 +24,14 @@ DyT matches LN (Zhu et al. 2025); DyT helps at small data and hurts at more data
 widens the range of stable learning rates (Wortsman et al. 2023, their LR sensitivity); is
 normalization needed at all; and the answer to "which normalization for transformers?".
 
-Cost (measured on this 2-core machine, shared with other jobs, ``--workers 2``): the full grid is
-141 runs of 300 steps; the quick profile 24 runs of 150 steps at batch 16 (see the report's
-runs table for each run's time).
+Cost, one thread per run (measured on the 2-core development machine while ~6 other jobs
+shared it, so wall times there were ~10× the CPU times; CPU seconds are the robust number): a
+full-grid run (300 steps of 16 × 64 characters, 4 evaluations, timing) takes 18 CPU-s, so the
+full grid's 102 runs are ~1900 CPU-s: **about 16 minutes with** ``--workers 2`` **on two free
+cores** (an estimate from that measurement; the full grid itself was not run there). The quick
+profile's 18 runs (150 steps of 16 × 32) took 109 CPU-s in all (~6 CPU-s a run): about a
+minute with 2 workers on two free cores, more than the demo's ~40 s target; see the report's
+runs table for each run's own time.
 """
 
 from __future__ import annotations
@@ -473,14 +478,14 @@ def _fig_lr(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
         _lr_series(ax, results, cfg, cfg.lrs, norm, norm, norm=norm, size=big)
     ax.set_title(f"methods (Pre-LN, warm-up), {big}", fontsize=9)
     ax = axes[0][1]
-    for placement, style in (("pre", "ln"), ("post", "in"), ("peri", "rms")):
+    for placement, style in (("pre", "ln"), ("post", "post-ln"), ("peri", "peri-ln")):
         for warmup, ls in ((cfg.warmup, "-"), (0, "--")):
             if placement in cfg.placements or (placement == "peri" and cfg.peri and warmup == cfg.warmup):
                 _lr_series(ax, results, cfg, cfg.lrs, f"{placement}-LN{'' if warmup else ', no warm-up'}",
                            style, ls, norm="ln", size=big, placement=placement, warmup=warmup)
     ax.set_title("placement × warm-up (LN)", fontsize=9)
     ax = axes[0][2]
-    for qk, style in ((None, "ln"), ("ln", "gn")):
+    for qk, style in ((None, "ln"), ("ln", "ln+qk")):
         _lr_series(ax, results, cfg, cfg.qk_lrs, "LN + QK-norm" if qk else "LN", style, norm="ln", size=big, qk=qk)
     ax.set_title("QK-norm (LN, Pre-LN, warm-up)", fontsize=9)
     for ax in axes[0]:
@@ -489,6 +494,8 @@ def _fig_lr(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not run at this profile", ha="center", va="center", transform=ax.transAxes)
     axes[0][0].set_ylabel(f"final validation {BPC}")
     return plotting.finish(fig, outdir / "transformer_lr.png", "Final loss vs learning rate",
                            f"Mean and 95% CI over seeds; a diverged run counts as {L0:g} {BPC} (a uniform guess).")
