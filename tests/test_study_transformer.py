@@ -166,6 +166,17 @@ def test_pre_and_post_ln_orderings():
     assert isinstance(post.norm_f, torch.nn.Identity) and isinstance(pre.norm_f, nl.LayerNorm)
 
 
+def test_embed_scale_multiplies_the_embeddings():
+    x = torch.randint(V, (2, 12))
+    one, two = _model("none"), _model("none", embed_scale=2.0)
+    for m in (one, two):
+        _zero_branches(m)  # the blocks are then the identity: logits = head(scale · embedding)
+    b = one.head.bias
+    torch.testing.assert_close(two(x) - b, 2 * (one(x) - b))
+    with pytest.raises(ValueError, match=r"^embed_scale: expected a finite number > 0, got 0"):
+        _model(embed_scale=0)
+
+
 def test_attention_with_qk_norm_matches_a_float64_reference():
     torch.manual_seed(2)
     attn = CausalSelfAttention(16, 2, get_norm("ln")).double()

@@ -24,7 +24,10 @@ Input: ``(N, T)`` integer tokens (or ``(N, T, 1)`` codes as floats, as the ``cha
 gives them), ``T ≤ context``. Output: ``(N, T, V)`` logits (``head="lm"``, every position
 predicts the next token) or ``(N, V)`` for the last position only (``head="last"``, the shape
 the lab's classification loop expects). Initialization as GPT-2: normal(0, 0.02) weights, zero
-biases, the residual projections scaled by ``1/sqrt(2·n_layers)``.
+biases, the residual projections scaled by ``1/sqrt(2·n_layers)``. ``embed_scale`` multiplies
+the embeddings (default 1): LN and RMSNorm do not see their scale, but DyT/Derf (``tanh(αx)``
+with ``α₀ = 0.5``) and no norm pass it on, and at std 0.02 the logits of a DyT model barely
+depend on the input at initialization (``√d_model`` is the usual remedy).
 """
 
 from __future__ import annotations
@@ -128,6 +131,7 @@ class Transformer(nn.Module):
         placement: str = "pre",
         qk_norm: str | None = None,
         head: str = "lm",
+        embed_scale: float = 1.0,
     ) -> None:
         super().__init__()
         _token_norm(spec.name, "norm")
@@ -147,7 +151,10 @@ class Transformer(nn.Module):
         qk = _token_norm(qk_norm, "qk_norm") if qk_norm is not None else None
         if qk is not None and qk.name == "none":
             qk = None
+        if not (isinstance(embed_scale, (int, float)) and embed_scale > 0 and math.isfinite(embed_scale)):
+            raise ValueError(f"embed_scale: expected a finite number > 0, got {embed_scale!r}")
         self.vocab_size, self.context, self.placement, self.head_kind = num_classes, context, placement, head
+        self.embed_scale = float(embed_scale)
         self.tok = nn.Embedding(num_classes, d_model)
         self.pos = nn.Embedding(context, d_model)
         self.blocks = nn.ModuleList(
@@ -175,7 +182,7 @@ class Transformer(nn.Module):
         if x.shape[1] > self.context:
             raise ValueError(f"x: {x.shape[1]} tokens exceed the context of {self.context}")
         idx = x.long() if x.is_floating_point() else x
-        h = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        h = self.embed_scale * (self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device)))
         for block in self.blocks:
             h = block(h)
         logits = self.head(self.norm_f(h))

@@ -29,9 +29,15 @@ shared it, so wall times there were ~10× the CPU times; CPU seconds are the rob
 full-grid run (300 steps of 16 × 64 characters, 4 evaluations, timing) takes 18 CPU-s, so the
 full grid's 102 runs are ~1900 CPU-s: **about 16 minutes with** ``--workers 2`` **on two free
 cores** (an estimate from that measurement; the full grid itself was not run there). The quick
-profile's 18 runs (150 steps of 16 × 32) took 109 CPU-s in all (~6 CPU-s a run): about a
-minute with 2 workers on two free cores, more than the demo's ~40 s target; see the report's
-runs table for each run's own time.
+profile's 18 runs (150 steps of 16 × 32) took 127 CPU-s for the whole ``normlab study
+transformer --quick --workers 2`` (runs, worker start-up, report): about a minute on two free
+cores, more than the demo's ~40 s target (12 min wall on the loaded machine).
+
+Known weakness: with the GPT-2 initialization (embeddings of std 0.02) and DyT's ``α₀ = 0.5``,
+the DyT and Derf models stay on the unigram plateau (~4.4 bits/char) for the whole short budget
+(their logits depend on the input ~4000× less than LN's at initialization; ``embed_scale = 8``
+did not help in a 150-step pilot); the layer itself matches ``γ·tanh(αx) + β`` in training. The
+DyT cards measure this setup, not DyT tuned for it.
 """
 
 from __future__ import annotations
