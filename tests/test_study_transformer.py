@@ -20,7 +20,7 @@ from normlab.lab.norms import get_norm
 from normlab.lab.store import RunResult
 from normlab.lab.studies import CARD_VERDICTS, Card, Figure, get_study
 from normlab.lab.studies import transformer as study
-from normlab.lab.studies.transformer import L0, TOL, Config, lr_sensitivity
+from normlab.lab.studies.transformer import L0, Config, lr_sensitivity
 
 V = 128
 
