@@ -519,6 +519,8 @@ def _fig_time(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
         if t is not None:
             iv = t[1]
             axes[0][1].bar(i, iv.mean, color=plotting.color(norm), yerr=plotting.ci_yerr(iv), capsize=3)
+        elif norm == "ln":
+            axes[0][1].bar(i, 1.0, color=plotting.color(norm), alpha=0.4)  # the reference, by definition
     for ax, label in zip(axes[0], ("ms per training step", "step time / LN's (in turns)")):
         ax.set_xticks(range(len(cfg.norms)), list(cfg.norms))
         ax.set_ylabel(label)
