@@ -37,7 +37,10 @@ Known weakness: with the GPT-2 initialization (embeddings of std 0.02) and DyT's
 the DyT and Derf models stay on the unigram plateau (~4.4 bits/char) for the whole short budget
 (their logits depend on the input ~4000× less than LN's at initialization; ``embed_scale = 8``
 did not help in a 150-step pilot); the layer itself matches ``γ·tanh(αx) + β`` in training. The
-DyT cards measure this setup, not DyT tuned for it.
+DyT cards measure this setup, not DyT tuned for it. The same plateau caught Post-LN *with*
+warm-up in a one-seed pilot of the full setup at lr 0.01 (4.38 bits/char; without warm-up 3.45,
+Pre-LN 3.36 with and 3.53 without): 300 steps are short enough for escaping the plateau to
+decide a run, so read the warm-up card with its intervals.
 """
 
 from __future__ import annotations
