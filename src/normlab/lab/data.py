@@ -12,6 +12,12 @@ Built-in (see :func:`dataset_names`; more with :func:`register_dataset`):
   (pixel / 16). The train/validation split is stratified and FIXED (split seed 0): it does not
   change with ``seed``, so runs with different seeds see the same data.
 * ``digits-rows``: the same images as sequences of 8 rows, ``(T=8, F=8)``.
+* ``chars``: next-character prediction on a text that ships with Python itself, the source of a
+  fixed list of standard-library modules (:data:`CHARS_MODULES`; SHA-256 recorded per Python
+  version in :data:`CHARS_SHA256` and part of the data identity), 128 ASCII classes, inputs
+  ``(context, 1)``. Options ``size`` (``tiny``/``small``/``large``: 8 K, 64 K, 512 K training
+  characters) and ``context`` (64). The split is by contiguous 1024-character blocks and fixed.
+  Language models use :func:`char_corpus` (every position predicts the next character).
 * ``digits-pixels``: sequences of 64 pixels, ``(T=64, F=1)``; option ``permute=True`` (or spec
   ``digits-pixels-permuted``) reorders the 64 steps by a fixed permutation (NumPy seed 0).
 * ``synthetic2d`` / ``synthetic2d-cls``: the article's two-feature example. ``x1`` uniform in
@@ -83,7 +89,12 @@ from normlab._checks import check_int, check_positive_int
 from normlab.lab.util import add_entry, import_object
 
 __all__ = [
+    "CHARS_MODULES",
+    "CHARS_SIZES",
+    "CharCorpus",
     "DataBundle",
+    "char_corpus",
+    "chars_sha256",
     "data_identity",
     "dataset_names",
     "load_dataset",
@@ -541,9 +552,158 @@ def load_mnist1d(*, seed: int, val_fraction: float) -> DataBundle:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# chars: a character-level language-modelling corpus that ships with Python itself
+# --------------------------------------------------------------------------------------------
+#: The standard-library modules whose source, in this order, is the ``chars`` corpus. Pure-Python
+#: modules of long standing (their files change rarely between releases); every interpreter has
+#: them, so the corpus needs no download. The text's SHA-256 is in :data:`CHARS_SHA256`.
+CHARS_MODULES: tuple[str, ...] = (
+    "textwrap", "argparse", "difflib", "calendar", "shlex", "fnmatch", "heapq", "bisect",
+    "colorsys", "string", "cmd", "glob", "fractions", "statistics", "dataclasses", "functools",
+    "pprint", "csv", "configparser", "optparse", "getopt",
+)
+#: Vocabulary: the 128 ASCII codes (a character outside ASCII becomes ``"?"``), fixed whatever
+#: the text, so that two corpora give models of the same shape.
+CHARS_VOCAB = 128
+#: Characters per block of the contiguous split: every ``CHARS_VAL_EVERY``-th block is validation.
+CHARS_BLOCK = 1024
+CHARS_VAL_EVERY = 10
+#: Training characters of the named corpus sizes (the validation blocks are the same for all);
+#: consecutive sizes differ by 8×, so that a cheap profile can compare tiny with small as the
+#: full grid compares small with large, at the same number of passes over the smaller one.
+CHARS_SIZES: dict[str, int] = {"tiny": 8 * 1024, "small": 64 * 1024, "large": 512 * 1024}
+#: SHA-256 of the corpus text (UTF-8, before the ASCII mapping) on the Python versions it was
+#: checked on. Another version may ship other files: the loader then warns, and the digest it
+#: finds is part of every run's ``data_identity``, so runs on different texts never mix.
+CHARS_SHA256: dict[str, str] = {
+    "3.11": "de54e081c59902560ed321ba7ec483d0b00c6467a5493b43ccf75cee5d352d5e",  # 3.11.7
+}
+
+
+@dataclass(frozen=True)
+class CharCorpus:
+    """The ``chars`` corpus as token blocks.
+
+    Attributes:
+        train: int64 ``(n_train_blocks, CHARS_BLOCK)`` ASCII codes of the training blocks.
+        val: int64 ``(n_val_blocks, CHARS_BLOCK)``, the validation blocks (the same for every size).
+        sha256: SHA-256 of the whole source text (UTF-8).
+        python: ``"major.minor.micro"`` of the interpreter whose standard library was read.
+        size: the corpus size name (``"small"``, ``"large"``) or ``"all"``.
+    """
+
+    train: torch.Tensor
+    val: torch.Tensor
+    sha256: str
+    python: str
+    size: str
+
+    @property
+    def vocab_size(self) -> int:
+        return CHARS_VOCAB
+
+    @property
+    def n_train_chars(self) -> int:
+        return int(self.train.numel())
+
+
+def _stdlib_source(module: str) -> str:
+    spec = importlib.util.find_spec(module)
+    origin = getattr(spec, "origin", None)
+    if spec is None or not origin or not origin.endswith(".py") or not os.path.isfile(origin):
+        raise ValueError(
+            f"chars: the standard-library module {module!r} has no .py source file here "
+            f"(got {origin!r}); the chars corpus needs a Python installed with its sources"
+        )
+    with open(origin, encoding="utf-8") as fh:
+        return fh.read()
+
+
+@functools.lru_cache(maxsize=1)
+def _chars_text() -> tuple[str, str]:
+    """The corpus text (module sources, each headed by its name) and its SHA-256."""
+    text = "".join(f"# ==== {m}.py ====\n{_stdlib_source(m)}\n" for m in CHARS_MODULES)
+    return text, hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def chars_sha256() -> str:
+    """SHA-256 of the ``chars`` corpus text on this interpreter."""
+    return _chars_text()[1]
+
+
+def _python_version() -> str:
+    import sys
+
+    return ".".join(map(str, sys.version_info[:3]))
+
+
+@functools.lru_cache(maxsize=4)
+def char_corpus(size: str = "large") -> CharCorpus:
+    """The ``chars`` corpus split into contiguous blocks of :data:`CHARS_BLOCK` characters.
+
+    Block ``i`` is validation when ``i % CHARS_VAL_EVERY == CHARS_VAL_EVERY − 1``, training
+    otherwise, so both parts sample every module. ``size`` picks ``CHARS_SIZES[size]`` training
+    characters as blocks evenly spaced over the training blocks (``"all"``: every training
+    block), so the small corpus has the same mix of modules as the large one. Deterministic: no
+    random choice is made.
+    """
+    if size != "all" and size not in CHARS_SIZES:
+        raise ValueError(f"size: expected one of {sorted(CHARS_SIZES) + ['all']}, got {size!r}")
+    text, digest = _chars_text()
+    version = _python_version()
+    known = CHARS_SHA256.get(".".join(version.split(".")[:2]))
+    if known is not None and known != digest:
+        import warnings
+
+        warnings.warn(
+            f"chars: the standard-library text on Python {version} has SHA-256 {digest[:12]}…, "
+            f"not the {known[:12]}… it was checked with: results are not comparable across them",
+            stacklevel=2,
+        )
+    codes = np.frombuffer(text.encode("ascii", errors="replace"), dtype=np.uint8)
+    n_blocks = len(codes) // CHARS_BLOCK
+    blocks = torch.from_numpy(codes[: n_blocks * CHARS_BLOCK].astype(np.int64)).reshape(n_blocks, CHARS_BLOCK)
+    is_val = torch.arange(n_blocks) % CHARS_VAL_EVERY == CHARS_VAL_EVERY - 1
+    train, val = blocks[~is_val], blocks[is_val]
+    if size != "all":
+        want = CHARS_SIZES[size] // CHARS_BLOCK
+        if want > len(train):
+            raise ValueError(
+                f"size: {size!r} needs {want} training blocks, the corpus has {len(train)}"
+            )
+        train = train[(torch.arange(want) * len(train)) // want]
+    return CharCorpus(train.clone(), val.clone(), digest, version, size)
+
+
+def load_chars(*, seed: int, val_fraction: float, size: str = "large", context: int = 64) -> DataBundle:
+    """``chars``: next-character prediction on the :func:`char_corpus` (a classification view).
+
+    Each sample is a window of ``context`` characters (inputs ``(context, 1)``, the ASCII codes
+    as float32) and its label the character that follows (128 classes). Windows do not overlap
+    and never cross a block boundary. The split is the corpus's (fixed: ``seed`` and
+    ``val_fraction`` are not used). A language model trained on every position uses
+    :func:`char_corpus` directly (:mod:`normlab.lab.lm`).
+    """
+    check_positive_int(context, "context")
+    if context + 1 > CHARS_BLOCK:
+        raise ValueError(f"context: expected at most {CHARS_BLOCK - 1}, got {context}")
+    corpus = char_corpus(size)
+
+    def windows(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        per = CHARS_BLOCK // (context + 1)
+        w = blocks[:, : per * (context + 1)].reshape(-1, context + 1)
+        return w[:, :context, None].to(torch.float32), w[:, context].clone()
+
+    x_tr, y_tr = windows(corpus.train)
+    x_va, y_va = windows(corpus.val)
+    return _bundle(x_tr, y_tr, x_va, y_va, kind="sequence", name=f"chars-{size}", num_classes=CHARS_VOCAB)
+
+
 Loader = Callable[..., DataBundle]
 _REGISTRY: dict[str, Loader] = {
     "mnist1d": load_mnist1d,
+    "chars": load_chars,
     "digits": load_digits_images,
     "digits-rows": load_digits_rows,
     "digits-pixels": load_digits_pixels,
@@ -1304,6 +1464,10 @@ def data_identity(spec: str) -> dict[str, Any] | None:
     spec = spec.strip()
     if spec in _REGISTRY:
         ident: dict[str, Any] = {"builtin": spec, "version": BUILTIN_VERSIONS.get(spec, 1)}
+        if spec == "chars":
+            # the text read from this interpreter's standard library: another text, other runs
+            with contextlib.suppress(ValueError):
+                ident["sha256"] = chars_sha256()
         if spec == "mnist1d":
             try:
                 from importlib.metadata import version

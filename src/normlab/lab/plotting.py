@@ -55,6 +55,10 @@ NORM_STYLE: dict[str, tuple[str, str]] = {
     "evonorm-b0": ("darkcyan", "H"),
     "dyt": ("darkgreen", "1"),
     "derf": ("olivedrab", "2"),
+    # transformer arms (placement / QK-norm variants of LN)
+    "post-ln": ("darkorange", "v"),
+    "peri-ln": ("mediumseagreen", "D"),
+    "ln+qk": ("limegreen", "*"),
 }
 
 

@@ -17,6 +17,8 @@ Models (see :func:`model_names`; more with :func:`register_model`):
   32×32 images, and on ``(T, F)`` sequences with conv1d.
 * ``lstm``: one LSTM layer over a ``(T, F)`` sequence and a linear head on ``h_T``; the norm picks
   the recurrent cell (``none``, ``ln``, ``bn``, ``wn``), see :mod:`normlab.lab.models.recurrent`.
+* ``transformer``: a small decoder-only language model (causal self-attention, learned positions),
+  Pre-LN, Post-LN or Peri-LN blocks, optional QK-norm, see :mod:`normlab.lab.models.transformer`.
 * ``package.module:function``: ``function(norm=..., input_shape=..., num_classes=..., **options)``
   must return an ``nn.Module``. It is responsible for its normalization (use
   :func:`normlab.lab.norms.get_norm`); set ``model.needs_data_init = True`` if it needs
@@ -31,11 +33,12 @@ data-dependent init on a batch before training.
 
 Layout: :mod:`~normlab.lab.models.registry` (the registry and :func:`build_model`),
 :mod:`~normlab.lab.models.feedforward` (``mlp``, ``cnn``, ``resnet``) and
-:mod:`~normlab.lab.models.recurrent` (``lstm``); the model modules register themselves with the
+:mod:`~normlab.lab.models.recurrent` (``lstm``), :mod:`~normlab.lab.models.transformer`
+(``transformer``); the model modules register themselves with the
 registry, which imports none of them.
 """
 
-from normlab.lab.models import feedforward, recurrent  # noqa: F401  (register the built-in models)
+from normlab.lab.models import feedforward, recurrent, transformer  # noqa: F401  (register the built-in models)
 from normlab.lab.models.feedforward import ACTIVATIONS, CNN, MLP, ResNet
 from normlab.lab.models.recurrent import LSTMClassifier
 from normlab.lab.models.registry import *  # noqa: F403  (the public API: see registry.__all__)
