@@ -365,3 +365,32 @@ def test_export_is_standard_ops():
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert not any("normlab" in t for t in targets), targets
     assert_close(ep.module()(x), m(x).detach().double())
+
+
+@pytest.mark.parametrize("norm", ["add_ln", "add_rms", "gn_silu", "bn_relu"])
+def test_bench_compositions_compute_the_same_method(norm):
+    """The eager torch composition the kernel bench times is the fused normlab layer's method."""
+    from normlab.bench import kernels as K
+
+    shape = {"cnn": (8, 64, 4, 4), "transformer": (8, 64)}[K.NORMS[norm][0]]
+    torch.manual_seed(0)
+    native, ours = K._layer(norm, shape[1], native=True), K._layer(norm, shape[1], native=False)
+    ours.load_state_dict(native.state_dict(), strict=False)
+    if norm.startswith("add"):
+        ours.norm.load_state_dict(native.state_dict())
+    x = (torch.randn(shape) * 1.5 + 0.3).requires_grad_()
+    yn, yo = native(x), ours(x)
+    dy = torch.randn_like(yn)
+    (gn,) = torch.autograd.grad(yn, [x], dy)
+    (go,) = torch.autograd.grad(yo, [x], dy)
+    assert_close(yo, yn.detach().double(), rtol=1e-4, atol=1e-4)
+    assert_close(go, gn.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_bench_rows_smoke():
+    from normlab.bench import kernels as K
+
+    cases = [K.run_case(K.Case("add_ln", (64, 128), "rows"), ["torch", "torch-compile", "cpu"], reps=1),
+             K.run_case(K.Case("bn_relu", (4, 32, 4, 4), "nhwc"), ["torch", "torch-compile", "cpu"], reps=1)]
+    summary = K.composed_summary(cases)
+    assert set(summary) == {"add_ln", "bn_relu"} and summary["add_ln"]["median_x_compile"] > 0

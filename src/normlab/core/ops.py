@@ -12,6 +12,25 @@ Operators (``torch.ops.normlab.*``; outputs in brackets are statistics, shapes g
     layer_norm_channels(x, weight?, bias?, eps, backend)            -> (y, [mean, var, rstd])  (N, *S)
     layer_norm_channels_backward(dy, x, weight?, mean, rstd, eps, backend, mask)      -> (dx, dγ, dβ)
 
+Fused variants (issue 13 §1; section "fused variants" below)::
+
+    add_layer_norm(x, residual, weight?, bias?, normalized_ndim, eps, rms, backend)
+                                                      -> (y, s, [mean, var, rstd])  lead dims
+    add_layer_norm_backward(dy, ds?, s, weight?, mean, rstd, normalized_ndim, eps, rms, backend, mask)
+                                                      -> (dsum, dγ, dβ)
+    group_norm_silu(x, weight?, bias?, num_groups, eps, backend) -> (y, [mean, var, rstd])  (N, G)
+    group_norm_silu_backward(dy, x, weight?, bias?, mean, rstd, num_groups, eps, backend, mask)
+                                                      -> (dx, dγ, dβ)
+    batch_norm_relu(x, weight?, bias?, eps, backend)  -> (y, [mean, var, rstd])  (C,)
+    batch_norm_relu_backward(dy, y, x, weight?, mean, rstd, eps, backend, mask)    -> (dx, dγ, dβ)
+    batch_norm_relu_eval(x, mean, var, weight?, bias?, eps, backend)              -> y
+
+s = x + residual (returned: the next block's residual), y = LN/RMS(s); dsum = ∂L/∂s through y
+plus ds is the gradient of both x and residual. y = silu(GN(x)) and y = relu(BN(x)) apply the
+activation before the one rounding to x's dtype; relu's gradient comes from the saved y (0 where
+y ≤ 0, as torch's threshold_backward). They dispatch on their base op and call the backend's
+fused function, or :mod:`normlab.core.composed` where the backend has none (the CPU backend).
+
 Each operator has a real implementation that picks a backend (:mod:`normlab.core.dispatch`: the
 fused CPU kernels where they apply, the pure-torch reference elsewhere), a fake implementation
 (shapes, dtypes and strides exactly as the real one, so FakeTensor, meta tensors, torch.compile and
@@ -43,7 +62,8 @@ from torch import Tensor
 from normlab.core import dispatch, reference
 
 __all__ = ["stat_dtype", "batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_channels",
-           "dynamic_tanh", "dynamic_erf", "filter_response_norm"]
+           "dynamic_tanh", "dynamic_erf", "filter_response_norm", "add_layer_norm", "group_norm_silu",
+           "batch_norm_relu", "batch_norm_relu_eval"]
 
 stat_dtype = reference.stat_dtype
 
