@@ -15,8 +15,6 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-from torch import Tensor
-
 from normlab.core import reference
 
 __all__ = ["resolve", "add_layer_norm", "add_layer_norm_backward", "group_norm_silu", "group_norm_silu_backward",
@@ -51,22 +49,12 @@ def group_norm_silu(m, x, num_groups, weight, bias, eps):
     return torch.nn.functional.silu(z), mean, var, rstd
 
 
-def _gn_affine(x: Tensor, weight, bias, mean, rstd, num_groups: int) -> Tensor:
-    """z = γ·(x − μ)·rstd + β from the saved statistics, in their dtype (float64 on the CPU)."""
-    n, c = x.shape[0], x.shape[1]
-    sd = rstd.dtype
-    shape = (n, num_groups, c // num_groups, -1)
-    z = (x.reshape(shape).to(sd) - mean.reshape(n, num_groups, 1, 1)) * rstd.reshape(n, num_groups, 1, 1)
-    if weight is not None:
-        z = z * weight.to(sd).reshape(1, num_groups, c // num_groups, 1)
-    if bias is not None:
-        z = z + bias.to(sd).reshape(1, num_groups, c // num_groups, 1)
-    return z
-
-
 def group_norm_silu_backward(m, dy, x, weight, bias, mean, rstd, num_groups, eps, *, mask=(True, True, True)):
-    z = _gn_affine(x, weight, bias, mean, rstd, num_groups)
-    dz = reference.silu_backward(dy.reshape(z.shape).to(z.dtype), z).reshape(x.shape).to(x.dtype)
+    # z again from the backend's own forward kernel (one pass, its exact numerics) rather than
+    # from the saved statistics in torch ops (float64 passes on the CPU), then aten's one-pass
+    # silu_backward
+    z = m.group_norm(x, num_groups, weight, bias, eps)[0]
+    dz = torch.ops.aten.silu_backward(dy.to(z.dtype), z)
     return m.group_norm_backward(dz, x, weight, mean, rstd, num_groups, eps, mask=mask)
 
 
