@@ -394,3 +394,18 @@ def test_bench_rows_smoke():
              K.run_case(K.Case("bn_relu", (4, 32, 4, 4), "nhwc"), ["torch", "torch-compile", "cpu"], reps=1)]
     summary = K.composed_summary(cases)
     assert set(summary) == {"add_ln", "bn_relu"} and summary["add_ln"]["median_x_compile"] > 0
+
+
+def test_functorch_vmap_and_grad():
+    """Under functorch transforms the operators run their reference composite."""
+    x, r = _rand((3, 4, 8), 0, torch.float64), _rand((3, 4, 8), 1, torch.float64)
+    y, s = torch.vmap(lambda a, b: F.add_layer_norm(a, b, 8))(x, r)
+    assert_close(y, TF.layer_norm(x + r, (8,)))
+    assert_close(s, x + r)
+    z = _rand((2, 4, 3), 2, torch.float64)
+    g = torch.func.grad(lambda a: F.group_norm_silu(a, 2).sum())(z)
+    (e,) = torch.autograd.grad(_gn_silu_torch(z.requires_grad_(), None, None).sum(), [z])
+    assert_close(g, e)
+    g = torch.func.grad(lambda a: F.batch_norm_relu(a, None, None, training=True).sum())(z.detach())
+    (e,) = torch.autograd.grad(TF.relu(TF.batch_norm(z, None, None, training=True)).sum(), [z])
+    assert_close(g, e)

@@ -10,12 +10,20 @@ product (more shapes, float16, long rows split into chunks) is marked slow.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+# triton's own library functions (tl.zeros, ...) are interpreted only when TRITON_INTERPRET=1 was
+# set before triton was first imported; importing normlab imports triton (through torch), so a
+# session that imported normlab before this module cannot interpret: the tests then run in a
+# fresh process (test_in_fresh_process).
+_TRITON_BEFORE = "triton" in sys.modules
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from conftest import assert_close  # noqa: E402
 from normlab.core import reference  # noqa: E402
@@ -28,6 +36,27 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 EPS = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+FRESH = DEVICE == "cpu" and _TRITON_BEFORE and type(triton.language.standard.zeros).__name__ != "InterpretedFunction"
+here = pytest.mark.skipif(FRESH, reason="triton was imported before TRITON_INTERPRET: run by test_in_fresh_process")
+
+
+def _fresh(markers: str) -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", markers, __file__],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+
+
+@pytest.mark.skipif(not FRESH, reason="this process interprets the kernels itself")
+def test_in_fresh_process():
+    _fresh("not slow")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FRESH, reason="this process interprets the kernels itself")
+def test_in_fresh_process_slow():
+    _fresh("slow")
 
 
 def _rand(shape, seed, dtype, scale=1.0, offset=0.0):
@@ -78,11 +107,13 @@ def _check_add_ln(shape, k, dtype, rms, affine, with_ds, offset=0.0):
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
 @pytest.mark.parametrize("case", [((5, 24), 1, True, True), ((2, 3, 4, 5), 2, False, False), ((3, 40), 1, True, False)],
                          ids=lambda c: f"{len(c[0])}d-k{c[1]}-affine{int(c[2])}-ds{int(c[3])}")
+@here
 def test_add_layer_norm_kernels(dtype, rms, case):
     shape, k, affine, with_ds = case
     _check_add_ln(shape, k, dtype, rms, affine, with_ds)
 
 
+@here
 def test_add_layer_norm_offset_keeps_float32_precision():
     """Two-pass centred statistics: an offset of 1e3 with unit spread keeps float32 precision."""
     _check_add_ln((4, 64), 1, torch.float32, False, True, True, offset=1e3)
@@ -110,12 +141,14 @@ def _check_gn(shape, groups, dtype, layout, affine, wmask=None):
             _close(gi, wi, dtype, name)
 
 
+@here
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_group_norm_silu_kernels(dtype, layout):
     _check_gn((2, 6, 3, 5), 3, dtype, layout, True)
 
 
+@here
 def test_group_norm_silu_kernels_no_affine_3d():
     _check_gn((3, 4, 7), 2, torch.float32, "nchw", False)
     _check_gn((2, 4, 3, 3), 2, torch.float32, "nchw", True, wmask=(False, True, True))
@@ -148,6 +181,7 @@ def _check_bn(shape, dtype, layout, affine, training=True):
             _close(gi, wi, dtype, name)
 
 
+@here
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -155,11 +189,13 @@ def test_batch_norm_relu_kernels(dtype, layout, training):
     _check_bn((3, 4, 3, 5), dtype, layout, True, training)
 
 
+@here
 def test_batch_norm_relu_kernels_matrix_and_no_affine():
     _check_bn((6, 5), torch.float32, "nchw", False)
     _check_bn((6, 5), torch.float32, "nchw", True, training=False)
 
 
+@here
 def test_nan_propagates():
     x = _rand((2, 4, 3, 3), 0, torch.float32)
     x[0, 1, 1, 1] = float("nan")
@@ -169,6 +205,7 @@ def test_nan_propagates():
     assert torch.isnan(y[0, :2]).all() and not torch.isnan(y[1]).any()
 
 
+@here
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_fused_kernels_full_product(dtype):

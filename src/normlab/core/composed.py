@@ -40,7 +40,7 @@ def add_layer_norm_backward(m, dy, ds, s, weight, mean, rstd, normalized_ndim, e
                             mask=(True, True, True)):
     dsum, dw, db = m.layer_norm_backward(dy, s, weight, mean, rstd, normalized_ndim, eps, rms=rms, mask=mask)
     if mask[0] and ds is not None:
-        dsum = dsum + ds
+        dsum = dsum.add_(ds)  # dsum is the backend's fresh output: no second buffer
     return dsum, dw, db
 
 

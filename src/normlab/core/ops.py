@@ -59,7 +59,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from normlab.core import dispatch, reference
+from normlab.core import composed, dispatch, reference
 
 __all__ = ["stat_dtype", "batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_channels",
            "dynamic_tanh", "dynamic_erf", "filter_response_norm", "add_layer_norm", "group_norm_silu",
@@ -834,8 +834,6 @@ def filter_response_norm(x, weight, bias, tau, eps: float, backend: str | None =
 
 
 def _fused_fn(op: str, base: str, x: Tensor, backend: str):
-    from normlab.core import composed
-
     return composed.resolve(_backend(base, x, backend), op)
 
 
