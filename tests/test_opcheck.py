@@ -242,7 +242,10 @@ def test_every_operator_is_covered():
     covered = {"batch_norm", "batch_norm_backward", "batch_norm_eval", "group_norm", "group_norm_backward",
                "layer_norm", "layer_norm_backward", "layer_norm_channels", "layer_norm_channels_backward",
                "dynamic_tanh", "dynamic_tanh_backward", "dynamic_erf", "dynamic_erf_backward",
-               "filter_response_norm", "filter_response_norm_backward"}
+               "filter_response_norm", "filter_response_norm_backward",
+               # the fused variants: opcheck rows in tests/test_fused_ops.py
+               "add_layer_norm", "add_layer_norm_backward", "group_norm_silu", "group_norm_silu_backward",
+               "batch_norm_relu", "batch_norm_relu_backward", "batch_norm_relu_eval"}
     covered |= EVONORM_OPS
     assert registered == covered, registered ^ covered
 

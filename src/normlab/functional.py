@@ -890,3 +890,149 @@ def dynamic_erf(
     if traced(input):
         return reference.dynamic_erf(input, a, s, weight, bias, channels_last=channels_last)
     return ops.dynamic_erf(input, a, s, weight, bias, channels_last, backend)
+
+
+# ============================================================================================
+# Fused variants (issue 13 §1): residual-add + layer/RMS norm, group norm + SiLU, batch norm +
+# ReLU, each one ``normlab::`` operator (see core/ops.py). Traced for export: the torch
+# composition (standard operators).
+# ============================================================================================
+
+__all__ += ["add_layer_norm", "add_rms_norm", "batch_norm_relu", "group_norm_silu"]
+
+
+def _check_residual(residual, input: Tensor) -> None:
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual: expected a torch.Tensor, got {type(residual).__name__}")
+    for what, got, want in (("shape", tuple(residual.shape), tuple(input.shape)), ("dtype", residual.dtype, input.dtype),
+                            ("device", residual.device, input.device)):
+        if got != want:
+            raise ValueError(f"residual: expected the input's {what} {want}, got {got}")
+
+
+def add_layer_norm(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Residual add + layer normalization: ``(y, s)`` with
+
+    .. math:: s = x + r,\qquad y = \gamma \odot \frac{s - \mu(s)}{\sqrt{\sigma^2(s) + \epsilon}} + \beta
+
+    (statistics per row over the trailing ``normalized_shape`` dims). ``s`` is returned — the
+    residual stream of a pre-norm transformer block, the next block's ``residual`` — and both
+    outputs are differentiable: x and the residual get ∂L/∂s through y plus ∂L/∂s. ``input`` and
+    ``residual`` must have the same shape, dtype and device; s is rounded to their dtype (as
+    ``x + r`` in torch) before it is normalized.
+    """
+    if traced(input):
+        s = input + residual
+        return TF.layer_norm(s, normalized_shape, weight, bias, eps), s
+    shape = _normalized_shape(normalized_shape)
+    check_input(input)
+    _check_residual(residual, input)
+    check_eps(eps)
+    _check_trailing(input, shape)
+    _check_param(weight, shape, "weight")
+    _check_param(bias, shape, "bias")
+    y, s, *_ = ops.add_layer_norm(input, residual, len(shape), weight, bias, eps, backend=backend)
+    return y, s
+
+
+def add_rms_norm(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Residual add + RMS normalization: ``(y, s)``, s = x + r, :math:`y = \gamma \odot s / \sqrt{\overline{s^2} + \epsilon}`.
+
+    As :func:`add_layer_norm` without centring or bias; ``eps=None`` is the machine epsilon of
+    the compute dtype, as :func:`rms_norm`.
+    """
+    if traced(input):
+        s = input + residual
+        return TF.rms_norm(s, normalized_shape, weight, eps), s
+    shape = _normalized_shape(normalized_shape)
+    check_input(input)
+    _check_residual(residual, input)
+    if eps is None:
+        eps = torch.finfo(compute_dtype(input.dtype)).eps
+    check_eps(eps)
+    _check_trailing(input, shape)
+    _check_param(weight, shape, "weight")
+    y, s, *_ = ops.add_layer_norm(input, residual, len(shape), weight, None, eps, rms=True, backend=backend)
+    return y, s
+
+
+def group_norm_silu(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    r"""Group normalization followed by SiLU (the diffusion-UNet block), one operator:
+
+    .. math:: z = \gamma_c \frac{x - \mu_{ng}}{\sqrt{\sigma^2_{ng} + \epsilon}} + \beta_c,\qquad y = z \cdot \operatorname{sigmoid}(z)
+
+    Same arguments as :func:`group_norm` (no mask). z is not rounded to the input's dtype before
+    the SiLU (torch's ``F.silu(F.group_norm(x))`` rounds it once more in 16 bits).
+    """
+    if traced(input):
+        return TF.silu(TF.group_norm(input, num_groups, weight, bias, eps))
+    check_input(input, min_dim=2)
+    check_eps(eps)
+    c = input.shape[1]
+    check_divisor(num_groups, c, "num_groups", f"the {c} channels")
+    _check_param(weight, (c,), "weight")
+    _check_param(bias, (c,), "bias")
+    return ops.group_norm_silu(input, num_groups, weight, bias, eps, backend=backend)[0]
+
+
+def batch_norm_relu(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    r"""Batch normalization followed by ReLU, one operator: :math:`y = \max(0, \mathrm{BN}(x))`.
+
+    Same signature and statistics as :func:`batch_norm` (no mask): batch statistics in training
+    (or without running statistics), with the running averages updated exactly as batch_norm
+    does; the running statistics otherwise. The ReLU's gradient is taken from the output, as
+    torch's ``threshold_backward`` (0 where y ≤ 0).
+    """
+    if traced(input):
+        return TF.relu(TF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
+    check_input(input, min_dim=2)
+    check_eps(eps)
+    check_momentum(momentum)
+    c = input.shape[1]
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
+        _check_param(t, (c,), name)
+    if not (training or running_mean is None or running_var is None):
+        return ops.batch_norm_relu_eval(input, running_mean, running_var, weight, bias, eps, backend=backend)
+    m = input.numel() // c if c else 0
+    _check_batch_stats(input, m, eps, "batch norm + ReLU")
+    y, mean, var, _ = ops.batch_norm_relu(input, weight, bias, eps, backend=backend)
+    if training and running_mean is not None and running_var is not None and m > 0:
+        _update_running(running_mean, mean, momentum)
+        _update_running(running_var, var * (m / (m - 1)), momentum)
+    return y

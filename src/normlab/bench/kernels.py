@@ -59,9 +59,16 @@ NORMS: dict[str, tuple[str, str]] = {
     "ws": ("weights", "Weight Standardization of a conv weight (O, I, 3, 3)"),
     "dyt": ("transformer", "Dynamic Tanh  γ·tanh(αx) + β"),
     "derf": ("transformer", "Dynamic erf  γ·erf(αx + s) + β"),
+    # the fused operators (issue 13 §1): "torch" is the eager two-op composition, "torch-compile"
+    # that composition compiled; on the CPU backend these are composed, not fused (core/composed.py)
+    "add_ln": ("transformer", "residual add + LayerNorm  (y of LN(x + r); r a fixed tensor)"),
+    "add_rms": ("transformer", "residual add + RMSNorm  (y of RMS(x + r))"),
+    "gn_silu": ("cnn", "GroupNorm (32 groups) + SiLU"),
+    "bn_relu": ("cnn", "BatchNorm2d training + ReLU"),
 }
 # norms whose "torch" contender is a composition of torch ops: also timed under torch.compile
-COMPOSED = ("brn", "gbn", "ws", "frn", "evonorm-s0", "evonorm-b0", "dyt", "derf")
+COMPOSED = ("brn", "gbn", "ws", "frn", "evonorm-s0", "evonorm-b0", "dyt", "derf", "add_ln", "add_rms", "gn_silu",
+            "bn_relu")
 
 
 @dataclass
@@ -231,6 +238,51 @@ class _NormlabWS(nn.Module):
         return weight_standardize(w, 1e-5)
 
 
+class _Residual:
+    """A fixed residual tensor shaped like the input (made on first use; not a parameter, so both
+    contenders time x + r and the norm, and the gradient to x only)."""
+
+    r: torch.Tensor | None = None
+
+    def residual(self, x):
+        if self.r is None or self.r.shape != x.shape or self.r.stride() != x.stride():
+            g = torch.Generator().manual_seed(1)
+            self.r = torch.empty_like(x.detach()).copy_(torch.randn(x.shape, generator=g))
+        return self.r
+
+
+class _TorchAddLN(_Residual, nn.LayerNorm):
+    def forward(self, x):
+        return super().forward(x + self.residual(x))
+
+
+class _TorchAddRMS(_Residual, nn.RMSNorm):
+    def forward(self, x):
+        return super().forward(x + self.residual(x))
+
+
+class _NormlabAddNorm(_Residual, nn.Module):
+    def __init__(self, c: int, rms: bool):
+        super().__init__()
+        import normlab.nn as L
+
+        self.norm = L.AddRMSNorm(c, eps=1e-6) if rms else L.AddLayerNorm(c)
+        self.weight, self.bias = self.norm.weight, self.norm.bias
+
+    def forward(self, x):
+        return self.norm(x, self.residual(x))[0]
+
+
+class _TorchGNSiLU(nn.GroupNorm):
+    def forward(self, x):
+        return torch.nn.functional.silu(super().forward(x))
+
+
+class _TorchBNReLU(nn.BatchNorm2d):
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
 def _layer(norm: str, c: int, native: bool) -> nn.Module:
     if native:
         mk = {
@@ -249,6 +301,10 @@ def _layer(norm: str, c: int, native: bool) -> nn.Module:
             "evonorm-b0": lambda: _TorchEvoB0(c),
             "dyt": lambda: _TorchPointwise(c, erf=False),
             "derf": lambda: _TorchPointwise(c, erf=True),
+            "add_ln": lambda: _TorchAddLN(c),
+            "add_rms": lambda: _TorchAddRMS(c, eps=1e-6),
+            "gn_silu": lambda: _TorchGNSiLU(32, c),
+            "bn_relu": lambda: _TorchBNReLU(c),
         }
     else:
         import normlab.nn as L
@@ -269,6 +325,10 @@ def _layer(norm: str, c: int, native: bool) -> nn.Module:
             "evonorm-b0": lambda: L.EvoNormB0(c),
             "dyt": lambda: L.DynamicTanh(c),
             "derf": lambda: L.DynamicErf(c),
+            "add_ln": lambda: _NormlabAddNorm(c, rms=False),
+            "add_rms": lambda: _NormlabAddNorm(c, rms=True),
+            "gn_silu": lambda: L.GroupNormSiLU(32, c),
+            "bn_relu": lambda: L.BatchNormReLU2d(c),
         }
     m = mk[norm]()
     with torch.no_grad():

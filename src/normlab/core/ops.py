@@ -12,6 +12,25 @@ Operators (``torch.ops.normlab.*``; outputs in brackets are statistics, shapes g
     layer_norm_channels(x, weight?, bias?, eps, backend)            -> (y, [mean, var, rstd])  (N, *S)
     layer_norm_channels_backward(dy, x, weight?, mean, rstd, eps, backend, mask)      -> (dx, dγ, dβ)
 
+Fused variants (issue 13 §1; section "fused variants" below)::
+
+    add_layer_norm(x, residual, weight?, bias?, normalized_ndim, eps, rms, backend)
+                                                      -> (y, s, [mean, var, rstd])  lead dims
+    add_layer_norm_backward(dy, ds?, s, weight?, mean, rstd, normalized_ndim, eps, rms, backend, mask)
+                                                      -> (dsum, dγ, dβ)
+    group_norm_silu(x, weight?, bias?, num_groups, eps, backend) -> (y, [mean, var, rstd])  (N, G)
+    group_norm_silu_backward(dy, x, weight?, bias?, mean, rstd, num_groups, eps, backend, mask)
+                                                      -> (dx, dγ, dβ)
+    batch_norm_relu(x, weight?, bias?, eps, backend)  -> (y, [mean, var, rstd])  (C,)
+    batch_norm_relu_backward(dy, y, x, weight?, mean, rstd, eps, backend, mask)    -> (dx, dγ, dβ)
+    batch_norm_relu_eval(x, mean, var, weight?, bias?, eps, backend)              -> y
+
+s = x + residual (returned: the next block's residual), y = LN/RMS(s); dsum = ∂L/∂s through y
+plus ds is the gradient of both x and residual. y = silu(GN(x)) and y = relu(BN(x)) apply the
+activation before the one rounding to x's dtype; relu's gradient comes from the saved y (0 where
+y ≤ 0, as torch's threshold_backward). They dispatch on their base op and call the backend's
+fused function, or :mod:`normlab.core.composed` where the backend has none (the CPU backend).
+
 Each operator has a real implementation that picks a backend (:mod:`normlab.core.dispatch`: the
 fused CPU kernels where they apply, the pure-torch reference elsewhere), a fake implementation
 (shapes, dtypes and strides exactly as the real one, so FakeTensor, meta tensors, torch.compile and
@@ -40,10 +59,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from normlab.core import dispatch, reference
+from normlab.core import composed, dispatch, reference
 
 __all__ = ["stat_dtype", "batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_channels",
-           "dynamic_tanh", "dynamic_erf", "filter_response_norm"]
+           "dynamic_tanh", "dynamic_erf", "filter_response_norm", "add_layer_norm", "group_norm_silu",
+           "batch_norm_relu", "batch_norm_relu_eval"]
 
 stat_dtype = reference.stat_dtype
 
@@ -372,7 +392,12 @@ def _bn_eval_setup(ctx, inputs, output):  # noqa: ARG001 - output is y, not need
 def _bn_eval_backward(ctx, dy):
     """y = a·x + b with a = γ·rsqrt(σ² + ε), b = β − a·μ: the gradients are torch ops, so they are
     themselves differentiable (double backward needs no composite here)."""
-    x, mean, var, weight = ctx.saved_tensors
+    return _bn_eval_grads(ctx, dy, *ctx.saved_tensors)
+
+
+def _bn_eval_grads(ctx, dy, x, mean, var, weight):
+    """The gradients of batch_norm_eval's inputs (x, mean, var, weight, bias, eps, center_only,
+    backend) for the upstream gradient dy (shared with batch_norm_relu_eval)."""
     eps, center_only, backend = ctx.args
     need = ctx.needs_input_grad
     eager = getattr(ctx, "compiled", True) is False  # traced backwards must stay in torch ops
@@ -978,3 +1003,286 @@ def evonorm_b0(x, weight, bias, v, running_var, eps: float, backend: str | None 
     """(y, mean_b, var_b, mean_i, var_i) through ``normlab::evonorm_b0`` (``running_var=None``:
     batch statistics)."""
     return call("evonorm_b0", x, weight, bias, v, running_var, float(eps), backend or "")
+
+# ------------------------------------------------------------------------------ fused variants
+#     add_layer_norm(x, residual, weight?, bias?, normalized_ndim, eps, rms, backend)
+#                                                    -> (y, s, [mean, var, rstd]) lead dims
+#     add_layer_norm_backward(dy, ds?, s, weight?, mean, rstd, normalized_ndim, eps, rms, backend, mask)
+#                                                    -> (dsum, dγ, dβ)
+#     group_norm_silu(x, weight?, bias?, num_groups, eps, backend) -> (y, [mean, var, rstd]) (N, G)
+#     group_norm_silu_backward(dy, x, weight?, bias?, mean, rstd, num_groups, eps, backend, mask)
+#                                                    -> (dx, dγ, dβ)
+#     batch_norm_relu(x, weight?, bias?, eps, backend) -> (y, [mean, var, rstd]) (C,)
+#     batch_norm_relu_backward(dy, y, x, weight?, mean, rstd, eps, backend, mask) -> (dx, dγ, dβ)
+#     batch_norm_relu_eval(x, mean, var, weight?, bias?, eps, backend) -> y
+#
+# s = x + residual (x and residual of one shape and dtype) is returned — the next block's
+# residual stream — and y = LN/RMS(s); both s and y are differentiable and dsum = ∂L/∂s (through
+# y) + ds is the gradient of x and of the residual. y = silu(GN(x)), y = relu(BN(x)) with the
+# activation applied before the single rounding to x's dtype. Layouts, statistics dtypes and
+# ``mask`` as the unfused ops (s: layer norm's layout; GN/BN: the per-channel one). Each
+# dispatches on its base op (layer_norm, group_norm, batch_norm, batch_norm_eval) and calls the
+# backend's fused function or, where the backend has none, the composition of
+# :mod:`normlab.core.composed` (the CPU backend: not fused).
+
+
+def _fused_fn(op: str, base: str, x: Tensor, backend: str):
+    return composed.resolve(_backend(base, x, backend), op)
+
+
+def _add_layer_norm_impl(x, residual, weight, bias, normalized_ndim, eps, rms, backend):
+    y, s, mean, var, rstd = _fused_fn("add_layer_norm", "layer_norm", x, backend)(
+        x, residual, normalized_ndim, weight, bias, eps, rms=rms)
+    return _canonical(y, x, False), _canonical(s, x, False), *_stats(x, None if rms else mean, var, rstd)
+
+
+def _add_layer_norm_backward_impl(dy, ds, s, weight, mean, rstd, normalized_ndim, eps, rms, backend, mask):
+    dsum, dw, db = _fused_fn("add_layer_norm_backward", "layer_norm", s, backend)(
+        dy, ds, s, weight, None if rms else mean, rstd, normalized_ndim, eps, rms=rms, mask=tuple(mask))
+    shape, dt = _param_meta(weight, s, _ln_shapes(s, normalized_ndim)[1])
+    dsum = _canonical(dsum, s, False) if mask[0] else s.new_empty((0,))
+    return dsum, _grad(dw if mask[1] else None, s, shape, dt), _grad(db if mask[2] else None, s, shape, dt)
+
+
+def _group_norm_silu_impl(x, weight, bias, num_groups, eps, backend):
+    y, mean, var, rstd = _fused_fn("group_norm_silu", "group_norm", x, backend)(x, num_groups, weight, bias, eps)
+    return _canonical(y, x, True), *_stats(x, mean, var, rstd)
+
+
+def _group_norm_silu_backward_impl(dy, x, weight, bias, mean, rstd, num_groups, eps, backend, mask):
+    dx, dw, db = _fused_fn("group_norm_silu_backward", "group_norm", x, backend)(
+        dy, x, weight, bias, mean, rstd, num_groups, eps, mask=tuple(mask))
+    shape, dt = _param_meta(weight, x, (x.shape[1],))
+    dx = _canonical(dx, x, True) if mask[0] else x.new_empty((0,))
+    return dx, _grad(dw if mask[1] else None, x, shape, dt), _grad(db if mask[2] else None, x, shape, dt)
+
+
+def _batch_norm_relu_impl(x, weight, bias, eps, backend):
+    y, mean, var, rstd = _fused_fn("batch_norm_relu", "batch_norm", x, backend)(x, weight, bias, eps)
+    return _canonical(y, x, True), *_stats(x, mean, var, rstd)
+
+
+def _batch_norm_relu_backward_impl(dy, y, x, weight, mean, rstd, eps, backend, mask):
+    dx, dw, db = _fused_fn("batch_norm_relu_backward", "batch_norm", x, backend)(
+        dy, y, x, weight, mean, rstd, eps, mask=tuple(mask))
+    shape, dt = _param_meta(weight, x, _bn_shapes(x))
+    dx = _canonical(dx, x, True) if mask[0] else x.new_empty((0,))
+    return dx, _grad(dw if mask[1] else None, x, shape, dt), _grad(db if mask[2] else None, x, shape, dt)
+
+
+def _batch_norm_relu_eval_impl(x, mean, var, weight, bias, eps, backend):
+    y = _fused_fn("batch_norm_relu_eval", "batch_norm_eval", x, backend)(x, mean, var, weight, bias, eps)
+    return _canonical(y, x, True)
+
+
+def _add_layer_norm_fake(x, residual, weight, bias, normalized_ndim, eps, rms, backend):
+    lead, _ = _ln_shapes(x, normalized_ndim)
+    return (_empty_out(x, False), _empty_out(x, False), *_fake_stats(x, lead, (not rms, True, True)))
+
+
+def _add_layer_norm_backward_fake(dy, ds, s, weight, mean, rstd, normalized_ndim, eps, rms, backend, mask):
+    return _fake_grads(s, weight, _ln_shapes(s, normalized_ndim)[1], mask, False)
+
+
+def _group_norm_silu_backward_fake(dy, x, weight, bias, mean, rstd, num_groups, eps, backend, mask):
+    return _fake_grads(x, weight, (x.shape[1],), mask, True)
+
+
+def _batch_norm_relu_fake(x, weight, bias, eps, backend):
+    return (_empty_out(x, True), *_fake_stats(x, _bn_shapes(x)))
+
+
+def _batch_norm_relu_backward_fake(dy, y, x, weight, mean, rstd, eps, backend, mask):
+    return _fake_grads(x, weight, _bn_shapes(x), mask, True)
+
+
+_ops.update({
+    "add_layer_norm": _define("add_layer_norm", _add_layer_norm_impl, _add_layer_norm_fake, {
+        "x": _T, "residual": _T, "weight": _OT, "bias": _OT, "normalized_ndim": int, "eps": float, "rms": bool,
+        "backend": str, "return": tuple[Tensor, Tensor, Tensor, Tensor, Tensor]}),
+    "add_layer_norm_backward": _define("add_layer_norm_backward", _add_layer_norm_backward_impl,
+                                       _add_layer_norm_backward_fake, {
+        "dy": _T, "ds": _OT, "s": _T, "weight": _OT, "mean": _T, "rstd": _T, "normalized_ndim": int, "eps": float,
+        "rms": bool, "backend": str, "mask": Sequence[bool], "return": _GRADS}),
+    "group_norm_silu": _define("group_norm_silu", _group_norm_silu_impl, _group_norm_fake, {
+        "x": _T, "weight": _OT, "bias": _OT, "num_groups": int, "eps": float, "backend": str, "return": _STATS}),
+    "group_norm_silu_backward": _define("group_norm_silu_backward", _group_norm_silu_backward_impl,
+                                        _group_norm_silu_backward_fake, {
+        "dy": _T, "x": _T, "weight": _OT, "bias": _OT, "mean": _T, "rstd": _T, "num_groups": int, "eps": float,
+        "backend": str, "mask": Sequence[bool], "return": _GRADS}),
+    "batch_norm_relu": _define("batch_norm_relu", _batch_norm_relu_impl, _batch_norm_relu_fake, {
+        "x": _T, "weight": _OT, "bias": _OT, "eps": float, "backend": str, "return": _STATS}),
+    "batch_norm_relu_backward": _define("batch_norm_relu_backward", _batch_norm_relu_backward_impl,
+                                        _batch_norm_relu_backward_fake, {
+        "dy": _T, "y": _T, "x": _T, "weight": _OT, "mean": _T, "rstd": _T, "eps": float, "backend": str,
+        "mask": Sequence[bool], "return": _GRADS}),
+    "batch_norm_relu_eval": _define("batch_norm_relu_eval", _batch_norm_relu_eval_impl,
+                                    lambda x, mean, var, weight, bias, eps, backend: _empty_out(x, True), {
+        "x": _T, "mean": _T, "var": _T, "weight": _OT, "bias": _OT, "eps": float, "backend": str, "return": _T}),
+})
+_IMPLS.update({
+    "add_layer_norm": _add_layer_norm_impl,
+    "add_layer_norm_backward": _add_layer_norm_backward_impl,
+    "group_norm_silu": _group_norm_silu_impl,
+    "group_norm_silu_backward": _group_norm_silu_backward_impl,
+    "batch_norm_relu": _batch_norm_relu_impl,
+    "batch_norm_relu_backward": _batch_norm_relu_backward_impl,
+    "batch_norm_relu_eval": _batch_norm_relu_eval_impl,
+})
+_COMPOSITE.update({
+    "add_layer_norm": lambda x, r, w, b, k, eps, rms, _: reference.add_layer_norm(x, r, k, w, b, eps, rms=rms),
+    "group_norm_silu": lambda x, w, b, g, eps, _: reference.group_norm_silu(x, g, w, b, eps),
+    "batch_norm_relu": lambda x, w, b, eps, _: reference.batch_norm_relu(x, w, b, eps),
+    "batch_norm_relu_eval": lambda x, m, v, w, b, eps, _: reference.batch_norm_relu_eval(x, m, v, w, b, eps),
+})
+_N_DIFF.update({"add_layer_norm": 4, "batch_norm_relu_eval": 5})
+
+
+def _grads_of(outputs, grad_outputs, inputs, need) -> list:
+    """create_graph=True gradients of ``outputs`` w.r.t. the ``inputs`` that ``need`` them (zeros
+    for an input the outputs do not depend on, None for one not needed)."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
+    wrt = [t for t, n in zip(inputs, need) if n and t is not None]
+    grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True,
+                                     allow_unused=True)) if wrt else iter(())
+    out = []
+    for t, n in zip(inputs, need):
+        g = next(grads) if (n and t is not None) else None
+        out.append(torch.zeros_like(t) if (g is None and n and t is not None) else g)
+    return out
+
+
+def _add_ln_setup(ctx, inputs, output):
+    x, residual, weight, bias, k, eps, rms, backend = inputs
+    ctx.save_for_backward(output[1], weight, output[2], output[4])  # s, γ, mean, rstd
+    ctx.args = (k, eps, rms, backend)
+    ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)
+    ctx.compiled = True
+
+
+def _add_ln_backward(ctx, dy, ds, *_):
+    """dsum = ∂L/∂s through y (the backward operator: one pass) + ds, returned for x and residual.
+    create_graph=True: the reference layer norm differentiated at the saved s, whose own graph
+    (s = x + residual) carries the second order back to x and the residual."""
+    none = (None,) * 4
+    need = ctx.needs_input_grad[:4]
+    s, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:  # only s is used: dsum = ds; γ, β get nothing
+        return (ds if need[0] else None, ds if need[1] else None, None, None, *none)
+    k, eps, rms, backend = ctx.args
+    if torch.is_grad_enabled():
+        bias = None
+        if ctx.bias_meta is not None:
+            bias = torch.zeros(ctx.bias_meta[0], dtype=ctx.bias_meta[1], device=s.device, requires_grad=need[3])
+        with torch.enable_grad():
+            y = reference.layer_norm(s, k, weight, bias, eps, rms=rms)[0]
+            g_s, dw, db = _grads_of([y], [dy], (s, weight, bias), (need[0] or need[1], need[2], need[3]))
+        dsum = None if g_s is None else (g_s if ds is None else g_s + ds)
+    else:
+        mask = [need[0] or need[1], need[2], need[3]]
+        dsum, dw, db = _run("add_layer_norm_backward", ctx.compiled)(dy, ds, s, weight, mean, rstd, *ctx.args, mask)
+        if need[3] and db.numel() and ctx.bias_meta is not None:
+            db = db.to(ctx.bias_meta[1])
+    return (dsum if need[0] else None, dsum if need[1] else None, dw if need[2] else None,
+            db if need[3] else None, *none)
+
+
+def _gn_silu_setup(ctx, inputs, output):
+    x, weight, bias, num_groups, eps, backend = inputs
+    ctx.save_for_backward(x, weight, bias, output[1], output[3])
+    ctx.args = (num_groups, eps, backend)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.compiled = True
+
+
+def _gn_silu_backward(ctx, dy, *_):
+    """The backward operator (silu' folded into group norm's backward; β is needed for z), or
+    with create_graph=True the reference composite differentiated on the saved inputs."""
+    none = (None,) * 3
+    if dy is None:
+        return (None, None, None, *none)
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():
+        with torch.enable_grad():
+            y = reference.group_norm_silu(x, ctx.args[0], weight, bias, ctx.args[1])[0]
+            return (*_grads_of([y], [dy], (x, weight, bias), need), *none)
+    grads = _run("group_norm_silu_backward", ctx.compiled)(dy, x, weight, bias, mean, rstd, *ctx.args, list(need))
+    return (*(g if n else None for g, n in zip(grads, need)), *none)
+
+
+def _bn_relu_setup(ctx, inputs, output):
+    x, weight, bias, eps, backend = inputs
+    ctx.save_for_backward(x, weight, bias, output[0], output[1], output[3])  # x, γ, β, y, mean, rstd
+    ctx.args = (eps, backend)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.compiled = True
+
+
+def _bn_relu_backward(ctx, dy, *_):
+    """The backward operator (relu's mask y > 0 folded into batch norm's backward), or with
+    create_graph=True the reference composite differentiated on the saved inputs."""
+    none = (None,) * 2
+    if dy is None:
+        return (None, None, None, *none)
+    x, weight, bias, y, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():
+        with torch.enable_grad():
+            yr = reference.batch_norm_relu(x, weight, bias, ctx.args[0])[0]
+            return (*_grads_of([yr], [dy], (x, weight, bias), need), *none)
+    grads = _run("batch_norm_relu_backward", ctx.compiled)(dy, y, x, weight, mean, rstd, *ctx.args, list(need))
+    return (*(g if n else None for g, n in zip(grads, need)), *none)
+
+
+def _bn_relu_eval_setup(ctx, inputs, output):
+    x, mean, var, weight, bias, eps, backend = inputs
+    ctx.save_for_backward(x, mean, var, weight, output[0] if isinstance(output, tuple) else output)
+    ctx.args = (eps, False, backend)
+    ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+
+
+def _bn_relu_eval_backward(ctx, dy):
+    """relu's mask from the saved y (0 where y ≤ 0), then batch_norm_eval's formula (torch ops,
+    so double backward needs no composite)."""
+    x, mean, var, weight, y = ctx.saved_tensors
+    grads = _bn_eval_grads(ctx, reference.relu_mask(dy, y), x, mean, var, weight)
+    return (*grads[:7],)
+
+
+_ops["add_layer_norm"].register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
+_ops["group_norm_silu"].register_autograd(_gn_silu_backward, setup_context=_gn_silu_setup)
+_ops["batch_norm_relu"].register_autograd(_bn_relu_backward, setup_context=_bn_relu_setup)
+_ops["batch_norm_relu_eval"].register_autograd(_bn_relu_eval_backward, setup_context=_bn_relu_eval_setup)
+_EAGER.update({
+    "add_layer_norm": _eager_function("add_layer_norm", _add_ln_backward, setup=_add_ln_setup, n_out=5),
+    "group_norm_silu": _eager_function("group_norm_silu", _gn_silu_backward, setup=_gn_silu_setup),
+    "batch_norm_relu": _eager_function("batch_norm_relu", _bn_relu_backward, setup=_bn_relu_setup),
+    "batch_norm_relu_eval": _eager_function("batch_norm_relu_eval", _bn_relu_eval_backward,
+                                            setup=_bn_relu_eval_setup, n_out=1),
+})
+
+
+def add_layer_norm(x, residual, normalized_ndim: int, weight, bias, eps: float, rms: bool = False,
+                   backend: str | None = None):
+    """(y, s, mean, var, rstd): s = x + residual, y = LN/RMS(s) through ``normlab::add_layer_norm``."""
+    return call("add_layer_norm", x, residual, weight, bias, int(normalized_ndim), float(eps), rms, backend or "")
+
+
+def group_norm_silu(x, num_groups: int, weight, bias, eps: float, backend: str | None = None):
+    """(y, mean, var, rstd), y = silu(GN(x)), through ``normlab::group_norm_silu``."""
+    return call("group_norm_silu", x, weight, bias, int(num_groups), float(eps), backend or "")
+
+
+def batch_norm_relu(x, weight, bias, eps: float, backend: str | None = None):
+    """(y, mean, var, rstd), y = relu(BN(x)) with batch statistics, through ``normlab::batch_norm_relu``."""
+    return call("batch_norm_relu", x, weight, bias, float(eps), backend or "")
+
+
+def batch_norm_relu_eval(x, mean, var, weight, bias, eps: float, backend: str | None = None):
+    """y = relu(BN(x)) with given statistics through ``normlab::batch_norm_relu_eval``."""
+    return call("batch_norm_relu_eval", x, mean, var, weight, bias, float(eps), backend or "")

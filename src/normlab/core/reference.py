@@ -171,15 +171,21 @@ def _mean(shift: Tensor, corr: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(torch.isinf(shift), shift, shift + corr)
 
 
-def _normalize_backward(dy, x, weight, dims, eps, mode, mask, wshape=None):
-    """(dx, dγ, dβ) of :func:`normalize`, the statistics recomputed from x (exact, branch-free)."""
+def _normalize_backward(dy, x, weight, dims, eps, mode, mask, wshape=None, add=None):
+    """(dx, dγ, dβ) of :func:`normalize`, the statistics recomputed from x (exact, branch-free).
+
+    ``add``: a gradient added to dx before its single rounding to x's dtype (the residual
+    branch of add + layer norm)."""
     acc = compute_dtype(x.dtype)
     xc = x.to(acc)
     shift, corr, _, rstd = _moments(xc, dims, mode, eps)
     xhat = _xhat(xc, shift, corr, rstd, mode)
     dy = dy.to(acc)
     g = dy if weight is None else dy * weight.to(acc)
-    dx = _input_grad(g, xhat, rstd, dims, mode).to(x.dtype) if mask[0] else None
+    dx = None
+    if mask[0]:
+        dx = _input_grad(g, xhat, rstd, dims, mode)
+        dx = (dx if add is None else dx + add.to(acc)).to(x.dtype)
     dw = (dy * xhat).sum_to_size(wshape) if mask[1] else None
     db = dy.sum_to_size(wshape) if mask[2] else None
     return dx, dw, db
@@ -596,3 +602,94 @@ def evonorm_b0_backward(dy, x, weight, bias, v, mean_b, var_b, mean_i, var_i, ba
     db = dyc.sum(red) if mask[2] else None
     dv = (gd * kr * xc).sum(red) if (mask[3] and v is not None) else None
     return dx, dw, db, dv
+
+# Fused variants: residual-add + layer/RMS norm, group norm + SiLU, batch norm + ReLU
+# --------------------------------------------------------------------------------------------
+# Each is the composition of the routines above, the activation applied in the compute dtype
+# before the single rounding to x's dtype (what a fused kernel does; torch's two-op composition
+# rounds the normalized value once more in 16 bits).
+
+__all__ += ["add_layer_norm", "add_layer_norm_backward", "group_norm_silu", "group_norm_silu_backward",
+            "batch_norm_relu", "batch_norm_relu_backward", "batch_norm_relu_eval", "silu_backward"]
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, normalized_ndim: int, weight, bias, eps: float, *,
+                   rms: bool = False):
+    """s = x + residual (in x's dtype, as torch's ``x + residual``), y = LN or RMS norm of s.
+
+    Returns (y, s, mean, var, rstd) with the statistics of :func:`layer_norm` on s."""
+    s = x + residual
+    y, mean, var, rstd = layer_norm(s, normalized_ndim, weight, bias, eps, rms=rms)
+    return y, s, mean, var, rstd
+
+
+def add_layer_norm_backward(dy, ds, s, weight, mean, rstd, normalized_ndim: int, eps: float, *,
+                            rms: bool = False, mask=(True, True, True)):
+    """(dsum, dγ, dβ): dsum = ∂L/∂s through y plus ``ds`` (None: s unused), the gradient of both
+    x and the residual."""
+    dims = tuple(range(s.dim() - normalized_ndim, s.dim()))
+    wshape = tuple(s.shape[s.dim() - normalized_ndim:])
+    return _normalize_backward(dy, s, weight, dims, eps, RMS if rms else STANDARD, mask, wshape, add=ds)
+
+
+def silu_backward(dy: Tensor, z: Tensor) -> Tensor:
+    """∂L/∂z of y = silu(z) = z·σ(z): dy · σ(z) · (1 + z · (1 − σ(z)))."""
+    sig = torch.sigmoid(z)
+    return dy * sig * (1 + z * (1 - sig))
+
+
+def _gn_pre(x: Tensor, num_groups: int, weight, bias, eps: float):
+    """z = GN(x) in the compute dtype, shaped (N, G, C/G, S), and the statistics."""
+    n, c = x.shape[0], x.shape[1]
+    x4 = x.reshape(n, num_groups, c // num_groups, _spatial(x)).to(compute_dtype(x.dtype))
+    return normalize(x4, (2, 3), _groups(x, num_groups, weight), _groups(x, num_groups, bias), eps)
+
+
+def group_norm_silu(x: Tensor, num_groups: int, weight, bias, eps: float):
+    """y = silu(group_norm(x)): (y, mean, var, rstd), statistics (N, G) as :func:`group_norm`."""
+    n = x.shape[0]
+    z, mean, var, rstd = _gn_pre(x, num_groups, weight, bias, eps)
+    y = torch.nn.functional.silu(z).to(x.dtype)
+    return _restore(y, x), mean.view(n, num_groups), var.view(n, num_groups), rstd.view(n, num_groups)
+
+
+def group_norm_silu_backward(dy, x, weight, bias, mean, rstd, num_groups: int, eps: float, *,
+                             mask=(True, True, True)):
+    """(dx, dγ, dβ): dz = silu'(z)·dy with z = GN(x) recomputed (β is needed for z), then
+    group norm's backward of dz."""
+    n, c = x.shape[0], x.shape[1]
+    shape = (n, num_groups, c // num_groups, _spatial(x))
+    acc = compute_dtype(x.dtype)
+    z = _gn_pre(x, num_groups, weight, bias, eps)[0]
+    dz = silu_backward(dy.reshape(shape).to(acc), z)
+    x4 = x.reshape(shape).to(acc)
+    dx, dw, db = _normalize_backward(dz, x4, _groups(x, num_groups, weight), (2, 3), eps, STANDARD, mask,
+                                     (1, num_groups, c // num_groups, 1))
+    return (None if dx is None else _restore(dx.to(x.dtype), x)), _flat(dw), _flat(db)
+
+
+def _bn_pre(x: Tensor, weight, bias, eps: float):
+    x3 = x.reshape(x.shape[0], x.shape[1], _spatial(x)).to(compute_dtype(x.dtype))
+    return normalize(x3, (0, 2), _channel_view(weight, 3), _channel_view(bias, 3), eps, STANDARD)
+
+
+def batch_norm_relu(x: Tensor, weight, bias, eps: float):
+    """y = relu(batch_norm(x)) in training: (y, mean, var, rstd), statistics (C,)."""
+    z, mean, var, rstd = _bn_pre(x, weight, bias, eps)
+    return _restore(torch.relu(z).to(x.dtype), x), mean.flatten(), _flat(var), _flat(rstd)
+
+
+def relu_mask(dy: Tensor, y: Tensor) -> Tensor:
+    """∂L/∂z of y = relu(z) from the output, as torch's threshold_backward: 0 where y ≤ 0."""
+    return torch.where(y <= 0, torch.zeros((), dtype=dy.dtype, device=dy.device), dy)
+
+
+def batch_norm_relu_backward(dy, y, x, weight, mean, rstd, eps: float, *, mask=(True, True, True)):
+    """(dx, dγ, dβ): dz = dy where y > 0 (else 0), then batch norm's backward of dz."""
+    return batch_norm_backward(relu_mask(dy, y), x, weight, mean, rstd, eps, mask=mask)
+
+
+def batch_norm_relu_eval(x: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float):
+    """y = relu(γ·(x − μ)/sqrt(σ² + ε) + β) with given statistics."""
+    acc = compute_dtype(x.dtype)
+    return torch.relu(batch_norm_eval(x.to(acc), mean, var, weight, bias, eps)).to(x.dtype)

@@ -12,9 +12,17 @@ from normlab.nn.stdconv import StdConv2d
 from normlab.nn.frn import FilterResponseNorm2d
 from normlab.nn.evonorm import EvoNormB0, EvoNormS0
 from normlab.nn.dyt import DynamicErf, DynamicTanh
+from normlab.nn.fused import (AddLayerNorm, AddRMSNorm, BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d,
+                              GroupNormSiLU)
 from normlab.nn.syncbatchnorm import DistributedDataParallel, SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm  # noqa: E501
 
 __all__ = [
+    "AddLayerNorm",
+    "AddRMSNorm",
+    "BatchNormReLU1d",
+    "BatchNormReLU2d",
+    "BatchNormReLU3d",
+    "GroupNormSiLU",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",

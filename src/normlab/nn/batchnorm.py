@@ -112,6 +112,24 @@ class _BatchNorm(RunningStats):
             return super().forward(input)  # torch's own layer: standard operators in the graph
         if not traced:
             self._check_input_dim(input)
+        running_mean, running_var, batch_stats, momentum = self._statistics()
+        return F.batch_norm(
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            batch_stats,
+            momentum,
+            self.eps,
+            mask=mask,
+            backend=self.backend,
+        )
+
+    def _statistics(self):
+        """(running_mean, running_var, use batch statistics, momentum) of this step under
+        ``stats_mode``; counts the batch when it is tracked (the one place this is decided)."""
+        mode = self._stats_mode
         if mode is None:
             momentum = self._momentum_for_step()
             batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -122,18 +140,7 @@ class _BatchNorm(RunningStats):
         else:  # "running" / "frozen": fixed running statistics, nothing updated, nothing counted
             momentum = 0.0 if self.momentum is None else self.momentum
             batch_stats, track = False, True
-        return F.batch_norm(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            batch_stats,
-            momentum,
-            self.eps,
-            mask=mask,
-            backend=self.backend,
-        )
+        return (self.running_mean if track else None, self.running_var if track else None, batch_stats, momentum)
 
 
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):

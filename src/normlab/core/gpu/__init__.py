@@ -226,3 +226,62 @@ def filter_response_norm(x, weight, bias, tau, eps):
 def filter_response_norm_backward(dy, x, weight, bias, tau, rstd, eps, *, mask=(True,) * 4):
     """(dx, dγ, dβ, dτ) of :func:`filter_response_norm`."""
     return _frn().backward(dy, x, weight, bias, tau, rstd, eps, tuple(mask))
+
+
+# ---------------------------------------------------------------------- fused variants (fused.py)
+# Signatures: docs/CONTRACTS.md "Fused variants"; ops.py dispatches them on their base op
+# (layer_norm, group_norm, batch_norm, batch_norm_eval), so `supports` needs no entry for them.
+
+
+def _fused():
+    from normlab.core.gpu import fused  # imports triton: only once a tensor reaches a kernel
+
+    return fused
+
+
+@_on_device(0)
+def add_layer_norm(x, residual, normalized_ndim, weight, bias, eps, *, rms=False):
+    """s = x + residual and y = LN/RMS(s) in one pass: (y, s, mean, var, rstd)."""
+    return _fused().add_layer_norm(x, residual, normalized_ndim, weight, bias, eps, rms=rms)
+
+
+@_on_device(2)
+def add_layer_norm_backward(dy, ds, s, weight, mean, rstd, normalized_ndim, eps, *, rms=False,
+                            mask=(True, True, True)):
+    """(dsum, dγ, dβ): dsum = ∂L/∂s through y plus ds, the gradient of x and of the residual."""
+    return _fused().add_layer_norm_backward(dy, ds, s, weight, mean, rstd, normalized_ndim, eps, rms=rms,
+                                            mask=mask)
+
+
+@_on_device(0)
+def group_norm_silu(x, num_groups, weight, bias, eps):
+    """y = silu(GN(x)): (y, mean, var, rstd), float32 statistics (N, G)."""
+    return _fused().group_norm_silu(x, num_groups, weight, bias, eps)
+
+
+@_on_device(1)
+def group_norm_silu_backward(dy, x, weight, bias, mean, rstd, num_groups, eps, *, mask=(True, True, True)):
+    """(dx, dγ, dβ) of silu(GN(x)) (β is needed to recompute the pre-activation)."""
+    return _fused().group_norm_silu_backward(dy, x, weight, bias, mean, rstd, num_groups, eps, mask=mask)
+
+
+@_on_device(0)
+def batch_norm_relu(x, weight, bias, eps):
+    """y = relu(BN(x)) in training: (y, mean, var, rstd), float32 statistics (C,)."""
+    return _fused().batch_norm_relu(x, weight, bias, eps)
+
+
+@_on_device(2)
+def batch_norm_relu_backward(dy, y, x, weight, mean, rstd, eps, *, mask=(True, True, True)):
+    """(dx, dγ, dβ) of relu(BN(x)); the ReLU mask comes from the saved output y."""
+    return _fused().batch_norm_relu_backward(dy, y, x, weight, mean, rstd, eps, mask=mask)
+
+
+@_on_device(0)
+def batch_norm_relu_eval(x, mean, var, weight, bias, eps):
+    """y = relu(BN(x)) with given (running) statistics."""
+    return _fused().batch_norm_relu_eval(x, mean, var, weight, bias, eps)
+
+
+__all__ += ["add_layer_norm", "add_layer_norm_backward", "group_norm_silu", "group_norm_silu_backward",
+            "batch_norm_relu", "batch_norm_relu_backward", "batch_norm_relu_eval"]
