@@ -264,14 +264,17 @@ def test_rate_intervals_of_the_cells_stay_in_range():
 
 @pytest.mark.slow
 def test_quick_profile_end_to_end(tmp_path):
+    """The quick profile as the demo runs it (~60 CPU s), through the sweep and the cards, with
+    the direction of each effect asserted on its fixed seeds (0, 1, 2), so a regression shows:
+    measured BN 29.6 % at batch 2 vs 5.9 % at 32, Batch Renorm 12.6 %, GN 9.7 %."""
     from normlab.lab.sweep import run_sweep
 
     study = get_study("small-batch")
-    cfg = dataclasses.replace(study.default_config(quick=True), epochs=1, limit=300)
+    cfg = study.default_config(quick=True)
     results = run_sweep(study.name, study.runs(cfg), tmp_path, workers=1, progress=False)
     assert all(r.done for r in results), [r.error for r in results if not r.done]
     for r in results:
-        assert r.final["samples_seen"] == (300 // r.config["batch_size"]) * r.config["batch_size"]
+        assert r.final["samples_seen"] == 2 * (1000 // r.config["batch_size"]) * r.config["batch_size"]
         assert r.final["stat_values_min"] == r.config["batch_size"]  # MLP: N values per statistic
         assert r.final["lr"] == pytest.approx(
             r.config["lr"] * (r.config["batch_size"] / 32 if r.config["lr_scaling"] == "linear" else 1))
@@ -279,5 +282,9 @@ def test_quick_profile_end_to_end(tmp_path):
     cards = study.analyze(results, cfg)
     assert all(c.verdict in CARD_VERDICTS for c in cards)
     assert all(c.effect_label for c in cards if c.effect is not None)
+    degrades = _card(cards, "BatchNorm degrades")
+    assert degrades.verdict == "supported" and degrades.effect.lo > 10  # the collapse: > 10 points
+    assert _card(cards, "Batch Renorm closes").verdict == "supported"
+    assert "use GN" in _card(cards, "At batch size").measurement
     figs = study.plot(results, cfg, tmp_path / "fig")
     assert len(figs) == 2 and all(f.path.read_bytes()[:8] == PNG for f in figs)

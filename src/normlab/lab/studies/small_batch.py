@@ -49,9 +49,13 @@ Design (pilots: ``/work/shared/LAB-PILOTS.md``):
   seconds: ~28 min with ``--workers 2`` on an idle 2-core machine (an estimate: the full grid was
   not run on an idle machine); adding MNIST-1D (``--model mlp,tiles4,mnist1d``) about doubles it.
   The quick profile (MLP only; BN, Batch Renorm, GN at batch 2 and 32, 3 seeds, BN also at a
-  fixed rate at batch 2; 21 runs of at most 1 000 steps) used 87 CPU seconds at 1 500 steps per
-  run (8 min 24 s of wall time on the machine loaded ~8× by other jobs, 22 % CPU share), so ~60
-  CPU seconds at its 1 000 steps: ~30–40 s with two idle cores.
+  fixed rate at batch 2; 21 runs of at most 1 000 steps): 58 CPU seconds in its runs, 80 s of
+  user time for the whole command with the report; 6 min 17 s of wall time here with
+  ``--workers 2`` while other jobs loaded the machine ~8× (21 % CPU share), so ~40 s on two idle
+  cores. Its verdicts (seeds 0-2): BN 29.6 % at batch 2 vs 5.9 % at 32 (gap 23.8 [20, 27.6]
+  points, supported); Batch Renorm closes 17 [12.9, 21] points, 71 % [64, 78] of it; the lr
+  rule's part −60 [−64, −56] points (not supported: a fixed rate of 0.05 at batch 2 makes BN
+  diverge); at batch 2 use GN (9.7 %), tied with Batch Renorm.
 """
 
 from __future__ import annotations
