@@ -41,7 +41,13 @@ Design (pilots: ``/work/shared/LAB-PILOTS.md``):
 * **Budgets** (``TASK_PRESETS``): MLP 3 epochs of the 1 437 training digits (4 311 samples: 2 155
   steps at batch 2, 134 at 32); tiles4 and MNIST-1D 2 epochs of 1 500 / 2 000 training samples.
   Large batches get few steps (tiles4 at 128: 23) and are undertrained: the price of equal samples,
-  and why the reference batch size is 32, not 128.
+  and why the reference batch size is 32, not 128. **Known open problem**: on tiles4 this budget
+  leaves even batch 32 undertrained (93 steps). A partial grid (tiles4; BN, GN, WS+GN, FRN at
+  batch 2 and 32; 42 runs, 357 CPU s) measured BN 38.1 % at 2 vs 40.7 % [20, 64.9] at 32, GN 43 %
+  vs 72 %, WS+GN 29 % vs 38 %, FRN 80 % vs 88 % — so "BN degrades" is inconclusive there for lack
+  of a trained reference, not for lack of starving (8 values per statistic at batch 2). A 4-epoch
+  pilot of 2 000 samples (248 steps at 32) gave BN 17.5 % at 32: tiles4 needs ~8 000 samples,
+  which roughly doubles the grid's cost — or a step floor for the batch sizes above 8.
 * **Cost** (each run records its CPU seconds as ``cpu_time_s``). Measured on this project's 2-core
   machine, one thread per run: a training step costs ~4–6 ms of CPU on the MLP (BN 4.6, Batch
   Renorm 6, GN 3.8 at batch 2) and ~10 ms on the tiles4 CNN at batch 2 (~20 ms at 32). From those
