@@ -27,6 +27,10 @@ Built-in (see :func:`dataset_names`; more with :func:`register_dataset`):
   classification of ``t > 0`` (``num_classes == 2``). Options: ``n`` (1000), ``x1_range``,
   ``x2_range``, ``weights`` ((0.05, 1.0): both features move ``t`` by about ±10), ``bias`` (0),
   ``noise`` (std, 1.0), ``task`` ("regression" | "classification"). Draws use ``seed``.
+* ``tiles4``: procedural 4×4 images ``(1, 4, 4)``, 10 classes of fixed binary prototypes under a
+  random one-pixel cyclic shift, gain, offset and pixel noise (:func:`load_tiles4`; options
+  ``n_train`` 4000, ``n_val`` 1000, ``noise`` 0.3); small enough that a CNN's BN statistics pool
+  fewer than 16 values at batch size 2. Draws use ``seed``.
 
 The user's data (a path; ``~`` is expanded):
 
@@ -700,6 +704,88 @@ def load_chars(*, seed: int, val_fraction: float, size: str = "large", context: 
     return _bundle(x_tr, y_tr, x_va, y_va, kind="sequence", name=f"chars-{size}", num_classes=CHARS_VOCAB)
 
 
+#: Prototype seed of ``tiles4`` (fixed: the classes are the same for every ``seed``).
+TILES4_PROTOTYPE_SEED = 20260
+TILES4_SIZE = 4
+
+
+@functools.lru_cache(maxsize=4)
+def _tiles4_prototypes(num_classes: int) -> np.ndarray:
+    """The ``tiles4`` class prototypes: ``(num_classes, 4, 4)`` binary patterns of 8 lit pixels.
+
+    Drawn once from a fixed seed, rejecting a pattern closer than Hamming distance 6 to an
+    earlier one, or to any earlier one's cyclic shift by one pixel, so that no two classes can be
+    confused by shifting.
+    """
+    check_int(num_classes, "num_classes", low=2)
+    rng = np.random.default_rng(TILES4_PROTOTYPE_SEED)
+    n = TILES4_SIZE * TILES4_SIZE
+    shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    chosen: list[np.ndarray] = []
+    for _ in range(100_000):
+        if len(chosen) == num_classes:
+            break
+        p = np.zeros(n)
+        p[rng.choice(n, n // 2, replace=False)] = 1.0
+        p = p.reshape(TILES4_SIZE, TILES4_SIZE)
+        if all(np.abs(np.roll(q, s, (0, 1)) - p).sum() >= 6 for q in chosen for s in shifts):
+            chosen.append(p)
+    if len(chosen) < num_classes:
+        raise ValueError(f"num_classes: at most {len(chosen)} separable 4x4 prototypes, got {num_classes}")
+    return np.stack(chosen).astype(np.float32)
+
+
+def tiles4_prototypes(num_classes: int = 10) -> np.ndarray:
+    """The ``tiles4`` class prototypes (a copy; see :func:`_tiles4_prototypes`)."""
+    return _tiles4_prototypes(num_classes).copy()
+
+
+def load_tiles4(
+    *,
+    seed: int,
+    val_fraction: float,
+    n_train: int = 4000,
+    n_val: int = 1000,
+    noise: float = 0.3,
+    num_classes: int = 10,
+) -> DataBundle:
+    r"""``tiles4``: a procedural 4×4 image task on which a CNN's BatchNorm statistics starve.
+
+    Sample of class ``k``: ``x = g · roll(P_k, (dy, dx)) + o + noise · ε`` with ``P_k`` the class
+    prototype (:func:`tiles4_prototypes`), a cyclic shift ``dy, dx ∈ {-1, 0, 1}``, gain
+    ``g ~ U(0.5, 1.5)``, offset ``o ~ U(-0.5, 0.5)`` and ``ε`` standard normal per pixel; images
+    ``(1, 4, 4)``. Every class has exactly ``n / num_classes`` samples in each split (``n_train``
+    and ``n_val`` must be multiples of ``num_classes``). Draws use ``seed``; the prototypes do not.
+
+    Why it exists: the lab's CNN pools after its second block, so on 4×4 input its last conv
+    layer's BN statistic pools ``N · 2 · 2`` values: 8 at batch size 2, fewer than the ~16 below
+    which batch statistics become unusable (digits' 8×8 images give 32). The shifts make it a
+    translation task a linear model solves only partly; ``val_fraction`` is unused (the
+    validation part is drawn separately).
+    """
+    check_positive_int(n_train, "n_train")
+    check_positive_int(n_val, "n_val")
+    for name, n in (("n_train", n_train), ("n_val", n_val)):
+        if n % num_classes:
+            raise ValueError(f"{name}: expected a multiple of num_classes ({num_classes}), got {n}")
+    if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise: expected a finite standard deviation >= 0, got {noise!r}")
+    protos = tiles4_prototypes(num_classes)
+    rng = np.random.default_rng([seed, TILES4_PROTOTYPE_SEED])
+    parts = []
+    for n in (n_train, n_val):
+        y = rng.permutation(np.arange(n) % num_classes)
+        x = protos[y]
+        dy, dx = rng.integers(-1, 2, n), rng.integers(-1, 2, n)
+        x = np.stack([np.roll(img, (a, b), (0, 1)) for img, a, b in zip(x, dy, dx)])
+        gain = rng.uniform(0.5, 1.5, (n, 1, 1))
+        offset = rng.uniform(-0.5, 0.5, (n, 1, 1))
+        x = gain * x + offset + noise * rng.standard_normal(x.shape)
+        parts.append((torch.from_numpy(x[:, None].astype(np.float32)), torch.from_numpy(y.astype(np.int64))))
+    (x_tr, y_tr), (x_va, y_va) = parts
+    return _bundle(x_tr, y_tr, x_va, y_va, kind="image", name="tiles4", num_classes=num_classes)
+
+
 Loader = Callable[..., DataBundle]
 _REGISTRY: dict[str, Loader] = {
     "mnist1d": load_mnist1d,
@@ -710,6 +796,7 @@ _REGISTRY: dict[str, Loader] = {
     "digits-pixels-permuted": load_digits_pixels_permuted,
     "synthetic2d": load_synthetic2d,
     "synthetic2d-cls": load_synthetic2d_cls,
+    "tiles4": load_tiles4,
 }
 
 

@@ -5,9 +5,46 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+from torch import nn
+
 from normlab.lab.train import evaluate
 
-__all__ = ["AccuracyEvery"]
+__all__ = ["AccuracyEvery", "ShapeProbe", "stat_values"]
+
+
+class ShapeProbe:
+    """Records the output shape of every conv/linear layer but the head, on the first forward.
+
+    ``shapes`` holds one ``(N, C, *positions)`` tuple per layer (a norm follows each of them in
+    the lab's models); :func:`stat_values` turns one into the number of values a batch
+    statistic pools.
+    """
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+        self._handles: list[Any] = []
+
+    def on_train_start(self, model: Any, config: Any, data: Any) -> None:
+        layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+        for m in layers[:-1]:  # the last one is the classifier head: no norm after it
+            self._handles.append(m.register_forward_hook(self._record))
+
+    def _record(self, module: Any, inputs: Any, output: Any) -> None:
+        self.shapes.append(tuple(int(d) for d in output.shape))
+        if len(self.shapes) >= len(self._handles):
+            self.close()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def stat_values(shape: tuple[int, ...]) -> int:
+    """Values BN pools per statistic for a layer output of ``shape``: ``N · prod(positions)``
+    (``N`` after a linear layer, ``N·L`` after a 1-D conv, ``N·H·W`` after a 2-D conv)."""
+    return int(shape[0]) * int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else int(shape[0])
 
 
 class AccuracyEvery:

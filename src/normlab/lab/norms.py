@@ -25,7 +25,7 @@ name       meaning
            the batch size must be a multiple of ``G``
 ``ws+gn``  Weight Standardization of every conv weight + GroupNorm (Qiao et al. 2019);
            ``ws+X`` combines WS with any registered ``X``
-``frn``    Filter Response Norm + TLU (conv2d only; replaces norm *and* activation)
+``frn``    Filter Response Norm + TLU (conv1d/conv2d; replaces norm *and* activation)
 ``evonorm-s0`` EvoNorm-S0 (groups as ``gn``; norm + activation, batch-independent)
 ``evonorm-b0`` EvoNorm-B0 (conv only; norm + activation, batch statistics)
 ``dyt``    Dynamic Tanh γ·tanh(αx)+β (per channel on dim 1 after a conv, last dim otherwise)
@@ -231,9 +231,32 @@ def _make_gbn(g: int) -> LayerFactory:
     return make
 
 
+class SignalAs2d(nn.Module):
+    """Apply ``inner`` (made for ``(N, C, H, W)``) to a ``(N, C, L)`` signal as ``(N, C, L, 1)``.
+
+    For FRN on a 1-D conv: ν² over the ``L`` positions of a channel is the same mean of squares
+    as over an ``L × 1`` image.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"x: expected a (N, C, L) signal, got shape {tuple(x.shape)}")
+        return self.inner(x.unsqueeze(-1)).squeeze(-1)
+
+
 def _make_frn(c: int, kind: str) -> nn.Module:
+    if kind == "conv1d":
+        return SignalAs2d(nl.FilterResponseNorm2d(c))
     if kind != "conv2d":
-        raise ValueError(f"norm 'frn': FilterResponseNorm2d normalizes (N, C, H, W) input, got a {kind!r} layer")
+        # One value per channel: nu^2 = x^2, so x / sqrt(nu^2 + eps) is sign(x) (FRN paper, sec. 3.1).
+        raise ValueError(
+            f"norm 'frn': FilterResponseNorm normalizes each channel over its positions (conv1d or "
+            f"conv2d input), got a {kind!r} layer, whose single value per channel it would turn into its sign"
+        )
     return nl.FilterResponseNorm2d(c)
 
 

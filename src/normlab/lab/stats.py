@@ -9,6 +9,8 @@ each arm over several seeds and looking at the 95% confidence interval (CI) of t
   assumption: a diverging arm is often much noisier than a stable one).
 * :func:`paired_diff_ci` — interval of the mean per-seed difference, when both arms share
   their seeds (same initialization and data order), which removes the seed-to-seed noise.
+* :func:`rate_interval` — the interval of a mean error rate (%), computed on the logit scale so
+  that it stays inside [0, 100] %.
 * :func:`verdict` — "supported" / "not supported" / "inconclusive" from an effect interval and
   the direction the claim predicts; :func:`compare` does both steps at once.
 
@@ -39,6 +41,7 @@ __all__ = [
     "format_interval",
     "shift_interval",
     "combine_verdicts",
+    "rate_interval",
 ]
 
 Verdict = Literal["supported", "not supported", "inconclusive"]
@@ -279,3 +282,29 @@ def combine_verdicts(verdicts: Sequence[str]) -> str:
     if any(v == "not supported" for v in vs):
         return "not supported"
     return "inconclusive"
+
+
+def rate_interval(errors_pct: Sequence[float], n_val: int | None, level: float = 0.95) -> Interval:
+    r"""Mean of per-seed error rates (%) with an interval computed on the logit scale.
+
+    Each rate becomes ``p = (k + ½) / (n + 1)`` with ``k = rate · n`` errors out of ``n = n_val``
+    validation samples (100 when unknown), so a rate of exactly 0 or 100 % still has a finite
+    logit; the Student-t interval of ``mean(logit p)`` is mapped back with the logistic function.
+    The bounds therefore stay inside [0, 100] % (an interval on the raw scale reaches below 0 for
+    a few seeds near 0 % or with one outlier). The point estimate is the plain mean of the rates.
+    An empty list gives a NaN interval; one value gives [0, 100] (no width estimate).
+    """
+    _check_level(level)
+    if len(errors_pct) == 0:
+        return _nan_interval(0, level)
+    n = max(int(n_val or 100), 1)
+    x = _as_array(errors_pct, "errors_pct")
+    p = (x / 100.0 * n + 0.5) / (n + 1)
+    iv = mean_ci(np.log(p / (1 - p)), level)
+
+    def inv(z: float) -> float:
+        if math.isnan(z):
+            return math.nan
+        return 100.0 / (1.0 + math.exp(-z)) if math.isfinite(z) else (100.0 if z > 0 else 0.0)
+
+    return Interval(float(x.mean()), inv(iv.lo), inv(iv.hi), iv.n, iv.level)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from normlab.lab.models import OWN
-from normlab.lab.stats import Interval, format_interval, mean_ci, paired_diff_ci
+from normlab.lab.stats import Interval, format_interval, mean_ci, paired_diff_ci, rate_interval
 from normlab.lab.store import RunResult
 from normlab.lab.analysis import select
 from normlab.lab.plotting import color, marker, plt, save_png
@@ -188,18 +188,6 @@ def arms(results: list[RunResult], cfg: Config) -> list[Arm]:
                            float(np.median(steps)) if steps else cal.get("step_s"),
                            cal.get("activation_mb")))
     return out
-
-
-def rate_interval(errors_pct: list[float], n_val: int | None) -> Interval:
-    """Mean error over seeds with a 95% interval computed on the logit scale (stays in [0, 100])."""
-    if not errors_pct:
-        return Interval(math.nan, math.nan, math.nan, 0, 0.95)
-    n = max(int(n_val or 100), 1)
-    # (k + ½)/(n + 1): a per-seed rate of exactly 0 or 1 still has a finite logit
-    p = (np.asarray(errors_pct) / 100.0 * n + 0.5) / (n + 1)
-    iv = mean_ci(np.log(p / (1 - p)))
-    inv = lambda z: 100.0 / (1.0 + math.exp(-z)) if math.isfinite(z) else (100.0 if z > 0 else 0.0)  # noqa: E731
-    return Interval(float(np.mean(errors_pct)), inv(iv.lo), inv(iv.hi), iv.n, iv.level)
 
 
 def _n_val(results: list[RunResult]) -> int | None:

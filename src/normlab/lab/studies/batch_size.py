@@ -45,11 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import nn
 
 from normlab.lab import plotting
 from normlab.lab.analysis import select
 from normlab.lab.data import load_dataset
+from normlab.lab.hooks import ShapeProbe, stat_values
 from normlab.lab.norms import get_norm
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import diff_ci, format_interval, mean_ci, paired_diff_ci, verdict
@@ -243,34 +243,6 @@ def runs(cfg: Config) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 # Runner
 # ---------------------------------------------------------------------------------------------
-class _ShapeProbe:
-    """Hook recording the output shape of every conv/linear layer but the head, once."""
-
-    def __init__(self) -> None:
-        self.shapes: list[tuple[int, ...]] = []
-        self._handles: list[Any] = []
-
-    def on_train_start(self, model: Any, config: Any, data: Any) -> None:
-        layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
-        for m in layers[:-1]:  # the last one is the classifier head: no norm after it
-            self._handles.append(m.register_forward_hook(self._record))
-
-    def _record(self, module: Any, inputs: Any, output: Any) -> None:
-        self.shapes.append(tuple(int(d) for d in output.shape))
-        if len(self.shapes) >= len(self._handles):
-            self.close()
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
-def stat_values(shape: tuple[int, ...]) -> int:
-    """Values BN pools per statistic for a layer output of ``shape``: ``N · prod(positions)``."""
-    return int(shape[0]) * int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else int(shape[0])
-
-
 _TRAIN_KEYS = (
     "data", "model", "norm", "batch_size", "seed", "lr", "lr_scaling", "base_batch", "weight_decay",
     "model_options", "data_options",
@@ -291,7 +263,7 @@ def batch_size_runner(config: dict[str, Any], log: LogFn) -> dict[str, Any]:
     tcfg["max_steps"] = total
     # Evaluate about 20 times per run at most (the last epoch is always evaluated).
     tcfg["eval_every"] = max(1, tcfg["epochs"] // 20)
-    probe = _ShapeProbe()
+    probe = ShapeProbe()
     result = train(tcfg, log, hooks=[probe])
     probe.close()
     counts = [stat_values(s) for s in probe.shapes]
