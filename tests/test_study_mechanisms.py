@@ -79,7 +79,7 @@ def test_activation_norms_are_the_rms_of_each_hidden_layer_input():
     h1 = torch.relu(xp @ model[1].weight.T + model[1].bias)
     h2 = torch.relu(h1 @ model[3].weight.T + model[3].bias)
     out = h2 @ model[5].weight.T + model[5].bias
-    ref = [float(t.pow(2).mean().sqrt()) for t in (h1, h2, out)]
+    ref = [float(t.detach().double().pow(2).mean().sqrt()) for t in (h1, h2, out)]
     assert hook.init == pytest.approx(ref, rel=1e-6)
     out = hook.on_epoch_end(1, model, {})
     assert out["act_rms"] == pytest.approx(max(ref[:2]), rel=1e-6)

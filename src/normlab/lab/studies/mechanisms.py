@@ -342,7 +342,7 @@ def _clip(iv: Interval, lo: float, hi: float) -> Interval:
 def _where_train(cfg: Config, base: str, norm: str, lr: float, scale: float = 1.0) -> dict[str, Any]:
     c = _train_run(cfg, base, norm, lr, 0, scale)
     return {"runner": RUNNER, "norm": norm, "model_options": c["model_options"], "lr": float(lr),
-            "epochs": cfg.epochs, "data_options": c["data_options"]}
+            "epochs": cfg.epochs, "data_options": c["data_options"], "measure": c["measure"]}
 
 
 def _err(r: RunResult) -> float | None:
@@ -428,7 +428,8 @@ def _card_weights(results: list[RunResult], cfg: Config) -> Card:
                "RMS (probe batch, eval mode) after training, mean [95% CI]: " + " | ".join(ctx) + ".")
     return _ratio_card(results, cfg, claim=CLAIM_WEIGHTS, metric="weight_growth", lr=lr_hi,
                        what="Growth of ‖W‖ over training (final / init)",
-                       unit_label="‖W‖ growth (final/init), none / {norm}, at the high lr (×)", details=details)
+                       unit_label=f"‖W‖ growth (final/init), none / {{norm}}, at lr {lr_hi:g} (×)",
+                       details=details)
 
 
 def _card_faster(results: list[RunResult], cfg: Config) -> Card:
@@ -445,7 +446,7 @@ def _card_faster(results: list[RunResult], cfg: Config) -> Card:
                "the target: " + ", ".join(reached) + ".")
     return _ratio_card(results, cfg, claim=CLAIM_FASTER, metric="loss_target_steps_censored", lr=lr,
                        what=f"Steps to a training loss of {cfg.loss_target:g}",
-                       unit_label="steps to the target loss, none / {norm}, at the normal lr (×)",
+                       unit_label=f"steps to a training loss of {cfg.loss_target:g}, none / {{norm}}, at lr {lr:g} (×)",
                        details=details)
 
 
@@ -535,7 +536,7 @@ def _card_scale_grad(results: list[RunResult], cfg: Config) -> Card:
 def _rnn_where(cfg: Config, norm: str) -> dict[str, Any]:
     c = _rnn_run(cfg, norm, 0)
     return {"runner": RUNNER, "data": cfg.rnn_data, "norm": norm, "model_options": c["model_options"],
-            "epochs": cfg.rnn_epochs}
+            "epochs": cfg.rnn_epochs, "measure": c["measure"]}
 
 
 def _card_hidden(results: list[RunResult], cfg: Config) -> Card:
@@ -565,7 +566,7 @@ def _card_hidden(results: list[RunResult], cfg: Config) -> Card:
 def _test_where(cfg: Config, norm: str, running: bool) -> dict[str, Any]:
     c = _test_run(cfg, norm, running, 0)
     return {"runner": RUNNER, "norm": norm, "model_options": c["model_options"], "epochs": cfg.test_epochs,
-            "data_options": c["data_options"]}
+            "data_options": c["data_options"], "measure": c["measure"]}
 
 
 def _batch1(results: list[RunResult], cfg: Config, norm: str, running: bool, metric: str) -> list[float]:
