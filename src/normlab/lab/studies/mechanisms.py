@@ -80,7 +80,10 @@ NAME = "mechanisms"
 TITLE = "How normalization helps: weights, scale, recurrent states, test time"
 SUMMARY = ("Weight/activation norms over training, init-scale dependence, LSTM hidden-state "
            "spread and batch-1 evaluation, with vs without normalization.")
-ORDER = 60
+ORDER = 65
+#: Kept out of ``normlab demo`` (and plain ``normlab studies``) until the integrator decides to add
+#: its quick profile to the demo's budget; ``normlab study mechanisms --quick`` runs it.
+HIDDEN = True
 
 RUNNER = "mechanisms-train"
 MODEL = f"{__name__}:mechanism_model"
@@ -548,7 +551,8 @@ def _card_hidden(results: list[RunResult], cfg: Config) -> Card:
     details = (f"One-layer LSTM ({cfg.rnn_hidden} units) on {cfg.rnn_data}, Adam lr {cfg.rnn_lr:g}, "
                f"{cfg.rnn_epochs} epochs, {len(cfg.seeds)} seeds. After training: mean over "
                f"{cfg.probe} validation sequences of ‖h_t‖ per step t (eval mode, from the zero state); "
-               "CV = std_t / mean_t of that profile. Welch on log10 of the CVs; supported when plain / "
+               "CV = std_t / mean_t of that profile (it includes the rise from the zero initial state, "
+               "which LN shortens). Welch on log10 of the CVs; supported when plain / "
                f"LN lies above {RATIO_TOL}×. h_t = o⊙tanh(c_t) is bounded for both cells; the cell "
                "state c_t is not (shown for context).")
     if min(len(v) for v in cv.values()) < 2 or min(min(v) for v in cv.values()) <= 0:
@@ -662,6 +666,7 @@ def _fig_norm_curves(results: list[RunResult], cfg: Config, outdir: Path) -> Fig
             ax.set_yscale("log")
             ax.set_title(f"{model}, lr {lr:g}", fontsize=9)
             ax.set_xlabel("epoch (0 = init)")
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_ylabel("‖W‖ (all conv/linear weights)" if q == "weight" else "largest hidden RMS")
             _legend(ax)
     return plotting.finish(fig, outdir / "mechanisms_norm_curves.png", "Weight and activation norms over training",
@@ -738,8 +743,9 @@ def _fig_batch1(results: list[RunResult], cfg: Config, outdir: Path) -> Figure:
             continue
         iv = _clip(mean_ci(d), -100.0, 100.0)
         ax.bar(i, iv.mean, color=plotting.color(arm) or "tab:cyan", yerr=plotting.ci_yerr(iv), capsize=4)
-        ax.annotate(f"{iv.mean:.2g}", (i, iv.mean), ha="center", va="bottom" if iv.mean >= 0 else "top",
-                    fontsize=8, xytext=(0, 2 if iv.mean >= 0 else -2), textcoords="offset points")
+        # the value above the zero line: a bar of height 0 is otherwise invisible
+        ax.annotate(f"{iv.mean:.2g}", (i, max(iv.mean, 0.0)), ha="center", va="bottom", fontsize=8,
+                    xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(_test_arms(cfg))), [a for a, _, _ in _test_arms(cfg)])
     ax.axhline(0, color="k", lw=0.8)
     ax.set_ylabel("accuracy at batch 1 − batched (points)")
