@@ -34,9 +34,15 @@ coverage of the t-interval (the quantity cannot lie outside it). Every verdict c
 of BN and LN (:func:`~normlab.lab.stats.combine_verdicts`), on the first model of ``models``
 (the others are shown beside it).
 
-Cost (measured on the shared 2-core machine, one thread per run): the full grid is 107 runs,
-≈ FULL_TIME with ``--workers 2``; the quick profile (the MLP only, 3 seeds, short budgets, the
-row-by-row LSTM task) is 52 runs, ≈ QUICK_TIME.
+Cost (CPU time the runs recorded, one torch thread per run, on the shared 2-core machine while it
+ran at a load average of 12-14, so wall times there were ~7× the idle ones): the full grid is 125
+runs and ≈ 850 CPU-s — the 64-step LSTMs dominate (≈ 26 CPU-s per plain run, ≈ 74 per LN run),
+the feed-forward runs take 1-6 CPU-s — i.e. ≈ 7-8 min with ``--workers 2`` on an idle 2-core
+machine (estimated from the CPU time: the measured wall time under that load was > 45 min). The
+quick profile is 75 runs and ≈ 50 CPU-s (JIT compilation included), ≈ 30-35 s with 2 workers
+idle (measured under the same load: 536 s). The quick profile's first three epochs are the full
+grid's (same seeds, deterministic training), so the steps-to-target and first-step-gradient
+effects of the MLP are the same numbers in both profiles.
 """
 
 from __future__ import annotations
