@@ -36,9 +36,9 @@ of BN and LN (:func:`~normlab.lab.stats.combine_verdicts`), on the first model o
 
 Cost (CPU time the runs recorded, one torch thread per run, on the shared 2-core machine while it
 ran at a load average of 12-14, so wall times there were ~7× the idle ones): the full grid is 125
-runs and ≈ 850 CPU-s — the 64-step LSTMs dominate (≈ 26 CPU-s per plain run, ≈ 74 per LN run),
+runs and 854 CPU-s — the 64-step LSTMs dominate (≈ 26 CPU-s per plain run, ≈ 74 per LN run),
 the feed-forward runs take 1-6 CPU-s — i.e. ≈ 7-8 min with ``--workers 2`` on an idle 2-core
-machine (estimated from the CPU time: the measured wall time under that load was > 45 min). The
+machine (estimated from the CPU time: the measured wall time under that load was 57 min). The
 quick profile is 75 runs and ≈ 50 CPU-s (JIT compilation included), ≈ 30-35 s with 2 workers
 idle (measured under the same load: 536 s). The quick profile's first three epochs are the full
 grid's (same seeds, deterministic training), so the steps-to-target and first-step-gradient
