@@ -55,7 +55,7 @@ from torch import nn
 
 import normlab.nn as lnn
 from normlab.lab import plotting
-from normlab.lab.analysis import fmt_ratio, log10_diff_ci, pct, select, values
+from normlab.lab.analysis import fmt_ratio, log10_diff_ci, n_val, pct, select, values
 from normlab.lab.metrics import (
     capture_preactivations,
     distribution_instability,
@@ -67,7 +67,7 @@ from normlab.lab.metrics import (
 )
 from normlab.lab.models import build_model
 from normlab.lab.runners import LogFn, register_runner
-from normlab.lab.stats import combine_verdicts, diff_ci, format_interval, mean_ci, verdict
+from normlab.lab.stats import combine_verdicts, diff_ci, format_interval, mean_ci, rate_ci, scale_interval, verdict
 from normlab.lab.store import RunResult
 from normlab.lab.studies import Card, Figure
 from normlab.lab.train import evaluate, train
@@ -489,7 +489,8 @@ def _card_smooth(results: list[RunResult], cfg: Config, model: str, where: dict[
         texts.append(f"noisy BN loss range {np.median(noisy):.3g}")
     n = len(values(results, "loss_range", norm="bn", **where))
     return Card(NAME, claim, f"{model}, {n} seeds: " + "; ".join(texts), combine_verdicts(parts),
-                effect=first, details=details)
+                effect=first, effect_label="loss range along the gradient, BN / none (×)",
+                details=details)
 
 
 def _card_ics(results: list[RunResult], cfg: Config, model: str, where: dict[str, Any]) -> Card:
@@ -520,7 +521,8 @@ def _card_ics(results: list[RunResult], cfg: Config, model: str, where: dict[str
     noisy = values(results, "ics_cos", norm="noisy-bn", **where)
     if noisy:
         measurement += f"; noisy BN cos {format_interval(mean_ci(noisy))}"
-    return Card(NAME, claim, measurement, v, effect=r_l2, details=details)
+    return Card(NAME, claim, measurement, v, effect=r_l2, details=details,
+                effect_label="ICS ‖G − G′‖, BN / none (×)")
 
 
 def _card_noisy(results: list[RunResult], cfg: Config, model: str, where: dict[str, Any]) -> Card:
@@ -543,15 +545,17 @@ def _card_noisy(results: list[RunResult], cfg: Config, model: str, where: dict[s
     acc_none = values(results, "final_val_acc", norm="none", **where)
     ins_none = values(results, "act_instability", norm="none", **where)
 
+    nv = n_val(results, **where)
     measurement = (
-        f"{model}, {len(acc_n)} seeds: validation accuracy noisy BN {pct(mean_ci(acc_n))}, BN "
-        f"{pct(mean_ci(acc_b))}" + (f", none {pct(mean_ci(acc_none))}" if acc_none else "")
+        f"{model}, {len(acc_n)} seeds: validation accuracy noisy BN {pct(rate_ci(acc_n, nv, scale=1))}, BN "
+        f"{pct(rate_ci(acc_b, nv, scale=1))}" + (f", none {pct(rate_ci(acc_none, nv, scale=1))}" if acc_none else "")
         + f"; difference noisy − BN {100 * d_acc.mean:+.2f} points [{100 * d_acc.lo:+.2f}, "
         f"{100 * d_acc.hi:+.2f}]. Activation instability noisy BN {np.median(ins_n):.3g}, BN "
         f"{np.median(ins_b):.3g}" + (f", none {np.median(ins_none):.3g}" if ins_none else "")
         + f"; noisy/BN {fmt_ratio(r_ins)}"
     )
-    return Card(NAME, claim, measurement, v, effect=d_acc, details=details)
+    return Card(NAME, claim, measurement, v, effect=scale_interval(d_acc, 100), details=details,
+                effect_label="validation accuracy, noisy BN − BN (points)")
 
 
 # --------------------------------------------------------------------------------------------

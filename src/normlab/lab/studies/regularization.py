@@ -29,7 +29,7 @@ from normlab.lab import plotting
 from normlab.lab.analysis import pct, select, values
 from normlab.lab.measured import MEASURED_RUNNER, measured_config, study_settings
 from normlab.lab.norms import get_norm
-from normlab.lab.stats import Interval, combine_verdicts, diff_ci, format_interval, mean_ci, verdict
+from normlab.lab.stats import Interval, combine_verdicts, diff_ci, format_interval, mean_ci, scale_interval, verdict
 from normlab.lab.store import RunResult
 from normlab.lab.studies import Card, Figure
 
@@ -131,7 +131,8 @@ def _card_gap(results: list[RunResult], cfg: Config, model: str) -> Card:
         f"{format_interval(mean_ci(gl['none']))}, BN {format_interval(mean_ci(gl['bn']))}, "
         f"difference {format_interval(d_loss)}. " + "; ".join(sides)
     )
-    return Card(NAME, claim, measurement, v, effect=d_acc, details=details)
+    return Card(NAME, claim, measurement, v, effect=scale_interval(d_acc, 100), details=details,
+                effect_label="train − validation accuracy gap, BN − none (points)")
 
 
 def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:
