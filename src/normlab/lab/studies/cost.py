@@ -45,7 +45,7 @@ from normlab.lab.analysis import log_ratio_ci, n_val, pct, values
 from normlab.lab.measured import measured_config, study_settings
 from normlab.lab.metrics import pareto_front
 from normlab.lab.norms import get_norm
-from normlab.lab.stats import combine_verdicts, format_interval, mean_ci, rate_ci, verdict
+from normlab.lab.stats import combine_verdicts, format_interval, rate_ci, verdict
 from normlab.lab.store import RunResult
 from normlab.lab.studies import Card, Figure
 

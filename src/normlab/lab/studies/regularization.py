@@ -60,7 +60,10 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(seeds=(0, 1), epochs=6, limit=480)
+        # The full grid's budget (20 epochs on all the data) for the MLP only, three seeds: the
+        # effect is about a point (the full grid: gap 1.1 points smaller with BN), and 6 epochs
+        # on 480 images gave it the wrong sign on the MLP (+0.6). The MLP is the cheap model.
+        return cls(models=("mlp",), seeds=(0, 1, 2), epochs=20, limit=None)
 
 
 def validate(cfg: Config) -> None:

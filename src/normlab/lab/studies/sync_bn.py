@@ -231,7 +231,8 @@ def _card_synced(results: list[RunResult], cfg: Config) -> Card:
             f"BN at {cfg.global_batch}, {_err_text(synced)}, for every k; unsynced at {k} replicas: "
             f"{_err_text(many)}; the gap syncing closes: {_pts(d)}")
     return Card(NAME, claim, text + ".", v, QUESTION, effect=d, details=_details(cfg),
-                effect_label=f"error with {k} unsynced replicas − error synced (points)")
+                effect_label=(f"error with {k} unsynced replicas − error synced "
+                              "(= 1 replica, the same runs) (points)"))
 
 
 def _card_uneven(results: list[RunResult], cfg: Config) -> Card:
