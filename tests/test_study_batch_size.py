@@ -61,7 +61,8 @@ def test_values_per_batch_statistic():
 def swept(tmp_path_factory):
     study = get_study("batch-size")
     cfg = dataclasses.replace(
-        study.default_config(quick=True), batch_sizes=(2, 8), seeds=(0, 1), epochs=1, min_steps=20,
+        study.default_config(quick=True), model="cnn,mlp", norms=("bn", "gn"), batch_sizes=(2, 8),
+        seeds=(0, 1), epochs=1, min_steps=20,
         limit=64, groups=(1, 16), groups_batch=8,
     )
     study.validate(cfg)

@@ -101,7 +101,8 @@ def test_probing_does_not_change_training(model, noisy):
 
 def test_landscape_study_end_to_end(tmp_path):
     study = get_study("landscape")
-    cfg = dataclasses.replace(study.default_config(quick=True), seeds=(0, 1), epochs=2, max_steps=12,
+    cfg = dataclasses.replace(study.default_config(quick=True), models=("mlp", "cnn"), seeds=(0, 1),
+                              epochs=2, max_steps=12,
                               probe_every=4, limit=192, act_samples=48)
     study.validate(cfg)
     configs = study.runs(cfg)

@@ -36,7 +36,7 @@ def test_grid():
     assert sorted({c["lr"] for c in configs}) == pytest.approx([cfg.base_lr, 5 * cfg.base_lr, 30 * cfg.base_lr])
     quick = study.default_config(quick=True)
     study.validate(quick)
-    assert len(study.runs(quick)) == 12
+    assert len(study.runs(quick)) == 2 * 2 * 2  # norms × rates ×1, ×5 × seeds
     with pytest.raises(ValueError):
         study.validate(dataclasses.replace(cfg, probe_layer=3))
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from normlab.lab.models import build_model, model_names, needs_data_init
 from normlab.lab.store import RunResult
+from normlab.lab.stats import Interval
 from normlab.lab.studies import CARD_VERDICTS, Card, Figure, get_study
 from normlab.lab.studies import rnn as study
 from normlab.nn.rnn import BatchNormLSTM, LayerNormLSTM, NormLSTM, WeightNormLSTM
@@ -208,7 +209,11 @@ def test_tiny_profile_end_to_end_through_the_sweep(tmp_path, monkeypatch):
     # The gradient verdicts are computed from the intervals, never written in.
     from normlab.lab.stats import verdict
 
-    assert cards[3].verdict == verdict(cards[3].effect, "greater")
+    # The γ card shows a ratio (×); its verdict is on the log10 interval: ratio > 1 ⇔ log > 0.
+    r = cards[3].effect
+    log_iv = Interval(math.log10(r.mean), math.log10(r.lo) if r.lo > 0 else -math.inf,
+                      math.log10(r.hi) if math.isfinite(r.hi) else math.inf, r.n, r.level)
+    assert cards[3].verdict == verdict(log_iv, "greater")
 
     figures = st.plot(results, cfg, tmp_path / "fig")
     assert len(figures) == 3

@@ -12,7 +12,7 @@ import torch
 
 from normlab.lab.data import load_dataset, tiles4_prototypes
 from normlab.lab.norms import get_norm
-from normlab.lab.stats import rate_interval
+from normlab.lab.stats import rate_ci
 from normlab.lab.store import RunResult
 from normlab.lab.studies import CARD_VERDICTS, get_study
 from normlab.lab.studies import small_batch as sb
@@ -252,11 +252,11 @@ def test_answer_card_picks_the_best_method_at_small_batch():
     assert "use FRN+TLU;" in sb._card_answer(rs2, cfg).measurement
 
 
-def test_rate_intervals_of_the_cells_stay_in_range():
+def test_rate_cis_of_the_cells_stay_in_range():
     rs = [_result("tiles4", "bn", 2, s, e) for s, e in enumerate([0.0, 0.0, 90.0])]
     iv = sb.rate(rs, "tiles4", "bn", 2)
     assert 0.0 <= iv.lo <= iv.mean <= iv.hi <= 100.0
-    assert iv == rate_interval([0.0, 0.0, 90.0], 360)
+    assert iv == rate_ci([0.0, 0.0, 90.0], 360)
 
 
 # -- the quick profile end to end --------------------------------------------------------------

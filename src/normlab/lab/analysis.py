@@ -10,6 +10,7 @@ statistics, written once for every study:
 * :func:`log_ratio_ci`, :func:`log10_diff_ci`, :func:`ratio_interval` — ratios compared on the
   log scale (a ratio's interval is ``exp``/``10^`` of the log interval's bounds, so "ratio > 1"
   and "log > 0" give the same verdict);
+* :func:`n_val` — the validation samples behind the runs' rates (for :func:`normlab.lab.stats.rate_ci`);
 * :func:`pct`, :func:`fmt_ratio` — the number formats of the cards.
 """
 
@@ -29,6 +30,7 @@ __all__ = [
     "group_values",
     "log10_diff_ci",
     "log_ratio_ci",
+    "n_val",
     "pct",
     "ratio_interval",
     "select",
@@ -112,6 +114,19 @@ def group_values(
             k = tuple(k)
         groups.setdefault(k, []).append(float(v))
     return groups
+
+
+def n_val(results: Iterable[RunResult], **where: Any) -> int | None:
+    """The validation-set size a finished run matching ``where`` recorded (``n_val``), or None.
+
+    It is the number of trials behind each run's error rate, which the continuity correction of
+    :func:`normlab.lab.stats.rate_ci` needs; runs of one study share their validation set.
+    """
+    for r in select(results, **where):
+        v = r.metric("n_val")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1:
+            return int(v)
+    return None
 
 
 def ratio_interval(iv: Interval, base: float = 10.0) -> Interval:

@@ -9,8 +9,8 @@ each arm over several seeds and looking at the 95% confidence interval (CI) of t
   assumption: a diverging arm is often much noisier than a stable one).
 * :func:`paired_diff_ci` — interval of the mean per-seed difference, when both arms share
   their seeds (same initialization and data order), which removes the seed-to-seed noise.
-* :func:`rate_interval` — the interval of a mean error rate (%), computed on the logit scale so
-  that it stays inside [0, 100] %.
+* :func:`rate_ci` — interval of a mean rate (an error rate or accuracy, per seed) computed on the
+  logit scale, so that it stays inside ``[0, 100] %`` however few seeds there are.
 * :func:`verdict` — "supported" / "not supported" / "inconclusive" from an effect interval and
   the direction the claim predicts; :func:`compare` does both steps at once.
 
@@ -39,9 +39,10 @@ __all__ = [
     "verdict",
     "compare",
     "format_interval",
+    "rate_ci",
+    "scale_interval",
     "shift_interval",
     "combine_verdicts",
-    "rate_interval",
 ]
 
 Verdict = Literal["supported", "not supported", "inconclusive"]
@@ -267,6 +268,61 @@ def shift_interval(iv: Interval, by: float) -> Interval:
     return Interval(iv.mean + by, iv.lo + by, iv.hi + by, iv.n, iv.level)
 
 
+def scale_interval(iv: Interval, by: float) -> Interval:
+    """``iv`` multiplied by ``by > 0`` (e.g. a difference of fractions in percentage points)."""
+    if not (math.isfinite(by) and by > 0):
+        raise ValueError(f"by must be a finite number > 0, got {by!r}")
+    return Interval(iv.mean * by, iv.lo * by, iv.hi * by, iv.n, iv.level)
+
+
+#: Trials assumed per rate by :func:`rate_ci` when the caller does not know them.
+DEFAULT_RATE_TRIALS = 1000
+
+
+def rate_ci(
+    rates: Iterable[float],
+    trials: int | None = None,
+    level: float = 0.95,
+    *,
+    scale: float = 100.0,
+) -> Interval:
+    """Mean of per-seed rates (error rates, accuracies) with an interval that stays in ``[0, scale]``.
+
+    Each rate ``r_i`` (``p_i = r_i / scale`` of ``m = trials`` validation samples) is moved off 0 and
+    1 by a continuity correction, ``p̃_i = (p_i·m + ½) / (m + 1)``, and the Student-t interval of
+    the mean of ``logit(p̃_i) = ln(p̃_i / (1 − p̃_i))`` is mapped back with the logistic function
+    ``σ(z) = 1 / (1 + e^{−z})``: ``[scale·σ(lo), scale·σ(hi)]``. The estimate is the plain mean of
+    the rates; the bounds are widened to include it where the back-mapped logit interval (which
+    is centred on a different average of the seeds) misses it, e.g. when every seed has the same
+    rate. With two seeds the interval is wide (t₀.₉₇₅,₁ = 12.7) but never leaves the range, so
+    an error rate cannot read "18 [−61.7, 97.6] %". ``trials``: the validation samples behind
+    each rate (``None``: :data:`DEFAULT_RATE_TRIALS`); ``scale``: 100 for percent, 1 for fractions.
+    A NaN rate gives a NaN interval; a rate outside ``[0, scale]`` is an error.
+    """
+    _check_level(level)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    if trials is not None and (isinstance(trials, bool) or int(trials) != trials or trials < 1):
+        raise ValueError(f"trials must be a positive integer or None, got {trials!r}")
+    x = _as_array(rates, "rates")
+    n = int(x.size)
+    if np.isnan(x).any():
+        return _nan_interval(n, level)
+    if (x < 0).any() or (x > scale).any():
+        bad = float(x[(x < 0) | (x > scale)][0])
+        raise ValueError(f"rates must lie in [0, {scale:g}], got {bad!r}")
+    m = int(trials) if trials is not None else DEFAULT_RATE_TRIALS
+    p = (x / scale * m + 0.5) / (m + 1)
+    logit = mean_ci(np.log(p / (1.0 - p)), level)
+    mean = float(x.mean())
+
+    def back(z: float) -> float:  # σ(z) = (1 + tanh(z/2))/2: no overflow, ±inf map to 0 and 1
+        return scale * 0.5 * (1.0 + math.tanh(z / 2.0))
+
+    lo, hi = back(logit.lo), back(logit.hi)
+    return Interval(mean, min(lo, mean), max(hi, mean), n, level)
+
+
 def combine_verdicts(verdicts: Sequence[str]) -> str:
     """One verdict for a claim made of parts that must all hold (a conjunction).
 
@@ -282,29 +338,3 @@ def combine_verdicts(verdicts: Sequence[str]) -> str:
     if any(v == "not supported" for v in vs):
         return "not supported"
     return "inconclusive"
-
-
-def rate_interval(errors_pct: Sequence[float], n_val: int | None, level: float = 0.95) -> Interval:
-    r"""Mean of per-seed error rates (%) with an interval computed on the logit scale.
-
-    Each rate becomes ``p = (k + ½) / (n + 1)`` with ``k = rate · n`` errors out of ``n = n_val``
-    validation samples (100 when unknown), so a rate of exactly 0 or 100 % still has a finite
-    logit; the Student-t interval of ``mean(logit p)`` is mapped back with the logistic function.
-    The bounds therefore stay inside [0, 100] % (an interval on the raw scale reaches below 0 for
-    a few seeds near 0 % or with one outlier). The point estimate is the plain mean of the rates.
-    An empty list gives a NaN interval; one value gives [0, 100] (no width estimate).
-    """
-    _check_level(level)
-    if len(errors_pct) == 0:
-        return _nan_interval(0, level)
-    n = max(int(n_val or 100), 1)
-    x = _as_array(errors_pct, "errors_pct")
-    p = (x / 100.0 * n + 0.5) / (n + 1)
-    iv = mean_ci(np.log(p / (1 - p)), level)
-
-    def inv(z: float) -> float:
-        if math.isnan(z):
-            return math.nan
-        return 100.0 / (1.0 + math.exp(-z)) if math.isfinite(z) else (100.0 if z > 0 else 0.0)
-
-    return Interval(float(x.mean()), inv(iv.lo), inv(iv.hi), iv.n, iv.level)

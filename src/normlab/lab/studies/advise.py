@@ -15,7 +15,8 @@ The answer per batch size: validation error (or loss, for regression) with a 95%
 seeds, step time and activation memory from the calibration (:mod:`normlab.lab.advise`), the Pareto
 front of (step time, error), and one recommendation computed from the data: the cheapest method
 whose error cannot be told apart from the best one's (paired per-seed difference; its interval
-contains 0). Error-rate intervals are computed on the logit scale, so they stay inside [0, 100] %.
+contains 0). Error-rate intervals are computed on the logit scale (:func:`normlab.lab.stats.rate_ci`), so
+they stay inside [0, 100] %.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from normlab.lab.models import OWN
-from normlab.lab.stats import Interval, format_interval, mean_ci, paired_diff_ci, rate_interval
+from normlab.lab.stats import Interval, format_interval, mean_ci, paired_diff_ci, rate_ci
 from normlab.lab.store import RunResult
 from normlab.lab.analysis import select
 from normlab.lab.plotting import color, marker, plt, save_png
@@ -198,7 +199,9 @@ def _n_val(results: list[RunResult]) -> int | None:
 
 
 def interval(arm: Arm, classification: bool, n_val: int | None) -> Interval:
-    return rate_interval(arm.values, n_val) if classification else mean_ci(arm.values)
+    if not arm.values:
+        return Interval(math.nan, math.nan, math.nan, 0, 0.95)
+    return rate_ci(arm.values, n_val) if classification else mean_ci(arm.values)
 
 
 def pareto(arms_: list[Arm]) -> list[Arm]:
@@ -281,7 +284,12 @@ def recommend(arms_: list[Arm], cfg: Config, classification: bool, n_val: int | 
     details = (f"learning rate chosen per method among {list(cfg.lrs)} ({cfg.optimizer}) by a seed-0 "
                f"search; reported seeds 1..{cfg.seeds}; {cfg.steps} steps per run; intervals 95%, "
                "error rates on the logit scale, differences paired by seed.")
-    return Card(NAME, title, text + ".", "answer", QUESTION, effect=effect, details=details)
+    effect_label = ""
+    if effect is not None:
+        effect_label = (f"{what} at batch {b}, {label(cfg, pick.method)} − {label(cfg, OWN)}"
+                        + (" (points)" if classification else " (loss units)"))
+    return Card(NAME, title, text + ".", "answer", QUESTION, effect=effect, details=details,
+                effect_label=effect_label)
 
 
 def _table(arms_: list[Arm], cfg: Config, classification: bool, n_val: int | None) -> str:

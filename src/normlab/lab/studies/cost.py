@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 
 from normlab.lab import plotting
-from normlab.lab.analysis import log_ratio_ci, pct, values
+from normlab.lab.analysis import log_ratio_ci, n_val, pct, values
 from normlab.lab.measured import measured_config, study_settings
 from normlab.lab.metrics import pareto_front
 from normlab.lab.norms import get_norm
-from normlab.lab.stats import combine_verdicts, format_interval, mean_ci, verdict
+from normlab.lab.stats import combine_verdicts, format_interval, rate_ci, verdict
 from normlab.lab.store import RunResult
 from normlab.lab.studies import Card, Figure, Ranking
 
@@ -147,7 +147,7 @@ def summary_table(results: list[RunResult], cfg: Config) -> dict[str, dict[str, 
             params = _values(results, "n_params", model=model, norm=norm)
             saved = _values(results, "saved_bytes", model=model, norm=norm)
             rows[norm] = {
-                "acc": mean_ci(acc),
+                "acc": rate_ci(acc, n_val(results, model=model, norm=norm), scale=1),
                 "time_rel": log_ratio_ci(tr)[1] if tr else None,
                 "infer_rel": log_ratio_ci(inf)[1] if inf else None,
                 "train_step_ms": 1e3 * float(np.mean(_values(results, "train_step_s", model=model, norm=norm) or [math.nan])),
@@ -271,6 +271,7 @@ def _card_fold(results: list[RunResult], cfg: Config) -> Card:
         ),
         verdict=combine_verdicts([v_speed, v_same]),
         effect=ratio_ci,
+        effect_label="inference time, unfolded / BN folded into the convs (×)",
         details=(
             "Speed-up: verdict from the 95% CI of the mean log ratio (> 0 means faster); "
             f"outputs identical when every run's largest difference is ≤ {FOLD_TOLERANCE:g}. "

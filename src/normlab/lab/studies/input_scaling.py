@@ -53,12 +53,12 @@ import torch
 from torch import nn
 
 from normlab.lab import plotting
-from normlab.lab.analysis import by_seed, ratio_interval, select
+from normlab.lab.analysis import by_seed, n_val, ratio_interval, select
 from normlab.lab.data import load_dataset
 from normlab.lab.hooks import AccuracyEvery
 from normlab.lab.models import build_model
 from normlab.lab.runners import LogFn, register_runner
-from normlab.lab.stats import Interval, compare, diff_ci, format_interval, mean_ci, paired_diff_ci, verdict
+from normlab.lab.stats import Interval, compare, diff_ci, format_interval, mean_ci, paired_diff_ci, rate_ci, verdict
 from normlab.lab.store import RunResult
 from normlab.lab.studies import Card, Figure
 from normlab.lab.train import train
@@ -446,6 +446,7 @@ def _card_condition(results: list[RunResult], cfg: Config) -> Card:
         ),
         verdict=verdict(effect, "greater"),
         effect=ratio_interval(effect),
+        effect_label="κ_raw / κ_std (×)",
         details=(
             "Effect = κ_raw/κ_std, geometric mean over data seeds with its 95% interval (a "
             "t-interval of log10(κ_raw) − log10(κ_std), paired by data seed); supported when "
@@ -496,6 +497,7 @@ def _card_gd(results: list[RunResult], cfg: Config) -> Card:
         ),
         verdict=v,
         effect=ratio_interval(effect),
+        effect_label="gradient-descent iterations to tolerance, raw / standardized (×)",
         details=(
             "Effect = iterations raw / iterations standardized, geometric mean with the 95% "
             "interval of the paired log10 difference (by data seed); supported when above 1. "
@@ -563,6 +565,7 @@ def _card_mlp(results: list[RunResult], cfg: Config) -> Card:
     if cens_s and v == "supported":
         v = "inconclusive"
         note = " Downgraded to inconclusive: some standardized runs never reached the target."
+    nv = n_val(raw + std)
     acc_r = [100 * float(r.metric("final_val_acc") or 0) for r in raw]
     acc_s = [100 * float(r.metric("final_val_acc") or 0) for r in std]
     lrs_txt = ", ".join(f"{lr:g}" for lr in cfg.lrs)
@@ -574,11 +577,12 @@ def _card_mlp(results: list[RunResult], cfg: Config) -> Card:
             f"(raw lr {lr_raw:g}, standardized lr {lr_std:g}): raw {format_interval(mean_ci(sr))} "
             f"({len(sr) - cens_r}/{len(sr)} reached), standardized {format_interval(mean_ci(ss))} "
             f"({len(ss) - cens_s}/{len(ss)} reached); ratio raw/standardized {_fmt_ratio(effect)}. "
-            f"Final accuracy: raw {format_interval(mean_ci(acc_r))}%, standardized "
-            f"{format_interval(mean_ci(acc_s))}% (difference {format_interval(diff_ci(acc_s, acc_r))} points)."
+            f"Final accuracy: raw {format_interval(rate_ci(acc_r, nv))}%, standardized "
+            f"{format_interval(rate_ci(acc_s, nv))}% (difference {format_interval(diff_ci(acc_s, acc_r))} points)."
         ),
         verdict=v,
         effect=ratio_interval(effect),
+        effect_label=f"MLP steps to {100 * cfg.target_acc:g}% accuracy, raw / standardized (×)",
         details=(
             "MLP (hidden " + "-".join(map(str, cfg.hidden)) + ", ReLU, SGD momentum 0.9, batch "
             f"{cfg.batch_size}, {cfg.max_steps} steps) on synthetic2d-cls; learning rates tried for each "

@@ -29,7 +29,7 @@ from normlab.lab import plotting
 from normlab.lab.analysis import pct, select, values
 from normlab.lab.measured import MEASURED_RUNNER, measured_config, study_settings
 from normlab.lab.norms import get_norm
-from normlab.lab.stats import Interval, combine_verdicts, diff_ci, format_interval, mean_ci, verdict
+from normlab.lab.stats import Interval, combine_verdicts, diff_ci, format_interval, mean_ci, scale_interval, verdict
 from normlab.lab.store import RunResult
 from normlab.lab.studies import Card, Figure
 
@@ -60,7 +60,10 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(seeds=(0, 1), epochs=6, limit=480)
+        # The full grid's budget (20 epochs on all the data) for the MLP only, three seeds: the
+        # effect is about a point (the full grid: gap 1.1 points smaller with BN), and 6 epochs
+        # on 480 images gave it the wrong sign on the MLP (+0.6). The MLP is the cheap model.
+        return cls(models=("mlp",), seeds=(0, 1, 2), epochs=20, limit=None)
 
 
 def validate(cfg: Config) -> None:
@@ -131,7 +134,8 @@ def _card_gap(results: list[RunResult], cfg: Config, model: str) -> Card:
         f"{format_interval(mean_ci(gl['none']))}, BN {format_interval(mean_ci(gl['bn']))}, "
         f"difference {format_interval(d_loss)}. " + "; ".join(sides)
     )
-    return Card(NAME, claim, measurement, v, effect=d_acc, details=details)
+    return Card(NAME, claim, measurement, v, effect=scale_interval(d_acc, 100), details=details,
+                effect_label="train − validation accuracy gap, BN − none (points)")
 
 
 def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:

@@ -72,12 +72,21 @@ import torch
 import torch.nn.functional as F
 
 from normlab.lab import plotting
-from normlab.lab.analysis import by_seed, pct, select
+from normlab.lab.analysis import by_seed, n_val, pct, ratio_interval, select
 from normlab.lab.data import load_dataset
 from normlab.lab.models import build_model, needs_data_init
 from normlab.lab.models import recurrent as rnn_models
 from normlab.lab.runners import LogFn, register_runner
-from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, paired_diff_ci, verdict
+from normlab.lab.stats import (
+    Interval,
+    diff_ci,
+    format_interval,
+    mean_ci,
+    paired_diff_ci,
+    rate_ci,
+    scale_interval,
+    verdict,
+)
 from normlab.lab.store import RunResult
 from normlab.lab.studies import Card, Figure, Ranking
 from normlab.lab.train import seed_everything, train
@@ -460,19 +469,20 @@ def _card_question(results: list[RunResult], cfg: Config) -> Card:
     tpct = f"{target * 100:g}%"
     primary = _primary(datasets, results)
     cpu = sum(float(r.metric("cpu_time_s") or 0.0) for r in results if r.done)
-    lines, effect = [], None
+    lines, effect, effect_label = [], None, ""
     answer = "no finished training runs"
     for data in datasets:
         ranked = _ranking(results, data, tuple(cfg.norms))
         if not ranked:
             continue
+        nv = n_val(results, runner="rnn-train", data=data)
         parts = []
         for norm, vals in ranked:
             ett = [epochs_to_target(r, target) for r in select(results, runner="rnn-train", data=data, arm=norm)]
             reached = sum(ok for _, ok in ett)
             ett_iv = mean_ci([e for e, _ in ett])
             parts.append(
-                f"{norm} {pct(mean_ci(vals))} (epochs to {tpct}: {format_interval(ett_iv, 2)}, "
+                f"{norm} {pct(rate_ci(vals, nv, scale=1))} (epochs to {tpct}: {format_interval(ett_iv, 2)}, "
                 f"reached {reached}/{len(ett)})"
             )
         lines.append(f"{data}: " + " > ".join(parts))
@@ -480,7 +490,8 @@ def _card_question(results: list[RunResult], cfg: Config) -> Card:
             best, best_vals = ranked[0]
             tied = [n for n, v in ranked[1:] if diff_ci(best_vals, v).lo <= 0 or len(v) < 2 or len(best_vals) < 2]
             if len(ranked) > 1:
-                effect = diff_ci(best_vals, ranked[1][1])
+                effect = scale_interval(diff_ci(best_vals, ranked[1][1]), 100)
+                effect_label = f"final accuracy on {data}, {best} − {ranked[1][0]} (points)"
             answer = (
                 f"On {data} (the longest sequences in this run), the best final accuracy is {best}"
                 + (f", not separable from {', '.join(tied)} (95% CIs of the differences include 0)" if tied else
@@ -495,6 +506,7 @@ def _card_question(results: list[RunResult], cfg: Config) -> Card:
         f"{len(cfg.seeds)} seeds: " + "; ".join(lines),
         verdict="answer",
         effect=effect,
+        effect_label=effect_label,
         details=(
             "Cells: none = plain LSTM (torch.nn.LSTM), ln = LayerNorm-LSTM, bn = BatchNorm-LSTM "
             "(per-step statistics, γ = 0.1), wn = weight-normalized LSTM; one layer of "
@@ -542,7 +554,8 @@ def _card_ln_bn(results: list[RunResult], cfg: Config) -> Card:
         claim=CLAIM_LN_BN,
         measurement="; ".join(texts) if texts else "needs finished 'ln' and 'bn' runs",
         verdict=combined,
-        effect=intervals[deciding[0]][0] if deciding else None,
+        effect=scale_interval(intervals[deciding[0]][0], 100) if deciding else None,
+        effect_label=f"final accuracy on {deciding[0]}, LN − BN (points)" if deciding else "",
         details=(
             "Verdict per task from the Welch 95% CI of the final validation accuracy "
             "difference LN − BN with a 1 pp tolerance (supported: CI above +1 pp; not "
@@ -565,9 +578,10 @@ def _card_shared(results: list[RunResult], cfg: Config) -> Card:
         a, b = [per_step[s] for s in seeds], [shared[s] for s in seeds]
         iv = paired_diff_ci(a, b)
         v = verdict(iv, "greater", tolerance=0.01)
+        nv = n_val(results, runner="rnn-train", data=data0)
         measurement = (
-            f"{data0}, final validation accuracy: per-step statistics {pct(mean_ci(a))}, "
-            f"shared statistics {pct(mean_ci(b))}; per-step − shared {_fmt_pp(iv)} "
+            f"{data0}, final validation accuracy: per-step statistics {pct(rate_ci(a, nv, scale=1))}, "
+            f"shared statistics {pct(rate_ci(b, nv, scale=1))}; per-step − shared {_fmt_pp(iv)} "
             f"(paired over {len(seeds)} seeds)"
         )
     else:
@@ -578,7 +592,8 @@ def _card_shared(results: list[RunResult], cfg: Config) -> Card:
         claim=CLAIM_SHARED,
         measurement=measurement,
         verdict=v,
-        effect=iv,
+        effect=None if iv is None else scale_interval(iv, 100),
+        effect_label="final accuracy, BN-LSTM per-step − shared statistics (points)",
         details=(
             "BN-LSTM with one set of running statistics for all time steps (max_steps=1) vs "
             "one per step, same seeds. Training is the same computation in both (each step "
@@ -649,7 +664,10 @@ def _card_gamma(results: list[RunResult], cfg: Config) -> Card:
         "paired 95% CI of log10 ratio(γ small) − log10 ratio(γ large) is above 0; not supported "
         "if below 0 (then γ = 1 sends MORE gradient back: it explodes rather than vanishes)."
     )
-    return Card(study=NAME, claim=CLAIM_GAMMA, measurement=e["m1"], verdict=e["v"], effect=e["iv"],
+    small, large = (min(cfg.grad_gammas), max(cfg.grad_gammas)) if cfg.grad_gammas else (0.1, 1.0)
+    return Card(study=NAME, claim=CLAIM_GAMMA, measurement=e["m1"], verdict=e["v"],
+                effect=None if e["iv"] is None else ratio_interval(e["iv"]),
+                effect_label=f"‖∂L/∂h_1‖ / ‖∂L/∂h_T‖ at init, γ={small:g} / γ={large:g} (×)",
                 details=direction + e["caveat"])
 
 
@@ -662,6 +680,10 @@ def _card_gamma_balance(results: list[RunResult], cfg: Config) -> Card:
         measurement=e["m2"],
         verdict=e["v_abs"],
         effect=e["iv_abs"],
+        effect_label=(
+            f"|log10 ‖∂L/∂h_1‖/‖∂L/∂h_T‖| at init, γ={max(cfg.grad_gammas or (1,)):g} − "
+            f"γ={min(cfg.grad_gammas or (0.1,)):g} (decades)"
+        ),
         details=(
             "Preserved flow = log10 ratio near 0 (the gradient reaching h_1 is as large as the "
             "one at h_T). Supported if the paired 95% CI of |log10 ratio(γ large)| − "

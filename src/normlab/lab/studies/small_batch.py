@@ -36,7 +36,7 @@ Design (pilots: ``/work/shared/LAB-PILOTS.md``):
 * **Seeds**: ``seeds`` (5) at batch sizes ≤ ``small_max`` (8), ``large_seeds`` (3) above (large
   batches are cheap and their seed-to-seed spread is small).
 * **Metric**: final validation error (%) in eval mode (BN with its running statistics). Means
-  over seeds with intervals on the logit scale (:func:`normlab.lab.stats.rate_interval`: they
+  over seeds with intervals on the logit scale (:func:`normlab.lab.stats.rate_ci`: they
   stay in [0, 100] %); differences of errors in percentage points, Welch 95 % intervals.
 * **Budgets** (``TASK_PRESETS``): MLP 3 epochs of the 1 437 training digits (4 311 samples: 2 155
   steps at batch 2, 134 at 32); tiles4 and MNIST-1D 2 epochs of 1 500 / 2 000 training samples.
@@ -75,11 +75,11 @@ from typing import Any
 import numpy as np
 
 from normlab.lab import plotting
-from normlab.lab.analysis import select
+from normlab.lab.analysis import n_val, select
 from normlab.lab.hooks import ShapeProbe, stat_values
 from normlab.lab.norms import get_norm
 from normlab.lab.runners import LogFn, register_runner
-from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, rate_interval, verdict
+from normlab.lab.stats import Interval, diff_ci, format_interval, rate_ci, verdict
 from normlab.lab.store import RunResult
 from normlab.lab.studies import Card, Figure
 from normlab.lab.train import train
@@ -331,17 +331,10 @@ def errors(results: list[RunResult], task: str, method: str, bs: int, lr_scaling
     return [by_seed[s] for s in sorted(by_seed)]
 
 
-def _n_val(results: list[RunResult], task: str) -> int | None:
-    for r in select(results, task=task):
-        if r.metric("n_val"):
-            return int(r.metric("n_val"))
-    return None
-
-
 def rate(results: list[RunResult], task: str, method: str, bs: int, lr_scaling: str = "linear") -> Interval | None:
     """Mean error (%) of a cell with its logit-scale interval (None: no finished run)."""
     e = errors(results, task, method, bs, lr_scaling)
-    return rate_interval(e, _n_val(results, task)) if e else None
+    return rate_ci(e, n_val(results, task=task)) if e else None
 
 
 def _rate_text(iv: Interval | None) -> str:
@@ -565,11 +558,11 @@ def _card_answer(results: list[RunResult], cfg: Config) -> Card:
         order = sorted(per, key=lambda m: float(np.mean(per[m])))
         best = order[0]
         tied = [m for m in order[1:] if len(per[m]) > 1 and len(per[best]) > 1 and diff_ci(per[m], per[best]).lo <= 0]
-        n_val = _n_val(results, task)
-        ranking = ", ".join(f"{METHOD_LABELS.get(m, m)} {rate_interval(per[m], n_val).mean:.3g} %" for m in order)
+        trials = n_val(results, task=task)
+        ranking = ", ".join(f"{METHOD_LABELS.get(m, m)} {rate_ci(per[m], trials).mean:.3g} %" for m in order)
         use = METHOD_LABELS.get(best, best) + (f" (tied: {', '.join(METHOD_LABELS.get(m, m) for m in tied)})" if tied else "")
         parts.append(f"{TASK_LABELS[task]} (batch {', '.join(map(str, sizes))}): use {use}; "
-                     f"best {_rate_text(rate_interval(per[best], n_val))}; ranking {ranking}")
+                     f"best {_rate_text(rate_ci(per[best], trials))}; ranking {ranking}")
     if not parts:
         return Card(NAME, Q_SMALL, "no finished runs at small batch sizes", "answer", question=Q_SMALL)
     return Card(

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from normlab.lab import plotting
-from normlab.lab.analysis import group_values, select
+from normlab.lab.analysis import group_values, ratio_interval, select
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import compare, format_interval, mean_ci
 from normlab.lab.store import RunResult
@@ -133,12 +133,13 @@ def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
 
 def _card_claim(groups: dict[str, list[float]], cfg: Config) -> Card:
     if "none" in groups and "standardize" in groups:
-        effect, verdict = compare(groups["none"], groups["standardize"], "greater", tolerance=0.0)
+        log_effect, verdict = compare(groups["none"], groups["standardize"], "greater", tolerance=0.0)
+        effect = ratio_interval(log_effect)  # the verdict is on the log10 difference, > 0 ⇔ ratio > 1
         m_none, m_std = mean_ci(groups["none"]), mean_ci(groups["standardize"])
         measurement = (
             f"log10 relative excess loss after {cfg.epochs * cfg.steps_per_epoch} steps: "
             f"none {format_interval(m_none)}, standardize {format_interval(m_std)}; "
-            f"difference {format_interval(effect)} (95% CI, Welch, "
+            f"difference {format_interval(log_effect)} (95% CI, Welch, "
             f"{effect.n} seeds per arm)"
         )
     else:
@@ -152,7 +153,8 @@ def _card_claim(groups: dict[str, list[float]], cfg: Config) -> Card:
         measurement=measurement,
         verdict=verdict,
         effect=effect,
-        details="Positive difference = standardized inputs reach a lower loss.",
+        effect_label="relative excess loss, none / standardize (×)",
+        details="Ratio > 1 (log10 difference > 0) = standardized inputs reach a lower loss.",
     )
 
 

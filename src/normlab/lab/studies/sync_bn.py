@@ -35,7 +35,7 @@ from normlab import functional as NF
 from normlab.lab import plotting
 from normlab.lab.analysis import by_seed
 from normlab.lab.models import build_model
-from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, paired_diff_ci, verdict
+from normlab.lab.stats import Interval, diff_ci, format_interval, mean_ci, paired_diff_ci, rate_ci, verdict
 from normlab.lab.store import RunResult
 from normlab.lab.studies import Card, Figure
 
@@ -178,7 +178,8 @@ def _pts(iv: Interval) -> str:
 
 
 def _err_text(e: dict[int, float]) -> str:
-    return format_interval(mean_ci(list(e.values())), 3, " %")
+    """Mean error with its logit-scale 95% interval (stays inside [0, 100] %)."""
+    return format_interval(rate_ci(list(e.values())), 3, " %") if e else "n/a"
 
 
 def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
@@ -211,7 +212,8 @@ def _card_unsynced(results: list[RunResult], cfg: Config) -> Card:
     text = (f"At global batch {cfg.global_batch}: 1 replica (BN over {cfg.global_batch}) "
             f"{_err_text(one)} error; {k} replicas of {cfg.global_batch // k} unsynced "
             f"{_err_text(many)}; error({k} replicas) − error(1) = {_pts(d)}")
-    return Card(NAME, claim, text + ".", v, QUESTION, effect=d, details=_details(cfg))
+    return Card(NAME, claim, text + ".", v, QUESTION, effect=d, details=_details(cfg),
+                effect_label=f"error with {k} unsynced replicas − error with 1 (points)")
 
 
 def _card_synced(results: list[RunResult], cfg: Config) -> Card:
@@ -228,7 +230,9 @@ def _card_synced(results: list[RunResult], cfg: Config) -> Card:
             f"SyncBatchNorm equals BN on the concatenated batch to rounding), so its error is that of "
             f"BN at {cfg.global_batch}, {_err_text(synced)}, for every k; unsynced at {k} replicas: "
             f"{_err_text(many)}; the gap syncing closes: {_pts(d)}")
-    return Card(NAME, claim, text + ".", v, QUESTION, effect=d, details=_details(cfg))
+    return Card(NAME, claim, text + ".", v, QUESTION, effect=d, details=_details(cfg),
+                effect_label=(f"error with {k} unsynced replicas − error synced "
+                              "(= 1 replica, the same runs) (points)"))
 
 
 def _card_uneven(results: list[RunResult], cfg: Config) -> Card:
@@ -248,7 +252,8 @@ def _card_uneven(results: list[RunResult], cfg: Config) -> Card:
             f"equal replicas ({' + '.join(map(str, even))}): {_err_text(e_even)}; uneven − even = {_pts(d)}. "
             f"Synced, the split changes nothing (statistics over all {cfg.global_batch} samples, "
             f"weighted by count): {_err_text(_errors(results, cfg, 'bn', None))}")
-    return Card(NAME, claim, text + ".", v, QUESTION, effect=d, details=_details(cfg))
+    return Card(NAME, claim, text + ".", v, QUESTION, effect=d, details=_details(cfg),
+                effect_label="error with uneven − even unsynced replicas (points)")
 
 
 def _card_gn(results: list[RunResult], cfg: Config) -> Card:
@@ -260,7 +265,8 @@ def _card_gn(results: list[RunResult], cfg: Config) -> Card:
     text = (f"GroupNorm's forward pass on a sample does not involve the other samples, so every split "
             f"gives the same run: {_err_text(gn)} error (BN at {cfg.global_batch}: {_err_text(bn)})")
     d = diff_ci(list(gn.values()), list(bn.values())) if len(bn) >= 2 else None
-    return Card(NAME, claim, text + ".", "answer", QUESTION, effect=d, details=_details(cfg))
+    return Card(NAME, claim, text + ".", "answer", QUESTION, effect=d, details=_details(cfg),
+                effect_label=f"error, GN − BN at global batch {cfg.global_batch} (points)")
 
 
 def plot(results: list[RunResult], cfg: Config, outdir: Path) -> list[Figure]:

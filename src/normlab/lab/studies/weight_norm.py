@@ -36,10 +36,19 @@ from typing import Any
 import numpy as np
 
 from normlab.lab import plotting
-from normlab.lab.analysis import log_ratio_ci, pct, select, values
+from normlab.lab.analysis import log_ratio_ci, n_val, pct, select, values
 from normlab.lab.measured import measured_config, study_settings
 from normlab.lab.norms import get_norm
-from normlab.lab.stats import combine_verdicts, diff_ci, format_interval, mean_ci, shift_interval, verdict
+from normlab.lab.stats import (
+    combine_verdicts,
+    diff_ci,
+    format_interval,
+    mean_ci,
+    rate_ci,
+    scale_interval,
+    shift_interval,
+    verdict,
+)
 from normlab.lab.store import RunResult
 from normlab.lab.studies import Card, Figure
 from normlab.lab.train import TrainConfig
@@ -131,7 +140,8 @@ def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
 def _card_accuracy(results: list[RunResult], cfg: Config) -> Card:
     where = _where(cfg)
     errors = {n: [1 - a for a in values(results, "final_val_acc", norm=n, **where)] for n in cfg.norms}
-    err_text = "; ".join(f"{n} {pct(mean_ci(e))}" for n, e in errors.items() if e)
+    nv = n_val(results, **where)
+    err_text = "; ".join(f"{n} {pct(rate_ci(e, nv, scale=1))}" for n, e in errors.items() if e)
     ref_text = ", ".join(f"{REFERENCE_LABELS[n]} {REFERENCE_ERRORS[n]:.2f}%" for n in REFERENCE_ERRORS)
     a = values(results, "final_val_acc", norm="wn+mobn", **where)
     b = values(results, "final_val_acc", norm="bn", **where)
@@ -153,7 +163,8 @@ def _card_accuracy(results: list[RunResult], cfg: Config) -> Card:
         f"[{effect.lo * 100:+.2f}, {effect.hi * 100:+.2f}] ({effect.n} seeds per arm; margin "
         f"{100 * cfg.margin:g} points)"
     )
-    return Card(NAME, ACC_CLAIM, measurement, v, effect=effect, details=details)
+    return Card(NAME, ACC_CLAIM, measurement, v, effect=scale_interval(effect, 100), details=details,
+                effect_label="validation accuracy, WN + mean-only BN − BN (points)")
 
 
 def cfg_init_samples() -> int:
@@ -202,7 +213,8 @@ def _card_init(results: list[RunResult], cfg: Config) -> Card:
         + "; ".join(per_norm)
         + (f". Default init, for contrast: {'; '.join(contrast)}" if contrast else "")
     )
-    return Card(NAME, INIT_CLAIM, measurement, combine_verdicts([v_all, v_ci]), effect=effect, details=details)
+    return Card(NAME, INIT_CLAIM, measurement, combine_verdicts([v_all, v_ci]), effect=effect, details=details,
+                effect_label="largest |mean| or |std − 1| of a unit after the data-dependent init (output units)")
 
 
 def _card_time(results: list[RunResult], cfg: Config) -> Card:
@@ -234,6 +246,7 @@ def _card_time(results: list[RunResult], cfg: Config) -> Card:
         f"({len(ratios)} runs). All: " + "; ".join(lines),
         verdict(log_ci, "less"),
         effect=ratio,
+        effect_label="time per training step, WN / BN (×)",
         details=details,
     )
 
