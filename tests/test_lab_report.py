@@ -560,7 +560,7 @@ def test_ranking_hooks_of_the_question_studies() -> None:
     results = [_run(10 * k + s, {"model": "cnn", "norm": n, "seed": s}, {"final_val_acc": a})
                for k, (n, a) in enumerate((("none", 0.8), ("bn", 0.9))) for s in range(3)]
     (r,) = cost.module.ranking(results, ccfg)
-    assert r.question is None and r.values["bn"] == pytest.approx([90.0] * 3)
+    assert r.question == "architecture" and r.values["bn"] == pytest.approx([90.0] * 3)
     cards = cost.module.analyze(results, ccfg)
     assert cards[0].answers == "cost" and cards[0].figure == "cost_pareto.png"
 

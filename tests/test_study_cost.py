@@ -198,7 +198,8 @@ def test_cost_validate_rejects_bad_settings():
 # --------------------------------------------------------------------------------------------
 def test_regularization_study_end_to_end(tmp_path):
     study = get_study("regularization")
-    cfg = dataclasses.replace(study.default_config(quick=True), epochs=2, limit=160, seeds=(0, 1))
+    cfg = dataclasses.replace(study.default_config(quick=True), epochs=2, limit=160, seeds=(0, 1),
+                              models=("mlp", "cnn"))
     study.validate(cfg)
     results = run_sweep(study.name, study.runs(cfg), tmp_path, workers=1, progress=False)
     assert all(r.done for r in results), [r.error for r in results if not r.done]

@@ -288,3 +288,15 @@ def test_quick_profile_end_to_end(tmp_path):
     assert "use GN" in _card(cards, "At batch size").measurement
     figs = study.plot(results, cfg, tmp_path / "fig")
     assert len(figs) == 2 and all(f.path.read_bytes()[:8] == PNG for f in figs)
+
+
+def test_ranking_hook_gives_the_small_batch_errors_per_task():
+    """The report's answer on batch sizes quotes these rankings: the same cells as the answer card."""
+    cfg = _cfg(answer_max=4)
+    rs = _world({2: 25.0, 4: 15.0, 8: 6.0}, {"brn": 12.0, "ws+gn": 4.0, "frn": 9.0, "gn": 6.0, "ln": 4.1})
+    rankings = sb.ranking(rs, cfg)
+    assert rankings and all(r.question == "batch-size" and r.bounds == (0.0, 100.0) for r in rankings)
+    for r in rankings:
+        sizes, per = sb._small_batch_errors(rs, cfg, next(t for t in sb.tasks(cfg) if r.task.startswith(sb.TASK_LABELS[t])))
+        assert r.values == per and all(b <= 4 for b in sizes)
+    assert sb.ranking([], cfg) == []

@@ -335,3 +335,21 @@ def test_tiny_profile_end_to_end_through_the_sweep_and_report(tmp_path):
     save_study_config(Store(tmp_path / "run" / "results.sqlite"), st, cfg, quick=True)
     index = build_report(tmp_path / "run")
     assert "Which normalization for transformers" in index.read_text()
+
+
+def test_ranking_hook_gives_each_method_at_its_best_learning_rate():
+    cfg = Config(seeds=(0, 1, 2))
+    arms = {("ln", "large"): lambda lr: 2.5 if lr == 3e-3 else 2.9, ("rms", "large"): 2.6, ("dyt", "large"): 2.8,
+            ("derf", "large"): 2.7, ("none", "large"): 3.1}
+    (r,) = study.ranking(_fake(cfg, arms), cfg)
+    assert r.question == "architecture" and r.lower_is_better and r.bounds == (0.0, L0)
+    assert r.values["ln"] == pytest.approx([2.5, 2.51, 2.52])  # its best rate, per seed
+    assert r.values["none"] == pytest.approx([3.1, 3.11, 3.12])
+
+
+def test_embeddings_start_at_unit_scale():
+    """With GPT-2's std 0.02 embeddings DyT stayed on the unigram plateau: the study gives every
+    method unit-scale tokens (0.02 × embed_scale)."""
+    cfg = Config()
+    assert all(c["model_options"]["embed_scale"] == cfg.embed_scale for c in study.runs(cfg))
+    assert 0.02 * cfg.embed_scale == pytest.approx(1.0)

@@ -170,14 +170,15 @@ _LABELS = {"cnn": "CNN", "resnet": "ResNet", "mlp": "MLP"}
 
 
 def ranking(results: list[RunResult], cfg: Config) -> list[Ranking]:
-    """Validation accuracy (%) of every norm per model (counted in the report's BN rank)."""
+    """Validation accuracy (%) of every norm per model: the report quotes it in its answer to "which
+    normalization for CNNs…" (the quick batch-size profile has no CNN) and counts it in BN's rank."""
     return [
         Ranking(study=NAME, task=f"{_LABELS.get(model, model)} on {cfg.data} (cost study, batch {cfg.batch_size})",
                 metric="validation accuracy",
                 values={n: [100 * v for v in _values(results, "final_val_acc", model=model, norm=n)]
                         for n in cfg.norms},
                 lower_is_better=False, unit="%", bounds=(0.0, 100.0), evidence=QUESTION,
-                figure="cost_pareto.png")
+                figure="cost_pareto.png", question="architecture")
         for model in cfg.models
     ]
 

@@ -87,9 +87,6 @@ TITLE = "How normalization helps: weights, scale, recurrent states, test time"
 SUMMARY = ("Weight/activation norms over training, init-scale dependence, LSTM hidden-state "
            "spread and batch-1 evaluation, with vs without normalization.")
 ORDER = 65
-#: Kept out of ``normlab demo`` (and plain ``normlab studies``) until the integrator decides to add
-#: its quick profile to the demo's budget; ``normlab study mechanisms --quick`` runs it.
-HIDDEN = True
 
 RUNNER = "mechanisms-train"
 MODEL = f"{__name__}:mechanism_model"

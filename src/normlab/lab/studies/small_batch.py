@@ -81,7 +81,7 @@ from normlab.lab.norms import get_norm
 from normlab.lab.runners import LogFn, register_runner
 from normlab.lab.stats import Interval, diff_ci, format_interval, rate_ci, verdict
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure
+from normlab.lab.studies import Card, Figure, Ranking
 from normlab.lab.train import train
 
 NAME = "small-batch"
@@ -540,19 +540,35 @@ def _small_errors(results: list[RunResult], task: str, method: str, sizes: list[
     return [float(np.mean([d[s] for d in per])) for s in sorted(seeds)]
 
 
+def _small_batch_errors(results: list[RunResult], cfg: Config, task: str) -> tuple[list[int], dict[str, list[float]]]:
+    """(batch sizes ≤ ``answer_max`` every method ran at, {method: errors over those cells})."""
+    # Rank on the batch sizes every candidate ran at, so that each is averaged over the same
+    # cells (BN-type methods skip batch 1 on the MLP: there the ranking is over 2 … answer_max).
+    ran = {m: {b for b in _sizes(results, task, m) if b <= cfg.answer_max} for m in cfg.norms}
+    ran = {m: bs_ for m, bs_ in ran.items() if bs_}
+    sizes = sorted(set.intersection(*ran.values())) if ran else []
+    per = {m: vals for m in ran if sizes and (vals := _small_errors(results, task, m, sizes))}
+    return sizes, per
+
+
+def ranking(results: list[RunResult], cfg: Config) -> list[Ranking]:
+    """Validation error (%) of every method at small batch, per task (the report's answer to
+    "what happens when the batch size changes?")."""
+    out = []
+    for task in tasks(cfg):
+        sizes, per = _small_batch_errors(results, cfg, task)
+        if per:
+            out.append(Ranking(study=NAME, task=f"{TASK_LABELS[task]}, batch {', '.join(map(str, sizes))}",
+                               metric="validation error", values=per, unit="%", bounds=(0.0, 100.0),
+                               question="batch-size", evidence=Q_SMALL, figure="small_batch_error.png"))
+    return out
+
+
 def _card_answer(results: list[RunResult], cfg: Config) -> Card:
     """At batch ≤ ``answer_max``: the method with the lowest error per task, and the ties."""
     parts: list[str] = []
     for task in tasks(cfg):
-        # Rank on the batch sizes every candidate ran at, so that each is averaged over the same
-        # cells (BN-type methods skip batch 1 on the MLP: there the ranking is over 2 … answer_max).
-        ran = {m: {b for b in _sizes(results, task, m) if b <= cfg.answer_max} for m in cfg.norms}
-        ran = {m: bs_ for m, bs_ in ran.items() if bs_}
-        sizes = sorted(set.intersection(*ran.values())) if ran else []
-        per: dict[str, list[float]] = {}
-        for m in ran:
-            if sizes and (vals := _small_errors(results, task, m, sizes)):
-                per[m] = vals
+        sizes, per = _small_batch_errors(results, cfg, task)
         if not per:
             continue
         order = sorted(per, key=lambda m: float(np.mean(per[m])))
@@ -570,6 +586,8 @@ def _card_answer(results: list[RunResult], cfg: Config) -> Card:
         " | ".join(parts) + ".",
         "answer",
         question=Q_SMALL,
+        answers="batch-size",
+        figure="small_batch_error.png",
         details=(
             f"Per task, each method's error is averaged per seed over the batch sizes ≤ {cfg.answer_max} that "
             "every method ran at (BN, Batch Renorm and Ghost BN skip batch 1 on the MLP, Ghost BN runs only "

@@ -33,11 +33,11 @@ profile's 18 runs (150 steps of 16 × 32) took 127 CPU-s for the whole ``normlab
 transformer --quick --workers 2`` (runs, worker start-up, report): about a minute on two free
 cores, more than the demo's ~40 s target (12 min wall on the loaded machine).
 
-Known weakness: with the GPT-2 initialization (embeddings of std 0.02) and DyT's ``α₀ = 0.5``,
-the DyT and Derf models stay on the unigram plateau (~4.4 bits/char) for the whole short budget
-(their logits depend on the input ~4000× less than LN's at initialization; ``embed_scale = 8``
-did not help in a 150-step pilot); the layer itself matches ``γ·tanh(αx) + β`` in training. The
-DyT cards measure this setup, not DyT tuned for it. The same plateau caught Post-LN *with*
+Embeddings start at std 1 (``embed_scale = 50`` on GPT-2's std 0.02): with std 0.02 the DyT and
+Derf models stayed on the unigram plateau (~4.4 bits/char) for the whole short budget while LN
+trained (plausibly DyT's shift β, moved at Adam's rate, swamps inputs of size 0.02; ``embed_scale = 8``
+did not help in a 150-step pilot) — an artefact of the initialization, not of DyT, so every
+method now gets unit-scale tokens. The same plateau caught Post-LN *with*
 warm-up in a one-seed pilot of the full setup at lr 0.01 (4.38 bits/char; without warm-up 3.45,
 Pre-LN 3.36 with and 3.53 without): 300 steps are short enough for escaping the plateau to
 decide a run, so read the warm-up card with its intervals.
@@ -66,7 +66,7 @@ from normlab.lab.stats import (
     verdict,
 )
 from normlab.lab.store import RunResult
-from normlab.lab.studies import Card, Figure
+from normlab.lab.studies import Card, Figure, Ranking
 
 NAME = "transformer"
 TITLE = "Which normalization for transformers: a character-level language model"
@@ -110,6 +110,12 @@ class Config:
     eval_every: int = 100
     val_windows: int = 256
     schedule: str = "cosine"
+    # Token + position embeddings at std 1 (0.02 × 50; torch's nn.Embedding default): LN and
+    # RMSNorm do not see the scale, but DyT/Derf and "none" pass it on, and at GPT-2's std 0.02
+    # (plausibly) DyT's per-channel shift β, moved at Adam's rate, drowns the tokens: a pilot (150 steps,
+    # small corpus, lr 1e-2) stayed on the unigram plateau at ≈ 4.4 bits/char with scale 1 and
+    # reached 3.57 with scale 50 (LN: 3.46).
+    embed_scale: float = 50.0
 
     @classmethod
     def quick(cls) -> Config:
@@ -151,7 +157,8 @@ def _large(cfg: Config) -> str:
 def _run(cfg: Config, *, norm: str, size: str, lr: float, seed: int, placement: str = "pre",
          warmup: int | None = None, qk: str | None = None) -> dict[str, Any]:
     model_options = {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
-                     "context": cfg.context, "placement": placement, "qk_norm": qk}
+                     "context": cfg.context, "placement": placement, "qk_norm": qk,
+                     "embed_scale": cfg.embed_scale}
     return lm_config(
         data_options={"size": size}, model_options=model_options, norm=norm, seed=seed,
         steps=cfg.steps, batch_size=cfg.batch_size, context=cfg.context, lr=float(lr),
@@ -264,7 +271,7 @@ def _card_none(results: list[RunResult], cfg: Config) -> Card:
     text = (f"{size} corpus, each at its best learning rate: none (lr {lr_n:g}) {_mean_text(none)}, LN "
             f"(lr {lr_l:g}) {_mean_text(ln)}; none − LN = {_bits(d)} {BPC}")
     return Card(NAME, claim, text + ".", verdict(d, "greater", TOL), QUESTION, effect=d,
-                effect_label=f"{BPC}, none − LN", details=_setup(cfg) + f" Tolerance {TOL} {BPC}.")
+                effect_label=f"none − LN ({BPC})", details=_setup(cfg) + f" Tolerance {TOL} {BPC}.")
 
 
 def _time_ratio(results: list[RunResult], cfg: Config, norm: str) -> tuple[Interval, Interval] | None:
@@ -291,7 +298,7 @@ def _card_rms(results: list[RunResult], cfg: Config) -> Card:
     text = (f"{size} corpus: RMSNorm (lr {lr_r:g}) {_mean_text(rms)}, LN (lr {lr_l:g}) {_mean_text(ln)}; "
             f"RMS − LN = {_bits(d)} {BPC} (matches: within ±{TOL}); training-step time RMS / LN = "
             f"{format_interval(ratio)}× (timed in turns in each run, geometric mean over runs)")
-    return Card(NAME, claim, text + ".", v, QUESTION, effect=d, effect_label=f"{BPC}, RMS − LN",
+    return Card(NAME, claim, text + ".", v, QUESTION, effect=d, effect_label=f"RMS − LN ({BPC})",
                 details=_setup(cfg) + " Supported when the loss difference lies within the tolerance "
                 "and the time ratio's interval below 1.")
 
@@ -309,7 +316,7 @@ def _card_dyt(results: list[RunResult], cfg: Config) -> Card:
     text = (f"{size} corpus: DyT (lr {lr_d:g}) {_mean_text(dyt)}, LN (lr {lr_l:g}) {_mean_text(ln)}; "
             f"DyT − LN = {_bits(d)} {BPC} (matches: within ±{TOL})")
     return Card(NAME, claim, text + ".", verdict(d, "equal", TOL), QUESTION, effect=d,
-                effect_label=f"{BPC}, DyT − LN", details=_setup(cfg))
+                effect_label=f"DyT − LN ({BPC})", details=_setup(cfg))
 
 
 def _card_dyt_data(results: list[RunResult], cfg: Config) -> Card:
@@ -333,7 +340,7 @@ def _card_dyt_data(results: list[RunResult], cfg: Config) -> Card:
             f"{_bits(g_small)} {BPC}; {big} corpus ({CHARS_SIZES[big] // 1024} K chars) {_bits(g_big)} {BPC}; "
             f"the change from {small} to {big}: {_bits(inter)} {BPC}")
     return Card(NAME, claim, text + ".", v, QUESTION, effect=inter,
-                effect_label=f"{BPC}, (DyT − LN) at {big} − (DyT − LN) at {small}",
+                effect_label=f"(DyT − LN) at {big} − (DyT − LN) at {small} ({BPC})",
                 details=_setup(cfg) + " Supported when DyT − LN is below 0 at the small size and "
                 "above 0 at the large one (both intervals).")
 
@@ -360,7 +367,7 @@ def _card_warmup(results: list[RunResult], cfg: Config) -> Card:
     v = combine_verdicts([verdict(p_post, "greater", TOL), verdict(d, "greater", TOL)])
     text = "; ".join(texts) + f"; Post-LN's penalty − Pre-LN's = {_bits(d)} {BPC}"
     return Card(NAME, claim, text + ".", v, QUESTION, effect=d,
-                effect_label=f"{BPC}, no-warm-up penalty of Post-LN − that of Pre-LN",
+                effect_label=f"no-warm-up penalty of Post-LN − that of Pre-LN ({BPC})",
                 details=_setup(cfg) + f" Penalty: loss without warm-up − with ({cfg.warmup} steps), at the "
                 f"rate that is best with warm-up. Supported when Post-LN's penalty exceeds {TOL} {BPC} and "
                 "exceeds Pre-LN's by as much.")
@@ -392,7 +399,7 @@ def _card_qk(results: list[RunResult], cfg: Config) -> Card:
             f"best, diverged = {L0:g}): LN {_mean_text(plain)}, LN + QK-norm {_mean_text(qk)}; "
             f"without − with = {_bits(d)} {BPC}")
     return Card(NAME, claim, text + ".", verdict(d, "greater", SENS_TOL), QUESTION, effect=d,
-                effect_label=f"{BPC}, LR sensitivity without QK-norm − with",
+                effect_label=f"LR sensitivity without QK-norm − with ({BPC})",
                 details=_setup(cfg) + f" Supported when the difference exceeds {SENS_TOL} {BPC}.")
 
 
@@ -423,8 +430,18 @@ def _card_answer(results: list[RunResult], cfg: Config) -> Card:
     second = order[1] if len(order) > 1 else None
     d = _paired(scores[second][1], scores[best][1]) if second else None
     return Card(NAME, QUESTION, sentence + "Per method: " + "; ".join(parts) + ".", "answer", QUESTION,
-                effect=d, effect_label=f"{BPC}, {second} − {best} (runner-up − best)" if d else "",
+                answers="architecture", figure="transformer_lr.png", effect=d, effect_label=f"{second} − {best}, runner-up − best ({BPC})" if d else "",
                 details=_setup(cfg))
+
+
+def ranking(results: list[RunResult], cfg: Config) -> list[Ranking]:
+    """Validation bits/char of every method at its best learning rate (the report's answer to
+    "which normalization for CNNs, RNNs, transformers…?")."""
+    size = _large(cfg)
+    values = {n: list(_at_best(results, cfg, norm=n, size=size)[1].values()) for n in cfg.norms}
+    return [Ranking(study=NAME, task=f"transformer LM on the {size} chars corpus (Pre-LN)",
+                    metric="validation loss", values=values, unit=" bits/char", bounds=(0.0, L0),
+                    question="architecture", evidence=QUESTION, figure="transformer_lr.png")]
 
 
 # -- figures --------------------------------------------------------------------------------------
