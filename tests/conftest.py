@@ -25,6 +25,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without a GPU the Triton kernels (tests/test_gpu_*.py) run in Triton's interpreter on CPU
+# tensors. Triton reads TRITON_INTERPRET when it is first imported (and torch._dynamo imports it
+# as soon as normlab is imported), so it is set here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 BACKENDS = ["reference", "default"]
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
