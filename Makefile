@@ -12,13 +12,13 @@ $(VENV)/.lab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[lab]'
-	# compile the CPU kernels once into numba's disk cache (first calls then load in milliseconds)
-	$(PY) -m normlab.core.cpu float32
+	# compile the kernels the demo calls once into numba's disk cache (first calls then load in ms)
+	$(PY) -m normlab.core.cpu float32 --families nchw,rows
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.lab
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m normlab.core.cpu float64
+	$(PY) -m normlab.core.cpu float32 float64
 	touch $@
 
 .PHONY: demo test bench

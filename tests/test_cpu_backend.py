@@ -584,11 +584,12 @@ def test_first_kernel_call_keeps_torch_thread_count():
     assert out.stdout.strip().splitlines()[-1] == "1"
 
 
-def test_warmup_parts_cover_every_task_once():
+def test_warmup_families_and_parts():
     tasks = cpu._warmup_tasks((torch.float32,))
-    parts = [tasks[i::2] for i in range(2)]
-    assert sorted(map(id, parts[0] + parts[1])) == sorted(map(id, tasks)) and len(tasks) == 4
-    cpu.warmup((torch.float32,), part=1, parts=2)  # loads from the cache the suite has built
+    assert tuple(tasks) == cpu.WARMUP_FAMILIES
+    cpu.warmup((torch.float32,), families=("nchw", "rows"), part=1, parts=2)  # loads from the disk cache
+    with pytest.raises(ValueError, match=r"^families: expected some of .*, got 'nhcw'$"):
+        cpu.warmup((torch.float32,), families=("nhcw",))
 
 
 def test_prebuild_command_rejects_unknown_dtype():
@@ -598,3 +599,7 @@ def test_prebuild_command_rejects_unknown_dtype():
     r = subprocess.run([sys.executable, "-m", "normlab.core.cpu", "float16"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip() == "dtype: expected some of ['float32', 'float64'], got 'float16'"
+    r = subprocess.run([sys.executable, "-m", "normlab.core.cpu", "float32", "--families", "rows,cols"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "--families: expected some of ['nhwc', 'nchw', 'rows', 'pointwise'], got 'cols'"

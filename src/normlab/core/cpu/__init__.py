@@ -405,8 +405,13 @@ def layer_norm_channels_backward(dy, x, weight, mean, rstd, eps: float, *, mask=
     return (dx if mask[0] else None), dw, db
 
 
-def _warmup_tasks(dtypes) -> list:
-    """Closures compiling (or loading) every kernel for ``dtypes``, one per group of kernel families."""
+WARMUP_FAMILIES = ("nhwc", "nchw", "rows", "pointwise")
+
+
+def _warmup_tasks(dtypes) -> dict:
+    """Closures compiling (or loading) every kernel for ``dtypes``, one per group of kernel families:
+    batch/group statistics over channels-last and over contiguous input, rows (layer norm), and the
+    point-wise family (DyT, Derf, FRN, EvoNorm)."""
     def stats(dt, layout):
         x = torch.randn(2, 4, 3, 3, dtype=dt).contiguous(memory_format=layout)
         w = torch.ones(4, dtype=dt)
@@ -423,17 +428,24 @@ def _warmup_tasks(dtypes) -> list:
         layer_norm_channels_backward(y, x, w, mean, rstd, 1e-5)
 
     # ordered so that parts=2 splits the cold compile time about evenly (measured 108 s / 131 s)
-    return [lambda: [stats(dt, torch.channels_last) for dt in dtypes],
-            lambda: [stats(dt, torch.contiguous_format) for dt in dtypes],
-            lambda: [rows(dt) for dt in dtypes],
-            lambda: [(_warmup_pointwise(dt), _warmup_evonorm(dt)) for dt in dtypes]]
+    return dict(zip(WARMUP_FAMILIES, (
+        lambda: [stats(dt, torch.channels_last) for dt in dtypes],
+        lambda: [stats(dt, torch.contiguous_format) for dt in dtypes],
+        lambda: [rows(dt) for dt in dtypes],
+        lambda: [(_warmup_pointwise(dt), _warmup_evonorm(dt)) for dt in dtypes])))
 
 
-def warmup(dtypes=(torch.float32, torch.float64), *, part: int = 0, parts: int = 1) -> None:
-    """Compile (or load from the disk cache) every kernel for ``dtypes`` now.
+def warmup(dtypes=(torch.float32, torch.float64), *, families=WARMUP_FAMILIES, part: int = 0,
+           parts: int = 1) -> None:
+    """Compile (or load from the disk cache) every kernel for ``dtypes`` now (of ``families``, some
+    of :data:`WARMUP_FAMILIES`: e.g. the demo prebuilds only what its studies call).
 
     ``part``/``parts`` split the work between processes (``python -m normlab.core.cpu`` runs the
     parts side by side: numba compiles on one thread, so two cores halve a cold prebuild).
     """
-    for task in _warmup_tasks(dtypes)[part::parts]:
+    bad = [f for f in families if f not in WARMUP_FAMILIES]
+    if bad:
+        raise ValueError(f"families: expected some of {list(WARMUP_FAMILIES)}, got {bad[0]!r}")
+    tasks = [t for name, t in _warmup_tasks(dtypes).items() if name in families]
+    for task in tasks[part::parts]:
         task()
