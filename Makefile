@@ -12,8 +12,8 @@ $(VENV)/.lab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[lab]'
-	# compile the kernels the demo calls once into numba's disk cache (first calls then load in ms)
-	$(PY) -m normlab.core.cpu float32 --families nchw,rows
+	# compile the kernels the demo calls (not the point-wise ones) into numba's disk cache once
+	$(PY) -m normlab.core.cpu float32 --families nhwc,nchw,rows
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.lab
