@@ -22,7 +22,7 @@ import lab_fake_runners  # noqa: F401  (registers the fake-* runners)
 from normlab.lab import studies
 from normlab.lab.report import build_report
 from normlab.lab.report.answers import conclusion_card, interval, rank, ranking_sentence
-from normlab.lab.stats import Interval, mean_ci
+from normlab.lab.stats import Interval, format_interval, mean_ci, rate_ci
 from normlab.lab.store import RunResult, Store
 from normlab.lab.studies import (
     NOT_TESTED,
@@ -350,9 +350,12 @@ def test_ranking_sentence_orders_and_ties() -> None:
                   lower_is_better=False, unit="%", bounds=(0.0, 100.0))
     assert [x.norm for x in rank(acc)] == ["ln", "bn"]
     assert " ≈ bn " in ranking_sentence(acc)  # two noisy seeds: not separable
-    # a bounded metric's interval stays in range (the t interval of [40, 90] reaches −253 … 383)
+    # a percentage's interval is the cards' logit-scale one and stays in range (the t interval of
+    # [40, 90] reaches −253 … 383)
     iv = interval([40.0, 90.0], (0.0, 100.0))
-    assert iv.lo == 0.0 and iv.hi == 100.0 and iv.mean == 65.0
+    assert iv == rate_ci([40.0, 90.0]) and 0.0 <= iv.lo < 1.0 and 99.0 < iv.hi <= 100.0 and iv.mean == 65.0
+    iv = interval([0.4, 0.9], (0.0, 1.0))  # other bounds: the t interval, clipped
+    assert iv.lo == 0.0 and iv.hi == 1.0
     raw = interval([40.0, 90.0])
     assert raw.lo < 0 and raw.hi > 100
 
@@ -449,7 +452,8 @@ def test_report_answers_first_quick_profile(tmp_path: Path, register) -> None:
         assert f'id="answer-{qid}"' in answers and html.escape(question) in answers
     arch = answers[answers.index('id="answer-architecture"'):answers.index('id="answer-batch-size"')]
     # the ranking sentence, computed from the per-seed values (bn 0, 1 vs gn 10, 11)
-    assert "toy task toy (validation error, lower is better; n = 2 seeds): bn 0.5% [0%, 6.85%] &lt; gn 10.5%" in arch
+    bn = format_interval(interval([0.0, 1.0], (0.0, 100.0)), unit="%")  # logit scale, as the cards
+    assert f"toy task toy (validation error, lower is better; n = 2 seeds): bn {bn} &lt; gn 10.5%" in arch
     assert 'href="#card-toy-1"' in arch  # the ranking links to its evidence card ("Which norm?")
     assert arch.count("<img ") == 1 and 'class="thumb" href="#card-toy-1"' in arch
     batch = answers[answers.index('id="answer-batch-size"'):answers.index('id="answer-cost"')]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from normlab.lab.stats import Interval, combine_verdicts, diff_ci, format_interval, mean_ci, verdict
+from normlab.lab.stats import Interval, combine_verdicts, diff_ci, format_interval, mean_ci, rate_ci, verdict
 from normlab.lab.studies import DEFAULT_MIN_SEEDS, NOT_TESTED, Card, Ranking, withhold_verdicts
 
 __all__ = [
@@ -41,11 +41,13 @@ BN = "bn"
 
 
 def interval(values: list[float], bounds: tuple[float, float] | None = None) -> Interval:
-    """Student-t 95% interval of the mean of ``values``, intersected with ``bounds``.
-
-    The true mean of a bounded metric (an error rate in [0, 100] %) lies inside its bounds, so
-    the intersection covers it whenever the t interval does: same coverage, no "[−61.7, 97.6]%".
+    """95% interval of the mean of ``values``: for a percentage (``bounds == (0, 100)``) the
+    studies' logit-scale :func:`~normlab.lab.stats.rate_ci` (the cards print the same interval),
+    otherwise the Student-t interval intersected with ``bounds`` (the true mean of a bounded
+    metric lies inside them, so the intersection covers it whenever the t interval does).
     """
+    if bounds == (0.0, 100.0) and len(values) and all(0.0 <= v <= 100.0 for v in values):
+        return rate_ci(values)
     iv = mean_ci(values)
     if bounds is None or math.isnan(iv.lo):
         return iv
