@@ -98,6 +98,23 @@ def _update_running_where(running: Tensor, batch: Tensor, momentum: float, valid
 # ----------------------------------------------------------------------------- batch norm
 
 
+def _check_bn_args(input: Tensor, running_mean, running_var, weight, bias, eps: float, momentum) -> int:
+    """The arguments of the batch-norm family (BN, Ghost BN, BN + ReLU), checked; returns C."""
+    check_input(input, min_dim=2)
+    check_eps(eps)
+    check_momentum(momentum)
+    c = input.shape[1]
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
+        _check_param(t, (c,), name)
+    return c
+
+
+def _update_bn_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, m: int, momentum) -> None:
+    """Running averages from the batch statistics of m values per channel (unbiased variance)."""
+    _update_running(running_mean, mean, momentum)
+    _update_running(running_var, var * (m / (m - 1)), momentum)
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -140,12 +157,7 @@ def batch_norm(
     """
     if mask is None and traced(input):
         return TF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    check_input(input, min_dim=2)
-    check_eps(eps)
-    check_momentum(momentum)
-    c = input.shape[1]
-    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
-        _check_param(t, (c,), name)
+    c = _check_bn_args(input, running_mean, running_var, weight, bias, eps, momentum)
     if mask is not None:
         masked.check_mask(mask, input)
     use_batch_stats = training or running_mean is None or running_var is None
@@ -171,8 +183,7 @@ def batch_norm(
         return y
     y, mean, var, _ = ops.batch_norm(input, weight, bias, eps, backend=backend)
     if training and running_mean is not None and running_var is not None and m > 0:
-        _update_running(running_mean, mean, momentum)
-        _update_running(running_var, var * (m / (m - 1)), momentum)
+        _update_bn_running(running_mean, running_var, mean, var, m, momentum)
     return y
 
 
@@ -608,12 +619,7 @@ def ghost_batch_norm(
     Computation: the (k, g, C, \*) view is rearranged into (g, k·C, \*) (one copy) and batch-
     normalized by one ``normlab::batch_norm`` call with γ, β repeated k times; one copy back.
     """
-    check_input(input, min_dim=2)
-    check_eps(eps)
-    check_momentum(momentum)
-    c = input.shape[1]
-    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
-        _check_param(t, (c,), name)
+    c = _check_bn_args(input, running_mean, running_var, weight, bias, eps, momentum)
     check_positive_int(virtual_batch_size, "virtual_batch_size")
     use_batch_stats = training or running_mean is None or running_var is None
     if not use_batch_stats:
@@ -1021,18 +1027,12 @@ def batch_norm_relu(
     """
     if traced(input):
         return TF.relu(TF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
-    check_input(input, min_dim=2)
-    check_eps(eps)
-    check_momentum(momentum)
-    c = input.shape[1]
-    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
-        _check_param(t, (c,), name)
+    c = _check_bn_args(input, running_mean, running_var, weight, bias, eps, momentum)
     if not (training or running_mean is None or running_var is None):
         return ops.batch_norm_relu_eval(input, running_mean, running_var, weight, bias, eps, backend=backend)
     m = input.numel() // c if c else 0
     _check_batch_stats(input, m, eps, "batch norm + ReLU")
     y, mean, var, _ = ops.batch_norm_relu(input, weight, bias, eps, backend=backend)
     if training and running_mean is not None and running_var is not None and m > 0:
-        _update_running(running_mean, mean, momentum)
-        _update_running(running_var, var * (m / (m - 1)), momentum)
+        _update_bn_running(running_mean, running_var, mean, var, m, momentum)
     return y
