@@ -6,18 +6,24 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch is pinned to the CPU build of 2.13.0 so a fresh machine never pulls a multi-GB CUDA wheel.
 TORCH := torch==2.13.0
+# Installs go through uv (torch + the lab extra: ~10 s instead of pip's ~100 s on 2 cores), and
+# through pip if uv cannot be installed or fails. uv does not read pip's configuration, so pip's
+# local wheel folder (find-links: where this machine class keeps the CPU torch wheel) is passed on.
+export UV_FIND_LINKS ?= $(shell echo $${PIP_FIND_LINKS:-$$($(PYTHON) -m pip config get global.find-links 2>/dev/null)})
+install = $(VENV)/bin/uv pip install -q --python $(PY) $(1) || $(PY) -m pip install -q $(1)
 
 # The demo needs the lab extra only; the tests need the dev extras and the float64 kernels too.
 $(VENV)/.lab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[lab]'
+	$(PY) -m pip install -q uv || echo "uv could not be installed: using pip"
+	$(call install,$(TORCH))
+	$(call install,-e '.[lab]')
 	# compile the kernels the demo calls (not the point-wise ones) into numba's disk cache once
 	$(PY) -m normlab.core.cpu float32 --families nhwc,nchw,rows
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.lab
-	$(PY) -m pip install -q -e '.[dev]'
+	$(call install,-e '.[dev]')
 	$(PY) -m normlab.core.cpu float32 float64
 	touch $@
 
