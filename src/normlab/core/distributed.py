@@ -175,8 +175,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         return dx, dw, db, None, None, None, None
 
 
-@torch.compiler.disable
-def sync_batch_norm(x: Tensor, weight, bias, eps: float, group=None, backend: str | None = None):
+def _sync_batch_norm(x: Tensor, weight, bias, eps: float, group=None, backend: str | None = None):
     r"""Training batch norm of ``x`` (N, C, \*) with the statistics of the batch concatenated over
     ``group``: returns (y, N, mean, biased var), the statistics float64 (C,) and identical on
     every rank. ``x`` may be empty (N = 0) on some ranks; every rank must call this."""
@@ -184,3 +183,14 @@ def sync_batch_norm(x: Tensor, weight, bias, eps: float, group=None, backend: st
     y = _SyncBatchNorm.apply(x, weight, bias, float(eps), group, backend or "", out)
     count, mean, var = out
     return y, count, mean, var
+
+
+def __getattr__(name: str):
+    # ``sync_batch_norm`` is ``_sync_batch_norm`` behind ``torch.compiler.disable`` (dynamo must not
+    # trace the collectives), applied on first use: the decorator imports torch._dynamo, which
+    # costs ~7 s of every ``import normlab`` on a 2-core machine, for a function only multi-process
+    # training calls.
+    if name == "sync_batch_norm":
+        fn = globals()[name] = torch.compiler.disable(_sync_batch_norm)
+        return fn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
