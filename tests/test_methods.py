@@ -202,6 +202,48 @@ def test_gbn_gradcheck():
     assert torch.autograd.gradgradcheck(f, (x, w, b))
 
 
+@pytest.mark.parametrize("shape,layout", [((8, 4, 5, 3), "contiguous"), ((8, 4, 5, 3), "channels_last"),
+                                          ((8, 5), "contiguous"), ((8, 3, 7), "contiguous"), ((8, 4, 5, 3), "sliced")])
+def test_gbn_cpu_kernels_match_the_float64_formula_in_every_layout(shape, layout):
+    from normlab.core import dispatch
+    x64 = _x(*shape, scale=2.0, offset=0.7)
+    w64, b64 = _x(shape[1], seed=2), _x(shape[1], seed=3)
+    x = x64.float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":  # every other element of a wider buffer: neither layout, one copy
+        big = torch.zeros(shape[:-1] + (2 * shape[-1],))
+        big[..., ::2] = x
+        x = big[..., ::2]
+    assert torch.equal(x.double(), x64.float().double())
+    assert dispatch.backend_module("ghost_batch_norm", x).__name__ == "normlab.core.cpu"
+    x.requires_grad_()
+    w, b = w64.float().requires_grad_(), b64.float().requires_grad_()
+    y = F.ghost_batch_norm(x, 2, None, None, w, b, True)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    leaves = [t.clone().requires_grad_() for t in (x64, w64, b64)]
+    ref = ref_gbn(*leaves[:1], 2, *leaves[1:], 1e-5)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    dy = _x(*shape, seed=5)
+    got = torch.autograd.grad(y, (x, w, b), dy.float())
+    want = torch.autograd.grad(ref, leaves, dy)
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_.double(), w_, rtol=1e-4, atol=1e-4)
+
+
+def test_gbn_compiles_without_graph_breaks_and_exports_standard_ops():
+    m = nl.GhostBatchNorm2d(4, virtual_batch_size=2)
+    x = torch.randn(8, 4, 3, 3)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(m)(x)
+    assert explanation.graph_break_count == 0
+    y = torch.compile(m, fullgraph=True)(x)
+    torch.testing.assert_close(y, nl.GhostBatchNorm2d(4, virtual_batch_size=2)(x), rtol=1e-5, atol=1e-5)
+    ep = torch.export.export(nl.GhostBatchNorm2d(4, virtual_batch_size=2), (x,))
+    assert not [n for n in ep.graph.nodes if "normlab" in str(n.target)]
+
+
 # ------------------------------------------------------------------------- Weight Standardization
 
 

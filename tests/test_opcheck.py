@@ -41,6 +41,7 @@ FAMILIES = [
     ("layer_norm", "rms"),
     ("layer_norm2", "standard"),  # normalized_ndim = 2
     ("layer_norm_channels", "standard"),
+    ("ghost_batch_norm", "standard"),  # virtual batches of 2 samples
 ]
 
 
@@ -101,6 +102,14 @@ def _case(family, variant, dtype, layout, affine, backend, empty):
                 y = x - mean.view(1, -1, 1, 1)
                 return y if b is None else y + b.view(1, -1, 1, 1)
             return TF.batch_norm(x, mean, var, w, b, False, 0.0, EPS)
+    elif family == "ghost_batch_norm":
+        op = N.ghost_batch_norm
+        args = (x, w, b, 2, EPS, backend)
+
+        def ref(x, w, b):  # torch's batch norm on each virtual batch of 2 samples
+            if x.shape[0] == 0:
+                return x.clone()
+            return torch.cat([TF.batch_norm(v, None, None, w, b, True, 0.0, EPS) for v in x.split(2)])
     elif family == "group_norm":
         op = N.group_norm
         args = (x, w, b, 3, EPS, backend)
@@ -142,6 +151,9 @@ def _backward_case(family, variant, args, backend):
     if family == "batch_norm":
         _, mean, _, rstd = N.batch_norm(*args)
         return N.batch_norm_backward, (dy, x, w, mean, rstd, EPS, variant == "center_only", backend, mask), mask
+    if family == "ghost_batch_norm":
+        _, mean, _, rstd = N.ghost_batch_norm(*args)
+        return N.ghost_batch_norm_backward, (dy, x, w, mean, rstd, 2, EPS, backend, mask), mask
     if family == "group_norm":
         _, mean, _, rstd = N.group_norm(*args)
         return N.group_norm_backward, (dy, x, w, mean, rstd, 3, EPS, backend, mask), mask
@@ -241,6 +253,7 @@ def test_every_operator_is_covered():
     registered = {name for name in dir(N) if not name.startswith("_") and isinstance(getattr(N, name), torch._ops.OpOverloadPacket)}
     covered = {"batch_norm", "batch_norm_backward", "batch_norm_eval", "group_norm", "group_norm_backward",
                "layer_norm", "layer_norm_backward", "layer_norm_channels", "layer_norm_channels_backward",
+               "ghost_batch_norm", "ghost_batch_norm_backward",
                "dynamic_tanh", "dynamic_tanh_backward", "dynamic_erf", "dynamic_erf_backward",
                "filter_response_norm", "filter_response_norm_backward",
                # the fused variants: opcheck rows in tests/test_fused_ops.py

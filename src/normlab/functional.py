@@ -552,9 +552,10 @@ def batch_renorm(
     with the running statistics. The running statistics are updated as batch norm's (momentum,
     unbiased variance). ``r_max``/``d_max`` may be 0-d tensors (a warm-up schedule's value).
 
-    Computation: one ``normlab::batch_norm`` call (the fused kernel) gives x̂ and (μ_B, σ²_B);
-    r, d and the modified per-channel scale γ·r and shift γ·d + β are C-sized tensor ops; then
-    one point-wise pass y = x̂ · (γ r) + (γ d + β).
+    Computation: y = x̂·(γ r) + (γ d + β) is batch norm with the per-channel scale γ·r and shift
+    γ·d + β, so one statistics pass (``torch.var_mean``, no output) gives r and d, then one
+    ``normlab::batch_norm`` call (the fused kernel, and its fused backward) with that scale and
+    shift; autograd carries dγ = r·Σ dy·x̂ + d·Σ dy through the C-sized products.
     """
     check_input(input, min_dim=2)
     check_eps(eps)
@@ -569,22 +570,22 @@ def batch_renorm(
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps, backend=backend)
     m = input.numel() // c if c else 0
     _check_batch_stats(input, m, eps, "batch renormalization")
-    xhat, mean, var = _bn_batch(input, None, None, eps, backend)
     with torch.no_grad():
-        sd = mean.dtype
+        red = [0] + list(range(2, input.dim()))
+        var_b, mean_b = torch.var_mean(input.detach().to(compute_dtype(input.dtype)), red, correction=0)
+        sd = var_b.dtype
         sigma = torch.sqrt(running_var.to(sd) + eps)
-        r_max_t = torch.as_tensor(r_max, dtype=sd, device=mean.device)
-        d_max_t = torch.as_tensor(d_max, dtype=sd, device=mean.device)
-        r = torch.minimum(torch.maximum(torch.sqrt(var + eps) / sigma, 1.0 / r_max_t), r_max_t)
-        d = torch.minimum(torch.maximum((mean - running_mean.to(sd)) / sigma, -d_max_t), d_max_t)
-    pdt = compute_dtype(input.dtype) if weight is None else weight.dtype
+        r_max_t = torch.as_tensor(r_max, dtype=sd, device=input.device)
+        d_max_t = torch.as_tensor(d_max, dtype=sd, device=input.device)
+        r = torch.minimum(torch.maximum(torch.sqrt(var_b + eps) / sigma, 1.0 / r_max_t), r_max_t)
+        d = torch.minimum(torch.maximum((mean_b - running_mean.to(sd)) / sigma, -d_max_t), d_max_t)
+    pdt = input.dtype if weight is None else weight.dtype
     scale, shift = r.to(pdt), d.to(pdt)
     if weight is not None:
         scale, shift = weight * scale, weight * shift
     if bias is not None:
         shift = shift + bias
-    view = _chan_view(input)
-    y = torch.addcmul(shift.view(view), xhat, scale.view(view)).to(input.dtype)
+    y, mean, var = _bn_batch(input, scale, shift, eps, backend)
     if running_mean is not None and m > 0:
         _update_batch_running(running_mean, running_var, mean, var, m, momentum)
     return y
@@ -616,8 +617,9 @@ def ghost_batch_norm(
     of the k unbiased virtual-batch variances, each with ``momentum``. Eval with running
     statistics is batch norm with them (independent of how the eval batch is split).
 
-    Computation: the (k, g, C, \*) view is rearranged into (g, k·C, \*) (one copy) and batch-
-    normalized by one ``normlab::batch_norm`` call with γ, β repeated k times; one copy back.
+    Computed by the ``normlab::ghost_batch_norm`` operator (on the CPU backend the batch-norm
+    kernels on each virtual batch's memory, no rearranging copy); traced for export: batch norm
+    of the (g, k·C, \*) rearrangement, standard operators only.
     """
     c = _check_bn_args(input, running_mean, running_var, weight, bias, eps, momentum)
     check_positive_int(virtual_batch_size, "virtual_batch_size")
@@ -636,11 +638,14 @@ def ghost_batch_norm(
     _check_batch_stats(input, m, eps, "ghost batch norm")
     if n == 0:
         return input.clone()
-    xs = input.reshape((k, g, c) + spatial).transpose(0, 1).reshape((g, k * c) + spatial)
-    w = None if weight is None else weight.repeat(k)
-    b = None if bias is None else bias.repeat(k)
-    y, mean, var = _bn_batch(xs, w, b, eps, backend)
-    y = y.reshape((g, k, c) + spatial).transpose(0, 1).reshape(input.shape)
+    if traced(input):
+        xs = input.reshape((k, g, c) + spatial).transpose(0, 1).reshape((g, k * c) + spatial)
+        w = None if weight is None else weight.repeat(k)
+        b = None if bias is None else bias.repeat(k)
+        y, mean, var = _bn_batch(xs, w, b, eps, backend)
+        y = y.reshape((g, k, c) + spatial).transpose(0, 1).reshape(input.shape)
+    else:
+        y, mean, var, _ = ops.ghost_batch_norm(input, weight, bias, g, eps, backend=backend)
     if training and running_mean is not None and running_var is not None:
         with torch.no_grad():
             _update_running(running_mean, mean.view(k, c).mean(0), momentum)

@@ -5,6 +5,8 @@ Operators (``torch.ops.normlab.*``; outputs in brackets are statistics, shapes g
     batch_norm(x, weight?, bias?, eps, center_only, backend)        -> (y, [mean, var, rstd])  (C,)
     batch_norm_backward(dy, x, weight?, mean, rstd, eps, center_only, backend, mask) -> (dx, dγ, dβ)
     batch_norm_eval(x, mean, var?, weight?, bias?, eps, center_only, backend)         -> y
+    ghost_batch_norm(x, weight?, bias?, virtual_batch_size, eps, backend) -> (y, [mean, var, rstd]) (N / g, C)
+    ghost_batch_norm_backward(dy, x, weight?, mean, rstd, virtual_batch_size, eps, backend, mask) -> (dx, dγ, dβ)
     group_norm(x, weight?, bias?, num_groups, eps, backend)         -> (y, [mean, var, rstd])  (N, G)
     group_norm_backward(dy, x, weight?, mean, rstd, num_groups, eps, backend, mask)  -> (dx, dγ, dβ)
     layer_norm(x, weight?, bias?, normalized_ndim, eps, rms, backend) -> (y, [mean, var, rstd]) lead dims
@@ -551,6 +553,68 @@ def layer_norm(x, normalized_ndim: int, weight, bias, eps: float, rms: bool = Fa
 def layer_norm_channels(x, weight, bias, eps: float, backend: str | None = None):
     """(y, mean, var, rstd) of channels-first layer norm through ``normlab::layer_norm_channels``."""
     return call("layer_norm_channels", x, weight, bias, float(eps), backend or "")
+
+
+# ----------------------------------------------------------------------------- ghost batch norm
+#     ghost_batch_norm(x, weight?, bias?, virtual_batch_size, eps, backend) -> (y, [mean, var, rstd]) (N / g, C)
+#     ghost_batch_norm_backward(dy, x, weight?, mean, rstd, virtual_batch_size, eps, backend, mask)
+#                                                                           -> (dx, dγ, dβ)
+# Batch norm of each of the k = N / g virtual batches of g consecutive samples (Hoffer et al.
+# 2017); γ, β (C,) shared by all; g must divide N. On the CPU the batch-norm kernels run on each
+# virtual batch's memory in place (no rearranging copy).
+
+
+def _check_virtual(x: Tensor, g: int) -> None:
+    if g < 1 or x.shape[0] % g:
+        raise ValueError(f"virtual_batch_size: expected a positive divisor of the batch size {x.shape[0]}, got {g}")
+
+
+def _ghost_batch_norm_impl(x, weight, bias, virtual_batch_size, eps, backend):
+    _check_virtual(x, virtual_batch_size)
+    y, mean, var, rstd = _backend("ghost_batch_norm", x, backend).ghost_batch_norm(
+        x, virtual_batch_size, weight, bias, eps)
+    return _canonical(y, x, True), *_stats(x, mean, var, rstd)
+
+
+def _ghost_batch_norm_backward_impl(dy, x, weight, mean, rstd, virtual_batch_size, eps, backend, mask):
+    dx, dw, db = _backend("ghost_batch_norm", x, backend).ghost_batch_norm_backward(
+        dy, x, weight, mean, rstd, virtual_batch_size, eps, mask=tuple(mask))
+    shape, dt = _param_meta(weight, x, (x.shape[1],))
+    dx = _canonical(dx, x, True) if mask[0] else x.new_empty((0,))
+    return dx, _grad(dw if mask[1] else None, x, shape, dt), _grad(db if mask[2] else None, x, shape, dt)
+
+
+def _ghost_batch_norm_fake(x, weight, bias, virtual_batch_size, eps, backend):
+    _check_virtual(x, virtual_batch_size)
+    return (_empty_out(x, True), *_fake_stats(x, (x.shape[0] // virtual_batch_size, x.shape[1])))
+
+
+def _ghost_batch_norm_backward_fake(dy, x, weight, mean, rstd, virtual_batch_size, eps, backend, mask):
+    return _fake_grads(x, weight, (x.shape[1],), mask, True)
+
+
+_ops.update({
+    "ghost_batch_norm": _define("ghost_batch_norm", _ghost_batch_norm_impl, _ghost_batch_norm_fake, {
+        "x": _T, "weight": _OT, "bias": _OT, "virtual_batch_size": int, "eps": float, "backend": str,
+        "return": _STATS}),
+    "ghost_batch_norm_backward": _define(
+        "ghost_batch_norm_backward", _ghost_batch_norm_backward_impl, _ghost_batch_norm_backward_fake, {
+            "dy": _T, "x": _T, "weight": _OT, "mean": _T, "rstd": _T, "virtual_batch_size": int, "eps": float,
+            "backend": str, "mask": Sequence[bool], "return": _GRADS}),
+})
+_IMPLS.update({"ghost_batch_norm": _ghost_batch_norm_impl,
+               "ghost_batch_norm_backward": _ghost_batch_norm_backward_impl})
+_COMPOSITE["ghost_batch_norm"] = lambda x, w, b, g, eps, _: reference.ghost_batch_norm(x, g, w, b, eps)
+_gbn_backward = _backward_of("ghost_batch_norm")
+_ops["ghost_batch_norm"].register_autograd(_gbn_backward, setup_context=_setup_op)
+_EAGER["ghost_batch_norm"] = _eager_function("ghost_batch_norm", _gbn_backward)
+
+__all__ += ["ghost_batch_norm"]
+
+
+def ghost_batch_norm(x, weight, bias, virtual_batch_size: int, eps: float, backend: str | None = None):
+    """(y, mean, var, rstd), statistics (N / g, C), through ``normlab::ghost_batch_norm``."""
+    return call("ghost_batch_norm", x, weight, bias, int(virtual_batch_size), float(eps), backend or "")
 
 
 # ------------------------------------------------------------------------ point-wise operators

@@ -43,6 +43,8 @@ __all__ = [
     "batch_norm_eval",
     "group_norm",
     "group_norm_backward",
+    "ghost_batch_norm",
+    "ghost_batch_norm_backward",
     "layer_norm",
     "layer_norm_backward",
     "layer_norm_channels",
@@ -265,6 +267,33 @@ def group_norm_backward(dy, x, weight, mean, rstd, num_groups: int, eps: float, 
     x4, dy4 = x.reshape(shape), dy.reshape(shape)
     dx, dw, db = _normalize_backward(dy4, x4, _groups(x, num_groups, weight), (2, 3), eps, STANDARD, mask,
                                      (1, num_groups, c // num_groups, 1))
+    return (None if dx is None else _restore(dx, x)), _flat(dw), _flat(db)
+
+
+def _ghost_shape(x: Tensor, virtual_batch_size: int) -> tuple[int, int, int, int]:
+    """(k, g, C, S): x's (N, C, *) as k = N / g virtual batches of g samples."""
+    n, c = x.shape[0], x.shape[1]
+    return n // virtual_batch_size, virtual_batch_size, c, _spatial(x)
+
+
+def ghost_batch_norm(x: Tensor, virtual_batch_size: int, weight, bias, eps: float):
+    """Ghost batch norm: batch norm of each virtual batch of g consecutive samples, (y, mean,
+    var, rstd) with statistics (N / g, C) over the virtual batch's samples and positions."""
+    k, g, c, s = _ghost_shape(x, virtual_batch_size)
+    view = (1, 1, c, 1)
+    y, mean, var, rstd = normalize(x.reshape(k, g, c, s), (1, 3), None if weight is None else weight.view(view),
+                                   None if bias is None else bias.view(view), eps)
+    return _restore(y, x), mean.view(k, c), var.view(k, c), rstd.view(k, c)
+
+
+def ghost_batch_norm_backward(dy, x, weight, mean, rstd, virtual_batch_size: int, eps: float, *,
+                              mask=(True, True, True)):
+    """(dx, dγ (C,), dβ (C,)) of ghost batch norm; entries not in ``mask`` are None."""
+    shape = _ghost_shape(x, virtual_batch_size)
+    c = shape[2]
+    dx, dw, db = _normalize_backward(dy.reshape(shape), x.reshape(shape),
+                                     None if weight is None else weight.view(1, 1, c, 1), (1, 3), eps,
+                                     STANDARD, mask, (1, 1, c, 1))
     return (None if dx is None else _restore(dx, x)), _flat(dw), _flat(db)
 
 

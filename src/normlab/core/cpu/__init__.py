@@ -80,7 +80,7 @@ from normlab.core.cpu.cols import ColsPlan
 from normlab.core.cpu.jit import CACHE, CACHE_DIR
 from normlab.core.cpu.params import NP_DTYPE, f64
 from normlab.core.cpu.plan import Plan, cached, is_channels_last
-from normlab.core.cpu.planes import PlanesPlan
+from normlab.core.cpu.planes import GhostPlanesPlan, PlanesPlan
 from normlab.core.cpu.pool import (POOL_MIN_BYTES, buffer_pool_stats, clear_buffer_pool,
                                    set_buffer_pool)
 from normlab.core.cpu.pool import pool as _pool  # noqa: F401 - cpu._pool: the pool's cap, stats
@@ -101,6 +101,8 @@ __all__ = [
     "batch_norm_eval_backward",
     "group_norm",
     "group_norm_backward",
+    "ghost_batch_norm",
+    "ghost_batch_norm_backward",
     "layer_norm",
     "layer_norm_backward",
     "layer_norm_channels",
@@ -129,7 +131,7 @@ __all__ = [
     "POOL_MIN_BYTES",
 ]
 
-OPS = ("batch_norm", "batch_norm_eval", "group_norm", "layer_norm", "layer_norm_channels", *POINTWISE_OPS,
+OPS = ("batch_norm", "batch_norm_eval", "group_norm", "ghost_batch_norm", "layer_norm", "layer_norm_channels", *POINTWISE_OPS,
        *EVONORM_OPS)
 
 
@@ -233,6 +235,21 @@ def _bn_plan(x: Tensor, eps: float, train: bool, center: bool) -> Plan:
     return PlanesPlan((n * c, s), n=n, **common)
 
 
+def _gbn_plan(x: Tensor, g: int, eps: float) -> Plan:
+    n, c = x.shape[0], x.shape[1]
+    k, s = n // g, x.numel() // (n * c)
+    cl, copy = _nc_layout(x)
+    common = dict(eps=eps, pcount=c, stat_shape=(k, c), copy=copy)
+    # channels innermost: a virtual batch is a block of g·S rows, which the channels-last kernels
+    # treat as one of k "samples" with per-channel groups (one launch); contiguous: one planes
+    # launch per virtual batch's slab
+    if cl:
+        return ChannelsLastPlan((n * s, c), n=k, groups=c, channels_last=True, **common)
+    if s == 1:
+        return ChannelsLastPlan((n, c), n=k, groups=c, **common)
+    return GhostPlanesPlan((n * c, s), n=g, k=k, **common)
+
+
 def _gn_plan(x: Tensor, g: int, eps: float) -> Plan:
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // (n * c)
@@ -258,6 +275,10 @@ def _gn_key(x, g, eps) -> Plan:
     return cached(("gn", x.shape, x.stride(), g, eps), lambda: _gn_plan(x, g, eps))
 
 
+def _gbn_key(x, g, eps) -> Plan:
+    return cached(("gbn", x.shape, x.stride(), g, eps), lambda: _gbn_plan(x, g, eps))
+
+
 def _ln_key(x, k, eps, rms) -> Plan:
     return cached(("ln", x.shape, x.stride(), k, eps, rms), lambda: _ln_plan(x, k, eps, rms))
 
@@ -269,6 +290,10 @@ def _channel_means(x: Tensor) -> np.ndarray:
 
 def _sample_means(groups: int):
     return lambda x: x.detach().double().reshape(x.shape[0], groups, -1).mean(-1).numpy()
+
+
+def _virtual_means(g: int):
+    return lambda x: x.detach().double().reshape(x.shape[0] // g, g, x.shape[1], -1).mean((1, 3)).numpy()
 
 
 def _row_means(cols: int):
@@ -320,6 +345,19 @@ def batch_norm_backward(dy, x, weight, mean, rstd, eps: float, *, center_only: b
                         mask=(True, True, True)):
     """(dx, dγ, dβ) of training batch norm (None where not in ``mask``)."""
     return _backward(_bn_key(x, eps, center_only, True), dy, x, weight, mean, rstd, mask)
+
+
+def ghost_batch_norm(x: Tensor, virtual_batch_size: int, weight, bias, eps: float):
+    """Ghost batch norm: (y, mean, biased var, rstd), float64 statistics (N / g, C)."""
+    g = virtual_batch_size
+    out = _forward(_gbn_key(x, g, eps), x, weight, bias, _virtual_means(g))
+    return out if out is not None else reference.ghost_batch_norm(x, g, weight, bias, eps)
+
+
+def ghost_batch_norm_backward(dy, x, weight, mean, rstd, virtual_batch_size: int, eps: float, *,
+                              mask=(True, True, True)):
+    """(dx, dγ, dβ) of ghost batch norm (None where not in ``mask``)."""
+    return _backward(_gbn_key(x, virtual_batch_size, eps), dy, x, weight, mean, rstd, mask)
 
 
 def batch_norm_eval(x: Tensor, mean: Tensor, var, weight, bias, eps: float, *, center_only: bool = False):

@@ -38,7 +38,7 @@ from normlab.core.cpu.shared import (BLOCK, affine_coefs, affine_run, dx_run, fo
                                      split_mean, sum_partials, xhat, xhat_coefs, xhat_consts)
 from normlab.core.cpu.threads import launch
 
-__all__ = ["PlanesPlan", "planes_fwd", "planes_bwd"]
+__all__ = ["GhostPlanesPlan", "PlanesPlan", "planes_fwd", "planes_bwd"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,3 +195,28 @@ class PlanesPlan(Plan):
     def bwd(self, xa, dya, w, mean, rstd, nt, dxa, dw, db) -> None:
         launch(planes_bwd, xa, dya, self.n, w, mean, rstd, self.train, self.center,
                min(nt, xa.shape[0] // self.n), dxa, dw, db)
+
+
+@dataclass(frozen=True)
+class GhostPlanesPlan(PlanesPlan):
+    """Ghost batch norm on (N, C, S) memory: virtual batch j is the slab of rows j·g·C … (j+1)·g·C
+    of ``shape2``, itself a batch-norm problem of g samples (``n = g``), so the planes kernels
+    run on each slab's view, no copy; statistics (k, C), dγ/dβ summed over the k slabs."""
+
+    k: int = 1
+
+    def _slabs(self, xa):
+        rows, c = xa.shape[0] // self.k, self.pcount
+        return [(slice(j * rows, (j + 1) * rows), slice(j * c, (j + 1) * c)) for j in range(self.k)]
+
+    def fwd(self, xa, w, b, nt, ya, mean, var, rstd) -> None:
+        for r, s in self._slabs(xa):
+            super().fwd(xa[r], w, b, nt, ya[r], mean[s], var[s], rstd[s])
+
+    def bwd(self, xa, dya, w, mean, rstd, nt, dxa, dw, db) -> None:
+        pw = np.empty((self.k, self.pcount), dw.dtype)
+        pb = np.empty((self.k, self.pcount), db.dtype)
+        for j, (r, s) in enumerate(self._slabs(xa)):
+            super().bwd(xa[r], dya[r], w, mean[s], rstd[s], nt, dxa[r], pw[j], pb[j])
+        dw[:] = pw.sum(0, dtype=np.float64)
+        db[:] = pb.sum(0, dtype=np.float64)
