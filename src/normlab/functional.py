@@ -30,7 +30,7 @@ from torch import Tensor
 import torch.nn.functional as TF
 
 # The public check_* stay importable from here (they were defined here before _checks.py).
-from normlab._checks import check_channels, check_eps, check_input, check_momentum
+from normlab._checks import check_eps, check_input, check_momentum
 from normlab._checks import check_divisor, check_positive_int
 from normlab._checks import check_limit as _check_limit
 from normlab._checks import check_normalized_shape as _normalized_shape
@@ -700,7 +700,6 @@ def filter_response_norm(
         _check_param(t, (c,), name)
     if learned_eps is not None and learned_eps.numel() != 1:
         raise ValueError(f"learned_eps: expected a 1-element tensor, got shape {tuple(learned_eps.shape)}")
-    k = input.dim() - 2
     if learned_eps is None and not traced(input):
         # one operator for the whole layer (the CPU backend: one fused pass each way)
         return ops.filter_response_norm(input, weight, bias, tau, eps, backend=backend)[0]

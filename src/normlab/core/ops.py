@@ -142,7 +142,6 @@ def _batch_norm_impl(x, weight, bias, eps, center_only, backend):
     y, mean, var, rstd = _backend("batch_norm", x, backend).batch_norm(x, weight, bias, eps, center_only=center_only)
     if center_only:
         var = rstd = None
-    s = _bn_shapes(x)
     return _canonical(y, x, True), *_stats(x, mean, var, rstd)
 
 
@@ -172,7 +171,6 @@ def _gn_shapes(x, g):
 
 def _group_norm_impl(x, weight, bias, num_groups, eps, backend):
     y, mean, var, rstd = _backend("group_norm", x, backend).group_norm(x, num_groups, weight, bias, eps)
-    s = _gn_shapes(x, num_groups)
     return _canonical(y, x, True), *_stats(x, mean, var, rstd)
 
 
@@ -208,7 +206,6 @@ def _lnc_shapes(x):
 
 def _layer_norm_channels_impl(x, weight, bias, eps, backend):
     y, mean, var, rstd = _backend("layer_norm_channels", x, backend).layer_norm_channels(x, weight, bias, eps)
-    s = _lnc_shapes(x)
     return _canonical(y, x, True), *_stats(x, mean, var, rstd)
 
 
