@@ -588,6 +588,11 @@ def test_warmup_families_and_parts():
     tasks = cpu._warmup_tasks((torch.float32,))
     assert tuple(tasks) == cpu.WARMUP_FAMILIES
     cpu.warmup((torch.float32,), families=("nchw", "rows"), part=1, parts=2)  # loads from the disk cache
+    # longest compile first, each to the least loaded part; every family exactly once
+    assert cpu._partition(["nhwc", "nchw", "rows"], 2) == [["nhwc"], ["nchw", "rows"]]
+    for parts in (1, 2, 3):
+        split = cpu._partition(list(cpu.WARMUP_FAMILIES), parts)
+        assert len(split) == parts and sorted(sum(split, [])) == sorted(cpu.WARMUP_FAMILIES)
     with pytest.raises(ValueError, match=r"^families: expected some of .*, got 'nhcw'$"):
         cpu.warmup((torch.float32,), families=("nhcw",))
 
