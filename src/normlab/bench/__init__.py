@@ -89,6 +89,8 @@ def _meta(**extra) -> dict:
 @app.command("kernels")
 def kernels_cmd(
     quick: bool = typer.Option(False, "--quick", help="2 shapes per set, 5 repetitions (< 60 s)"),
+    large: bool = typer.Option(False, "--large", help="only the full set's two smallest shapes of at least "
+                               "64 MiB per set and layout (the bandwidth targets), 3 repetitions"),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="output directory"),
     norms: str = typer.Option(None, "--norms", help="comma-separated subset of the norms"),
     reps: int = typer.Option(None, "--reps", help="repetitions per contender (default 5 quick, 7 full)"),
@@ -119,9 +121,12 @@ def kernels_cmd(
     if backends is None and any(n in K.COMPOSED for n in chosen):
         be.insert(0, "torch-compile")  # the methods torch lacks: also vs the compiled composition
     contenders = ["torch", *be]
-    reps = reps or (5 if quick else 7)
+    if quick and large:
+        typer.echo("Error: --large: not with --quick (the quick shapes are all below 64 MiB)", err=True)
+        raise typer.Exit(2)
+    reps = reps or (5 if quick else 3 if large else 7)
     console = _console()
-    console.print(f"normlab bench kernels: {len(K.cases(quick, chosen))} cases × {contenders}, "
+    console.print(f"normlab bench kernels: {len(K.cases(quick, chosen, large=large))} cases × {contenders}, "
                   f"{reps} reps, {torch.get_num_threads()} threads")
     t0 = time.perf_counter()
     from normlab.core import cpu
@@ -131,11 +136,11 @@ def kernels_cmd(
     def progress(i, n, case):
         console.print(f"  [{i + 1}/{n}] {case.norm} {case.label}", highlight=False)
 
-    results = K.run(quick, chosen, contenders, reps, progress=progress if not quick else None)
+    results = K.run(quick, chosen, contenders, reps, progress=progress if not quick else None, large=large)
     compile_info = K.compile_times(full=not quick) if compile_time else None
     K.render(results, contenders, compile_info, console)
     paths = K.save(results, contenders, compile_info, out,
-                   _meta(quick=quick, reps=reps, wall_s=time.perf_counter() - t0))
+                   _meta(quick=quick, large=large, reps=reps, wall_s=time.perf_counter() - t0))
     console.print(f"wrote {paths['json']} and {paths['png']} ({time.perf_counter() - t0:.0f} s)")
 
 

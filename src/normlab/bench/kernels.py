@@ -95,7 +95,18 @@ class Case:
 CUDA_NORMS = ["bn", "bn_eval", "mobn", "gn", "in", "ln", "rms", "dyt", "derf", "frn"]
 
 
-def cases(quick: bool, norms: list[str], device: str = "cpu") -> list[Case]:
+def cases(quick: bool, norms: list[str], device: str = "cpu", large: bool = False) -> list[Case]:
+    """The shapes of a run; ``large`` (CPU): the two smallest shapes of each full set that are
+    at least :data:`LARGE_BYTES` in float32 (where the bandwidth targets apply; weights never are)."""
+    if large and device == "cpu":
+        full = cases(False, norms)
+        out = []
+        for kind in ("nchw", "nhwc", "rows"):
+            for norm in norms:
+                big = sorted({c.shape for c in full if c.norm == norm and c.layout == kind
+                              and 4 * math.prod(c.shape) >= LARGE_BYTES}, key=math.prod)[:2]
+                out += [Case(norm, sh, kind) for sh in big]
+        return sorted(out, key=lambda c: (norms.index(c.norm), c.layout != "nchw", math.prod(c.shape)))
     if device == "cuda":  # sizes from L2-resident to far beyond it (50 MiB L2 on an H100)
         if quick:  # few shapes: every case compiles its own torch.compile graphs (~10 s)
             cnn = [(32, 64, 56, 56), (32, 256, 64, 64)]
@@ -723,9 +734,9 @@ def _chart(results: list[Case], contenders: list[str], path: Path) -> None:
 
 
 def run(quick: bool, norms: list[str], contenders: list[str], reps: int, progress=None,
-        device: str = "cpu") -> list[Case]:
+        device: str = "cpu", large: bool = False) -> list[Case]:
     results = []
-    todo = cases(quick, norms, device)
+    todo = cases(quick, norms, device, large)
     for i, case in enumerate(todo):
         if progress:
             progress(i, len(todo), case)
