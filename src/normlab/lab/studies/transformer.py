@@ -74,6 +74,11 @@ SUMMARY = ("Small decoder-only transformer on a stdlib-source character corpus: 
            "Derf, none; Pre/Post-LN with and without warm-up; QK-norm; over learning rates.")
 ORDER = 45
 QUESTION = "Which normalization for transformers?"
+CLAIM_NEEDED = "A transformer needs normalization: without it the loss is higher"
+CLAIM_RMS = "RMSNorm matches LayerNorm's loss at a lower cost (Zhang & Sennrich 2019)"
+CLAIM_DYT = "Dynamic Tanh (DyT) matches LayerNorm (Zhu et al. 2025)"
+CLAIM_WARMUP = "Pre-LN trains without learning-rate warm-up where Post-LN needs it (Xiong et al. 2020)"
+CLAIM_QK = "QK-norm widens the range of learning rates that train well (Wortsman et al. 2023)"
 
 #: Loss of a diverged run, and the ceiling of every loss in the analysis: a uniform guess over
 #: the 128 ASCII codes (the model's loss at initialization is this, to 0.02 bit).
@@ -257,7 +262,7 @@ def analyze(results: list[RunResult], cfg: Config) -> list[Card]:
 
 
 def _card_none(results: list[RunResult], cfg: Config) -> Card:
-    claim = "A transformer needs normalization: without it the loss is higher"
+    claim = CLAIM_NEEDED
     if "none" not in cfg.norms:
         return _untested(claim, "no 'none' arm", cfg)
     size = _large(cfg)
@@ -280,7 +285,7 @@ def _time_ratio(results: list[RunResult], cfg: Config, norm: str) -> tuple[Inter
 
 
 def _card_rms(results: list[RunResult], cfg: Config) -> Card:
-    claim = "RMSNorm matches LayerNorm's loss at a lower cost (Zhang & Sennrich 2019)"
+    claim = CLAIM_RMS
     if "rms" not in cfg.norms:
         return _untested(claim, "no 'rms' arm", cfg)
     size = _large(cfg)
@@ -302,7 +307,7 @@ def _card_rms(results: list[RunResult], cfg: Config) -> Card:
 
 
 def _card_dyt(results: list[RunResult], cfg: Config) -> Card:
-    claim = "Dynamic Tanh (DyT) matches LayerNorm (Zhu et al. 2025)"
+    claim = CLAIM_DYT
     if "dyt" not in cfg.norms:
         return _untested(claim, "no 'dyt' arm", cfg)
     size = _large(cfg)
@@ -344,7 +349,7 @@ def _card_dyt_data(results: list[RunResult], cfg: Config) -> Card:
 
 
 def _card_warmup(results: list[RunResult], cfg: Config) -> Card:
-    claim = "Pre-LN trains without learning-rate warm-up where Post-LN needs it (Xiong et al. 2020)"
+    claim = CLAIM_WARMUP
     if not {"pre", "post"} <= set(cfg.placements) or cfg.warmup == 0:
         return _untested(claim, "needs Pre-LN and Post-LN runs with and without warm-up", cfg)
     size = _large(cfg)
@@ -385,7 +390,7 @@ def _sensitivity(results: list[RunResult], cfg: Config, qk: str | None) -> dict[
 
 
 def _card_qk(results: list[RunResult], cfg: Config) -> Card:
-    claim = "QK-norm widens the range of learning rates that train well (Wortsman et al. 2023)"
+    claim = CLAIM_QK
     if len(cfg.qk_lrs) < 2:
         return _untested(claim, "no QK-norm learning-rate sweep", cfg)
     plain, qk = _sensitivity(results, cfg, None), _sensitivity(results, cfg, "ln")
