@@ -89,8 +89,8 @@ def _meta(**extra) -> dict:
 @app.command("kernels")
 def kernels_cmd(
     quick: bool = typer.Option(False, "--quick", help="2 shapes per set, 5 repetitions (< 60 s)"),
-    large: bool = typer.Option(False, "--large", help="only the full set's two smallest shapes of at least "
-                               "64 MiB per set and layout (the bandwidth targets), 3 repetitions"),
+    large: bool = typer.Option(False, "--large", help="only the full set's smallest shape of at least 64 MiB "
+                               "per set and layout (the bandwidth targets), 3 repetitions"),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="output directory"),
     norms: str = typer.Option(None, "--norms", help="comma-separated subset of the norms"),
     reps: int = typer.Option(None, "--reps", help="repetitions per contender (default 5 quick, 7 full)"),
