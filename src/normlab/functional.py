@@ -30,7 +30,7 @@ from torch import Tensor
 import torch.nn.functional as TF
 
 # The public check_* stay importable from here (they were defined here before _checks.py).
-from normlab._checks import check_eps, check_input, check_momentum
+from normlab._checks import check_channels, check_eps, check_input, check_momentum  # noqa: F401 (check_channels: re-exported)
 from normlab._checks import check_divisor, check_positive_int
 from normlab._checks import check_limit as _check_limit
 from normlab._checks import check_normalized_shape as _normalized_shape
