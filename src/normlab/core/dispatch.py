@@ -61,6 +61,25 @@ def _load(name: str) -> ModuleType | None:
     return _loaded[name]
 
 
+def lane_ok() -> bool:
+    """No backend is forced in this thread and none but "gpu" (CUDA tensors only) precedes "cpu":
+    for a CPU tensor the CPU backend's fast lane is what :func:`backend_module` would pick."""
+    if getattr(_forced, "name", None) is not None:
+        return False
+    order = _order()
+    return all(n == "gpu" for n in order[: order.index("cpu")]) if "cpu" in order else False
+
+
+def loaded(name: str) -> ModuleType | None:
+    """Backend ``name`` if it has been imported already (never imports it), else None."""
+    return _loaded.get(name)
+
+
+def load(name: str) -> ModuleType | None:
+    """Backend ``name``, imported on first use; None where it cannot be imported here."""
+    return _load(name)
+
+
 def _check_name(name: str) -> None:
     if name not in _REGISTRY:
         raise ValueError(f"backend: expected one of {sorted(_REGISTRY)}, got {name!r}")

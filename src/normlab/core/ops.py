@@ -505,6 +505,53 @@ def _functorch_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+class _Lane(torch.autograd.Function):
+    """The eager fast lane: one forward op on a backend's cached plan, called directly both ways
+    (``backend.lane``; the CPU backend has one for float32 batch, group and layer norm).
+
+    Same kernels and autograd formula as the operator path (:func:`_backward_of`), without its
+    per-call dispatch and output marshalling: on a small activation that Python was most of a
+    normalization's cost. ``apply(x, weight, bias, *op_args, (backend, lane, op name))``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, *rest):
+        *args, (backend, lane, name) = rest
+        out, saved = backend.lane_forward(lane, x, weight, bias)
+        ctx.save_for_backward(x, weight)
+        ctx.lane, ctx.saved, ctx.args, ctx.name = (backend, lane), saved, args, name
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        ctx.mark_non_differentiable(*out[1:])
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        none = (None,) * (len(ctx.args) + 1)
+        if dy is None:
+            return (None, None, None, *none)
+        x, weight = ctx.saved_tensors
+        backend, lane = ctx.lane
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composite
+            fwd = lambda x_, w_, b_: _COMPOSITE[ctx.name](x_, w_, b_, *ctx.args)[0]  # noqa: E731
+            return (*_composite_grads(ctx, fwd, x, weight, dy, ctx.bias_meta), *none)
+        grads = backend.lane_backward(lane, ctx.saved, dy, x, weight, ctx.needs_input_grad, ctx.bias_meta)
+        return (*grads, *none)
+
+
+_LANE_OPS = frozenset(("batch_norm", "group_norm", "layer_norm"))
+
+
+def _lane(name: str, args: tuple):
+    """(backend, lane, name) when the eager fast lane takes this call (the backend argument, the
+    operator's last, is empty and none is forced), else None."""
+    if args[-1] or not dispatch.lane_ok():
+        return None
+    backend = dispatch.load("cpu")
+    lane = None if backend is None else backend.lane(name, args)
+    return None if lane is None else (backend, lane, name)
+
+
 def call(name: str, *args):
     """Run forward operator ``name``.
 
@@ -521,6 +568,12 @@ def call(name: str, *args):
         # A dispatch mode (FakeTensorMode, FlopCounterMode, ...) or a tensor subclass (FakeTensor,
         # ...): through the dispatcher, so that they see the operator (the fake impl for fakes).
         return _ops[name](*args)
+    if name in _LANE_OPS:
+        lane = _lane(name, args)
+        if lane is not None:
+            if _needs_grad(*args[:3]):
+                return _Lane.apply(*args, lane)
+            return lane[0].lane_forward(lane[1], *args[:3])[0]  # (y, mean, var, rstd)
     grad_args = args[:_N_DIFF.get(name, 3)]
     if _needs_grad(*grad_args):
         return _EAGER[name].apply(*args)

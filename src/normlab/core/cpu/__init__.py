@@ -92,6 +92,9 @@ from normlab.core.cpu.pointwise import warmup as _warmup_pointwise
 from normlab.core.cpu.evonorm import (EVONORM_OPS, evonorm_b0, evonorm_b0_backward, evonorm_s0,
                                       evonorm_s0_backward)
 from normlab.core.cpu.evonorm import warmup as _warmup_evonorm
+from normlab.core.cpu.running import takes as running_takes
+from normlab.core.cpu.running import update_bn_running, update_running
+from normlab.core.cpu.running import warmup as _warmup_running
 from normlab.core.cpu.threads import PARALLEL_MIN_NUMEL, start_pool
 
 __all__ = [
@@ -119,6 +122,12 @@ __all__ = [
     "evonorm_b0_backward",
     "supports",
     "wait_ready",
+    "running_takes",
+    "update_running",
+    "update_bn_running",
+    "lane",
+    "lane_forward",
+    "lane_backward",
     "set_buffer_pool",
     "clear_buffer_pool",
     "buffer_pool_stats",
@@ -335,6 +344,64 @@ def _backward(plan: Plan, dy, x, weight, mean, rstd, mask):
     return (dx if mask[0] else None), dw, db
 
 
+# The eager fast lane (``core/ops.py``'s ``call``): a float32 call whose plan needs no copy runs
+# its plan directly, without the operator's generic marshalling (dispatch, layout and dtype checks
+# of every output, statistics converted back and forth). Same kernels, same results; float64
+# keeps the operator path for its overflow check (float32 squares cannot overflow float64 sums).
+
+
+def lane(name: str, args: tuple):
+    """(plan, exact group means) for forward op ``name`` on ``args`` (the operator's arguments),
+    or None where the lane does not apply."""
+    x = args[0]
+    if (x.dtype is not torch.float32 or x.device.type != "cpu" or x.layout is not torch.strided
+            or not x.numel() or x.is_conj() or x.is_neg()):
+        return None
+    if COMPILE_MODE == "background" and not _ready(x.dtype, wait=False):
+        return None
+    if name == "layer_norm":
+        plan = _ln_key(x, args[3], args[4], args[5])
+        means = _row_means(plan.pcount)
+    elif x.dim() < 2:
+        return None
+    elif name == "batch_norm":
+        plan, means = _bn_key(x, args[3], args[4], True), _channel_means
+    elif name == "group_norm":
+        plan, means = _gn_key(x, args[3], args[4]), _sample_means(args[3])
+    else:
+        return None
+    return None if plan.copy else (plan, means)
+
+
+def lane_forward(lane, x: Tensor, weight, bias):
+    """(y, mean, var, rstd) as the operator returns them, and the (mean, rstd) arrays the
+    backward takes; statistics the op does not have (RMS mean, mean-only var/rstd) are empty."""
+    plan, means = lane
+    y, mean, var, rstd = plan.forward(x, weight, bias)
+    shape = plan.stat_shape
+    if plan.has_mean:
+        _inf_means(mean, lambda: means(x))
+        mean_t = torch.from_numpy(mean.reshape(shape))
+    else:
+        mean, mean_t = np.zeros_like(rstd), _empty64()
+    if getattr(plan, "center", False):
+        return (y, mean_t, _empty64(), _empty64()), (mean, rstd)
+    return (y, mean_t, torch.from_numpy(var.reshape(shape)), torch.from_numpy(rstd.reshape(shape))), (mean, rstd)
+
+
+def lane_backward(lane, saved, dy, x, weight, need, bias_meta):
+    """(dx, dγ, dβ) of a lane forward (``saved``: its (mean, rstd) arrays); dγ/dβ None unless
+    needed, shaped and typed like the parameters (``bias_meta``: β's (shape, dtype))."""
+    mean, rstd = saved
+    dx, dw, db = lane[0].backward(x, dy, weight, bias_meta, mean, rstd, need[1] and weight is not None,
+                                  need[2] and bias_meta is not None)
+    return (dx if need[0] else None), dw, db
+
+
+def _empty64() -> Tensor:
+    return torch.empty(0, dtype=torch.float64)
+
+
 def batch_norm(x: Tensor, weight, bias, eps: float, *, center_only: bool = False):
     """Training batch norm: (y, mean, biased var, rstd), float64 statistics of shape (C,)."""
     out = _forward(_bn_key(x, eps, center_only, True), x, weight, bias, _channel_means)
@@ -457,6 +524,7 @@ def _warmup_tasks(dtypes) -> dict:
             y, mean, _, rstd = fwd(x, *args, w, w, 1e-5)
             bwd(y, x, w, mean, rstd, *args, 1e-5)
         batch_norm_eval(x, w, w, w, w, 1e-5)
+        _warmup_running(dt)
 
     def rows(dt):
         x, w = torch.randn(2, 4, 3, 3, dtype=dt), torch.ones(4, dtype=dt)

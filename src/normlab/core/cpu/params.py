@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["NP_DTYPE", "param", "grad_buffer", "f64"]
+__all__ = ["NP_DTYPE", "param", "held_view", "grad_buffer", "f64"]
 
 # The dtypes the kernels are compiled for.
 NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
@@ -32,34 +32,36 @@ def _const(n: int, npd, value: float) -> np.ndarray:
     return a
 
 
-# Numpy views of parameters, keyed by the Parameter object: a view shares the parameter's memory,
-# so in-place updates (optimizer steps) show through; a new storage (``p.data = ...``) changes the
-# data pointer and refreshes the entry; a dead parameter's entry goes with it.
-_PARAM_VIEWS: dict[int, tuple] = {}
+# Numpy views of long-lived tensors (parameters, running-statistic buffers), keyed by the tensor
+# object: a view shares the tensor's memory, so in-place updates (optimizer steps) show through; a
+# new storage (``p.data = ...``) changes the data pointer and refreshes the entry; a dead tensor's
+# entry goes with it.
+_VIEWS: dict[int, tuple] = {}
+
+
+def held_view(t: Tensor) -> np.ndarray:
+    """The flat numpy view of a contiguous CPU tensor in a kernel dtype, cached per tensor."""
+    entry = _VIEWS.get(id(t))
+    if entry is not None and entry[0]() is t and entry[1] == t.data_ptr():
+        return entry[2]
+    arr = t.detach().numpy().reshape(-1)
+    if len(_VIEWS) > 4096:
+        _VIEWS.clear()
+    key = id(t)
+    _VIEWS[key] = (weakref.ref(t, lambda _, k=key: _VIEWS.pop(k, None)), t.data_ptr(), arr)
+    return arr
 
 
 def param(t: Tensor | None, n: int, dtype: torch.dtype, default: float) -> np.ndarray:
     """γ or β as a flat numpy array in x's dtype (constant ones/zeros when None)."""
     if t is None:
         return _const(n, NP_DTYPE[dtype], default)
-    cacheable = isinstance(t, torch.nn.Parameter) and t.dtype == dtype
-    if cacheable:
-        entry = _PARAM_VIEWS.get(id(t))
-        if entry is not None and entry[0]() is t and entry[1] == t.data_ptr():
-            return entry[2]
+    if isinstance(t, torch.nn.Parameter) and t.dtype == dtype and t.is_contiguous():
+        return held_view(t)
     a = t.detach()
     if a.dtype != dtype:
         a = a.to(dtype)
-    if not a.is_contiguous():
-        a = a.contiguous()
-        cacheable = False
-    arr = a.numpy().reshape(-1)
-    if cacheable:
-        if len(_PARAM_VIEWS) > 4096:
-            _PARAM_VIEWS.clear()
-        key = id(t)
-        _PARAM_VIEWS[key] = (weakref.ref(t, lambda _, k=key: _PARAM_VIEWS.pop(k, None)), t.data_ptr(), arr)
-    return arr
+    return a.contiguous().numpy().reshape(-1)
 
 
 def grad_buffer(shape, dtype: torch.dtype, need: bool, n: int, x_dtype: torch.dtype):
