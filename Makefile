@@ -10,6 +10,11 @@ TORCH := torch==2.13.0
 # through pip if uv cannot be installed or fails. uv does not read pip's configuration, so pip's
 # local wheel folder (find-links: where this machine class keeps the CPU torch wheel) is passed on.
 export UV_FIND_LINKS ?= $(shell echo $${PIP_FIND_LINKS:-$$($(PYTHON) -m pip config get global.find-links 2>/dev/null)})
+# Python's bytecode cache lives under .venv and is written on first import, also where the
+# environment sets PYTHONDONTWRITEBYTECODE (and uv installs no .pyc): otherwise every process
+# (the CLI, each sweep worker, each test subprocess) recompiles torch's sources, ~4 s each here.
+export PYTHONPYCACHEPREFIX := $(abspath $(VENV))/pycache
+unexport PYTHONDONTWRITEBYTECODE
 install = $(VENV)/bin/uv pip install -q --python $(PY) $(1) || $(PY) -m pip install -q $(1)
 
 # The demo needs the lab extra only; the tests need the dev extras and the float64 kernels too.
@@ -18,8 +23,8 @@ $(VENV)/.lab: pyproject.toml
 	$(PY) -m pip install -q uv || echo "uv could not be installed: using pip"
 	$(call install,$(TORCH))
 	$(call install,-e '.[lab]')
-	# compile the kernels the demo calls (not the point-wise ones) into numba's disk cache once
-	$(PY) -m normlab.core.cpu float32 --families nhwc,nchw,rows
+	# compile the kernels the demo calls (of the point-wise ones only DyT) into numba's disk cache once
+	$(PY) -m normlab.core.cpu float32 --families nhwc,nchw,rows,dyt
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.lab

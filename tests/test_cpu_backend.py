@@ -621,4 +621,4 @@ def test_prebuild_command_rejects_unknown_dtype():
     r = subprocess.run([sys.executable, "-m", "normlab.core.cpu", "float32", "--families", "rows,cols"],
                        capture_output=True, text=True)
     assert r.returncode == 2
-    assert r.stderr.strip() == "--families: expected some of ['nhwc', 'nchw', 'rows', 'pointwise'], got 'cols'"
+    assert r.stderr.strip() == "--families: expected some of ['nhwc', 'nchw', 'rows', 'pointwise', 'dyt'], got 'cols'"

@@ -510,13 +510,14 @@ def layer_norm_channels_backward(dy, x, weight, mean, rstd, eps: float, *, mask=
     return (dx if mask[0] else None), dw, db
 
 
-WARMUP_FAMILIES = ("nhwc", "nchw", "rows", "pointwise")
+WARMUP_FAMILIES = ("nhwc", "nchw", "rows", "pointwise", "dyt")
 
 
 def _warmup_tasks(dtypes) -> dict:
     """Closures compiling (or loading) every kernel for ``dtypes``, one per group of kernel families:
     batch/group statistics over channels-last and over contiguous input, rows (layer norm), and the
-    point-wise family (DyT, Derf, FRN, EvoNorm)."""
+    point-wise family (DyT, Derf, FRN, EvoNorm), and DyT/Derf alone (what the demo's transformer
+    calls)."""
     def stats(dt, layout):
         x = torch.randn(2, 4, 3, 3, dtype=dt).contiguous(memory_format=layout)
         w = torch.ones(4, dtype=dt)
@@ -537,7 +538,8 @@ def _warmup_tasks(dtypes) -> dict:
         lambda: [stats(dt, torch.channels_last) for dt in dtypes],
         lambda: [stats(dt, torch.contiguous_format) for dt in dtypes],
         lambda: [rows(dt) for dt in dtypes],
-        lambda: [(_warmup_pointwise(dt), _warmup_evonorm(dt)) for dt in dtypes])))
+        lambda: [(_warmup_pointwise(dt), _warmup_evonorm(dt)) for dt in dtypes],
+        lambda: [_warmup_pointwise(dt, frn=False) for dt in dtypes])))
 
 
 def warmup(dtypes=(torch.float32, torch.float64), *, families=WARMUP_FAMILIES, part: int = 0,
@@ -552,13 +554,15 @@ def warmup(dtypes=(torch.float32, torch.float64), *, families=WARMUP_FAMILIES, p
     if bad:
         raise ValueError(f"families: expected some of {list(WARMUP_FAMILIES)}, got {bad[0]!r}")
     tasks = _warmup_tasks(dtypes)
+    if "pointwise" in families:  # it includes dyt: don't compile those twice, in two processes
+        families = [f for f in families if f != "dyt"]
     for name in _partition(families, parts)[part]:
         tasks[name]()
 
 
 #: Cold compile seconds of each family (float32, measured on 2 cores under load 8.7): what
 #: :func:`_partition` balances.
-_COMPILE_COST = {"nhwc": 78, "nchw": 61, "rows": 30, "pointwise": 70}
+_COMPILE_COST = {"nhwc": 78, "nchw": 61, "rows": 30, "pointwise": 70, "dyt": 21}
 
 
 def _partition(families, parts: int) -> list[list[str]]:

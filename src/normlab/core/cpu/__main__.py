@@ -3,7 +3,7 @@
     python -m normlab.core.cpu [float32] [float64] [--families nchw,rows]
 
 The kernel families (:data:`normlab.core.cpu.WARMUP_FAMILIES`: ``nhwc``, ``nchw``, ``rows``,
-``pointwise``; default all) are compiled by up to two processes side by side (``warmup(part=i,
+``pointwise``, ``dyt`` (DyT/Derf only, part of ``pointwise``); default all) are compiled by up to two processes side by side (``warmup(part=i,
 parts=n)``); numba compiles on one thread, so on 2 cores this about halves a cold build. Numba
 re-reads a function's cache index just before adding an entry, so two processes compiling the
 same kernel at once (a few are shared between layouts) cost duplicate work, not a broken cache.

@@ -522,14 +522,16 @@ def dynamic_erf_backward(dy, x, alpha, shift, weight, bias, *, channels_last: bo
     return _pw_backward(dy, x, alpha, shift, weight, bias, channels_last, tuple(mask))
 
 
-def warmup(dt: torch.dtype) -> None:
-    """Compile (or load) every point-wise kernel for ``dt``."""
+def warmup(dt: torch.dtype, *, frn: bool = True) -> None:
+    """Compile (or load) every point-wise kernel for ``dt`` (``frn=False``: DyT and Derf only)."""
     x = torch.randn(2, 4, 3, 3, dtype=dt)
     a, w = torch.full((1,), 0.5, dtype=dt), torch.ones(4, dtype=dt)
     for xi, cl, p in ((x, False, w), (x.contiguous(memory_format=torch.channels_last), False, w),
                       (x, True, torch.ones(3, dtype=dt))):
         dynamic_tanh_backward(dynamic_tanh(xi, a, p, p, channels_last=cl), xi, a, p, p, channels_last=cl)
         dynamic_erf_backward(dynamic_erf(xi, a, a, p, p, channels_last=cl), xi, a, a, p, p, channels_last=cl)
+    if not frn:
+        return
     for xi in (x, x.contiguous(memory_format=torch.channels_last)):
         y, rstd = filter_response_norm(xi, w, w, w, 1e-6)
         filter_response_norm_backward(y, xi, w, w, w, rstd, 1e-6)
