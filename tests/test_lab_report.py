@@ -580,3 +580,19 @@ def test_report_names_a_missing_evidence_figure(tmp_path: Path, register) -> Non
     assert "names the figure &#x27;nope.png&#x27;, which plot() did not make" in page
     batch = page[page.index('id="answer-batch-size"'):page.index('id="answer-cost"')]
     assert "BN has the lower error." in batch and "<img " not in batch  # the sentence stays
+
+
+def test_report_sections_built_by_the_process_pool_equal_the_sequential_ones(tmp_path: Path) -> None:
+    """Reports of POOL_MIN_STUDIES studies or more are built in spawned processes: same sections."""
+    import normlab.lab.report.html as report_html
+
+    run_study(studies.get_study("smoke"), tmp_path, quick=True)
+    figs = tmp_path / "report" / "figures"
+    with Store(tmp_path) as store:
+        (one,) = report_html._collect_all(store, figs, True, workers=1)
+        (pooled,) = report_html._collect_all(store, figs, True, workers=2)
+    assert pooled.cards == one.cards and pooled.rankings == one.rankings
+    assert [(f.title, f.path) for f in pooled.figures] == [(f.title, f.path) for f in one.figures]
+    assert [r.run_id for r in pooled.runs] == [r.run_id for r in one.runs]
+    assert pooled.figures[0].path.is_file()
+    assert report_html.POOL_MIN_STUDIES >= 2  # one study alone never pays for a process
