@@ -617,6 +617,12 @@ class LocalPoolExecutor(Executor):
                 # (their rows stay "running" and are reset when the sweep is started again).
                 _kill_workers(pool)
                 pool.shutdown(wait=False, cancel_futures=True)
+                # Let the pool's manager thread finish its clean-up before this process exits:
+                # CPython 3.11's exit hook wakes it without a lock, and racing its close of the
+                # wake-up pipe printed "OSError: handle is closed" from threading._shutdown.
+                manager = getattr(pool, "_executor_manager_thread", None)
+                if manager is not None:
+                    manager.join(timeout=10)
                 raise
             pool.shutdown(wait=True, cancel_futures=True)
             if not broken:
