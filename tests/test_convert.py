@@ -242,6 +242,30 @@ def test_gemma_style_rmsnorm_is_left_alone_and_reported():
         normlab.convert(model)
 
 
+def test_converted_layernorm2d_keeps_the_output_layout_of_the_module_it_replaces():
+    """timm's LayerNorm2d (permute → LN → permute) returns channels-last memory for NCHW input, so
+    the convolutions after it run channels-last; its normlab twin must hand them the same layout
+    (ConvNeXt: 55 → 80 ms per step when it did not, the blocks' LNs then copying their input)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), TimmLayerNorm2d(8), nn.Conv2d(8, 4, 1))
+    new = normlab.convert(model)
+    assert new[1].memory_format is torch.channels_last and "memory_format=torch.channels_last" in repr(new[1])
+    x = torch.randn(2, 3, 7, 7)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        h = model[0](inp)
+        want, got = model[1](h), new[1](h)
+        assert got.stride() == want.stride()
+        assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a LayerNorm2d that computes natively keeps the input's layout (and so does a converted one
+    # of a module that does)
+    plain = nl.LayerNorm2d(8)
+    h = torch.randn(2, 8, 5, 5)
+    assert plain.memory_format is None and plain(h).is_contiguous()
+    assert normlab.convert(nn.Sequential(nl.LayerNorm2d(8)))[0].memory_format is None
+    with pytest.raises(ValueError, match=r"^memory_format: expected None or torch.channels_last, got torch.channels_last_3d$"):
+        nl.LayerNorm2d(8, memory_format=torch.channels_last_3d)
+
+
 def test_timm_style_layernorm2d_and_batchnormact2d():
     torch.manual_seed(3)
     model = _randomize_(nn.Sequential(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from normlab import functional as F
@@ -104,6 +105,12 @@ class LayerNorm2d(nn.LayerNorm):
     = valid; statistics over the valid channels of each position (μ = Σ_c m·x / n,
     σ² = Σ_c m·(x − μ)² / n), output zero at masked positions. See
     :func:`normlab.functional.layer_norm_2d`.
+
+    ``memory_format`` (keyword): the layout of the output of 4-D input. None (default): the
+    input's (NCHW stays NCHW, channels_last stays channels_last); ``torch.channels_last``: always
+    channels-last, what a permute → LayerNorm → permute module (timm's ``LayerNorm2d``) returns,
+    so the convolutions after it keep running on the layout they had (:func:`normlab.convert`
+    sets it when it replaces such a module).
     """
 
     def __init__(
@@ -116,11 +123,22 @@ class LayerNorm2d(nn.LayerNorm):
         device=None,
         dtype=None,
         backend: str | None = None,
+        memory_format: torch.memory_format | None = None,
     ) -> None:
         check_eps(eps)
+        if memory_format not in (None, torch.channels_last):
+            raise ValueError(f"memory_format: expected None or torch.channels_last, got {memory_format!r}")
         super().__init__(check_normalized_shape(num_channels), eps, affine, bias, device, dtype)
         self.backend = backend
+        self.memory_format = memory_format
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = None if mask is None else masked.layer_mask(mask, self)
+        if self.memory_format is not None and input.dim() == 4:
+            # channels innermost: the CPU kernels run it as a row layer norm, output channels-last
+            input = input.contiguous(memory_format=self.memory_format)
         return F.layer_norm_2d(input, self.weight, self.bias, self.eps, mask=mask, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        fmt = "" if self.memory_format is None else ", memory_format=torch.channels_last"
+        return super().extra_repr() + fmt

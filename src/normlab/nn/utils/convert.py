@@ -299,6 +299,19 @@ def _verify(old: nn.Module, new: nn.Module, c: int | None, shape: tuple[int, ...
                         raise _Leave(f"math differs from {type(new).__name__} (probe max |Δ| = {worst:.3g})")
 
 
+def _output_format(old: nn.Module, c: int) -> torch.memory_format | None:
+    """torch.channels_last when ``old`` returns channels-last output for contiguous (N, C, H, W)
+    input (a permute → LayerNorm → permute module), else None (the output follows the input)."""
+    x = torch.zeros(2, c, 3, 2, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            y = copy.deepcopy(old).double()(x)
+    except Exception:  # noqa: BLE001 - _verify already ran it; keep the default if not
+        return None
+    cl = isinstance(y, torch.Tensor) and not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else None
+
+
 # ----------------------------------------------------------------------------- method=None
 
 
@@ -352,6 +365,8 @@ def _to_normlab(m: nn.Module) -> nn.Module:
             if c is None and isinstance(new, LayerNorm2d):
                 c = new.normalized_shape[0]
             _verify(m, new, c, tuple(getattr(new, "normalized_shape", ())))
+            if isinstance(new, LayerNorm2d):
+                new.memory_format = _output_format(m, c)
             return new
         except _Leave as exc:
             reasons.append(str(exc))
