@@ -339,6 +339,13 @@ def _composite_grads(ctx, forward, x, weight, dy, bias_meta, extra=()):
     return out
 
 
+def _op_composite_grads(ctx, name: str, x, weight, dy):
+    """create_graph=True for forward operator ``name``: its reference composite (op arguments
+    ``ctx.args`` after x, γ, β) differentiated on the saved x."""
+    fwd = lambda x_, w_, b_: _COMPOSITE[name](x_, w_, b_, *ctx.args)[0]  # noqa: E731
+    return _composite_grads(ctx, fwd, x, weight, dy, ctx.bias_meta)
+
+
 def _finish(ctx, dx, dw, db, n_extra):
     need = ctx.needs_input_grad
     if need[2] and db.numel() and ctx.bias_meta is not None:
@@ -366,8 +373,7 @@ def _backward_of(name: str):
             return (None, None, None, *none)
         x, weight, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():
-            fwd = lambda x_, w_, b_: _COMPOSITE[name](x_, w_, b_, *ctx.args)[0]  # noqa: E731
-            return (*_composite_grads(ctx, fwd, x, weight, dy, ctx.bias_meta), *none)
+            return (*_op_composite_grads(ctx, name, x, weight, dy), *none)
         mask = list(ctx.needs_input_grad[:3])
         grads = _run(f"{name}_backward", ctx.compiled)(dy, x, weight, mean, rstd, *ctx.args, mask)
         return _finish(ctx, *grads, len(none))
@@ -533,8 +539,7 @@ class _Lane(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         backend, lane = ctx.lane
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite
-            fwd = lambda x_, w_, b_: _COMPOSITE[ctx.name](x_, w_, b_, *ctx.args)[0]  # noqa: E731
-            return (*_composite_grads(ctx, fwd, x, weight, dy, ctx.bias_meta), *none)
+            return (*_op_composite_grads(ctx, ctx.name, x, weight, dy), *none)
         grads = backend.lane_backward(lane, ctx.saved, dy, x, weight, ctx.needs_input_grad, ctx.bias_meta)
         return (*grads, *none)
 
